@@ -1,0 +1,53 @@
+"""actswap: swap ReLU activations of trained Keras models for polynomials (x²).
+
+Importing ``actswap`` is cheap: TensorFlow and Keras are imported only when an
+API function is first used. actswap's Keras objects are registered the moment
+Keras is imported (a post-import hook), so after ``import actswap``,
+``keras.models.load_model`` reads converted models without ``custom_objects``,
+whichever of the two was imported first.
+
+Public API: :func:`convert`, :func:`inspect`, :func:`load`, :func:`save`, and
+the :mod:`actswap.activations` module (``square``, ``SquareActivation``,
+``Square``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+import wrapt
+
+__version__ = "0.1.0"
+__all__ = ["convert", "inspect", "load", "save", "Report", "Site", "ActswapError", "__version__"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .api import convert, inspect, load, save  # noqa: F401
+    from .errors import ActswapError  # noqa: F401
+    from .report import Report, Site  # noqa: F401
+
+_LAZY = {
+    "convert": "actswap.api",
+    "inspect": "actswap.api",
+    "load": "actswap.api",
+    "save": "actswap.api",
+    "Report": "actswap.report",
+    "Site": "actswap.report",
+    "ActswapError": "actswap.errors",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'actswap' has no attribute '{name}'")
+
+
+def _register_with_keras(keras_module: Any) -> None:
+    # Never raise from an import hook: that would break `import keras` for a
+    # user on another backend. actswap's API reports the backend problem itself.
+    if keras_module.backend.backend() == "tensorflow":
+        importlib.import_module("actswap.activations")
+
+
+wrapt.register_post_import_hook(_register_with_keras, "keras")

@@ -1,0 +1,152 @@
+"""The square activation: x², with a gradient defined by ``tf.custom_gradient``.
+
+Three faces of one function, all registered with Keras under the ``actswap``
+package so that a converted model reloads after ``import actswap`` with no
+``custom_objects``:
+
+* :func:`square` -- a plain activation function (exact gradient), usable as
+  ``Dense(..., activation=actswap.activations.square)``;
+* :class:`SquareActivation` -- a callable object carrying a gradient mode,
+  usable as ``activation=SquareActivation("clip:1")``; serialized with its mode;
+* :class:`Square` -- a layer carrying a gradient mode; what ``Activation('relu')``,
+  ``ReLU()`` and ``keras.ops.relu(x)`` sites become.
+
+Invariants: the forward value is always ``x * x`` (so it exports to ONNX as
+``Mul(x, x)``, never ``Pow``); the gradient mode changes only the backward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Union
+
+import keras
+import tensorflow as tf
+
+from . import gradients
+
+GradFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+Grad = Union[str, GradFn]
+
+PACKAGE = "actswap"
+
+
+def _exact(x: tf.Tensor, dy: tf.Tensor) -> tf.Tensor:
+    return dy * (x + x)
+
+
+def _clipped(bound: float) -> GradFn:
+    def grad(x: tf.Tensor, dy: tf.Tensor) -> tf.Tensor:
+        c = tf.cast(bound, x.dtype)
+        return dy * tf.clip_by_value(x + x, -c, c)
+
+    return grad
+
+
+def grad_function(grad: Grad) -> GradFn:
+    """Resolve a gradient mode string, or a user ``grad(x, dy) -> dx``, to a function."""
+    if callable(grad):
+        return grad
+    mode = gradients.normalize(grad)
+    bound = gradients.clip_bound(mode)
+    return _exact if bound is None else _clipped(bound)
+
+
+def square_op(x: Any, grad: Grad = "exact") -> tf.Tensor:
+    """x * x with the backward pass given by ``grad`` (a mode string or a function)."""
+    backward = grad_function(grad)
+
+    @tf.custom_gradient
+    def _square(t: tf.Tensor) -> tuple[tf.Tensor, Callable[[tf.Tensor], tf.Tensor]]:
+        # The gradient closure must not rely on the op (it is not there after a
+        # SavedModel reload), only on the captured input.
+        def _grad(dy: tf.Tensor) -> tf.Tensor:
+            return backward(t, dy)
+
+        return tf.math.square(t), _grad
+
+    return _square(tf.convert_to_tensor(x))
+
+
+def _serialize_grad(grad: Grad) -> Any:
+    if isinstance(grad, str):
+        return gradients.normalize(grad)
+    # A user function must be registered with keras.saving.register_keras_serializable
+    # for the model to save; Keras raises a clear error otherwise.
+    return keras.saving.serialize_keras_object(grad)
+
+
+def _deserialize_grad(value: Any) -> Grad:
+    if isinstance(value, str):
+        return gradients.normalize(value)
+    return keras.saving.deserialize_keras_object(value)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE, name="square")
+def square(x: Any) -> tf.Tensor:
+    """x², exact gradient. A Keras activation: ``Dense(4, activation=square)``."""
+    return square_op(x, "exact")
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE, name="SquareActivation")
+class SquareActivation:
+    """x² as an activation object carrying its gradient mode.
+
+    ``Dense(4, activation=SquareActivation("clip:1"))`` saves the mode in the
+    layer's config and reloads with it.
+    """
+
+    def __init__(self, grad: Grad = "exact") -> None:
+        self.grad = gradients.normalize(grad) if isinstance(grad, str) else grad
+        self._backward = grad_function(self.grad)
+        self.__name__ = "square"  # Keras and repr look for a function-like name
+
+    def __call__(self, x: Any) -> tf.Tensor:
+        return square_op(x, self._backward)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"grad": _serialize_grad(self.grad)}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> SquareActivation:
+        return cls(grad=_deserialize_grad(config.get("grad", "exact")))
+
+    def __repr__(self) -> str:
+        return f"SquareActivation(grad={self.grad!r})"
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE, name="Square")
+class Square(keras.layers.Layer):
+    """Layer computing x², with gradient mode ``grad`` ("exact", "clip:C" or a function).
+
+    Accepts and propagates a mask, like the ``ReLU``/``Activation`` layers it
+    replaces, so it can stand in any node they stood in. ``cast_inputs=False``
+    makes it compute in its input's dtype, as the ``keras.ops.relu`` operation it
+    may replace did (a layer would otherwise cast to its dtype policy).
+    """
+
+    def __init__(self, grad: Grad = "exact", cast_inputs: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.supports_masking = True
+        self.cast_inputs = bool(cast_inputs)
+        self._convert_input_args = self.cast_inputs
+        self.grad = gradients.normalize(grad) if isinstance(grad, str) else grad
+        self._backward = grad_function(self.grad)
+
+    def call(self, inputs: Any, mask: Any = None) -> tf.Tensor:
+        return square_op(inputs, self._backward)
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config["grad"] = _serialize_grad(self.grad)
+        config["cast_inputs"] = self.cast_inputs
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Square:
+        config = dict(config)
+        config["grad"] = _deserialize_grad(config.get("grad", "exact"))
+        return cls(**config)

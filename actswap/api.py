@@ -1,0 +1,141 @@
+"""The Python API: load, inspect, convert, save.
+
+Invariants every function here keeps:
+
+* an input model object is never modified; a path is only read;
+* ``convert`` copies every weight bit-identically and keeps input/output names,
+  shapes and dtypes; a replaced ``Dense(activation='relu')`` keeps an
+  activation (the target), nothing is dropped;
+* every activation site is reported, with the action taken and why.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Union
+
+from . import gradients, registry
+from .errors import UnsupportedModelError
+from .io import load, load_with_notes, save
+from .keras_setup import keras
+from .report import REPLACED, SKIPPED, Report, Site
+from .rewrite import rewrite
+from .sites import find_sites, subclassed_models
+
+ModelOrPath = Union[keras.Model, str, os.PathLike]
+
+__all__ = ["convert", "inspect", "load", "save"]
+
+
+def _resolve(model_or_path: ModelOrPath) -> tuple[keras.Model, list[str], str | None]:
+    if isinstance(model_or_path, keras.Model):
+        return model_or_path, [], None
+    if isinstance(model_or_path, (str, os.PathLike)):
+        model, notes = load_with_notes(model_or_path)
+        return model, notes, str(model_or_path)
+    raise UnsupportedModelError(
+        f"expected a keras.Model or a path to a model file, got {type(model_or_path).__name__}"
+    )
+
+
+def _decide(site: Site, target: registry.Target, sources: frozenset[str]) -> str | None:
+    """None if the site is to be replaced, else the (short) reason it is skipped."""
+    fam = registry.family(site.activation)
+    if site.activation.startswith("custom"):
+        return "unrecognised custom activation"
+    if fam == "polynomial":
+        return f"already {site.activation}"
+    if site.activation not in sources and fam not in sources:
+        return f"not selected (converting {', '.join(sorted(sources))})"
+    if " (in subclassed " in site.form:
+        return "inside a subclassed model's Python code"
+    return target.refuses(site.activation, site.detail)
+
+
+def inspect(model_or_path: ModelOrPath, *, to: str = "square", sources: Iterable[str] = ("relu",)) -> Report:
+    """List every activation site of a model; ``replaceable`` says whether
+    ``convert(..., to=to)`` would replace it. Writes nothing, modifies nothing."""
+    model, notes, source = _resolve(model_or_path)
+    target = registry.get_target(to)
+    chosen = frozenset(sources)
+    sites = find_sites(model)
+    for s in sites:
+        s.replaceable = _decide(s, target, chosen) is None
+    for path in subclassed_models(model):
+        notes.append(
+            f"'{path}' is a subclassed model: activations called inside its call() "
+            "cannot be seen, and convert refuses it"
+        )
+    return Report(sites=sites, notes=notes, source=source)
+
+
+def convert(
+    model_or_path: ModelOrPath,
+    to: str = "square",
+    grad: Any = "exact",
+    *,
+    sources: Iterable[str] = ("relu",),
+) -> tuple[keras.Model, Report]:
+    """Return a copy of the model with every plain ReLU site replaced by ``to``.
+
+    ``grad`` is the backward pass of the new activation: ``"exact"``,
+    ``"clip:C"``, or a function ``grad(x, dy) -> dx`` (register it with
+    ``keras.saving.register_keras_serializable`` if the model is to be saved).
+    ``sources`` names the activations to replace (default: plain ReLU; other
+    members of the ReLU family are reported as skipped with a reason).
+
+    The input is never modified; weights are copied bit-identically (checked);
+    input/output names, shapes and dtypes are unchanged (checked). Raises
+    :class:`~actswap.errors.UnsupportedModelError` for subclassed models.
+    """
+    model, notes, source = _resolve(model_or_path)
+    target = registry.get_target(to)
+    grad_mode = gradients.normalize(grad) if isinstance(grad, str) else grad
+    if not callable(grad_mode) and not isinstance(grad_mode, str):
+        raise UnsupportedModelError(f"grad must be a mode string or a function, got {grad!r}")
+    subclassed = subclassed_models(model)
+    if subclassed:
+        where = subclassed[0]
+        raise UnsupportedModelError(
+            f"'{where}' is a subclassed model: its call() is Python code, so actswap cannot "
+            "rebuild it or see activations called inside it; rebuild it as a Functional or "
+            "Sequential model, or use activation=actswap.activations.square in its code"
+        )
+    chosen = frozenset(sources)
+    sites = find_sites(model)
+    for s in sites:
+        reason = _decide(s, target, chosen)
+        s.replaceable = reason is None
+        s.action = REPLACED if reason is None else SKIPPED
+        s.reason = reason or f"{s.activation} -> {to}"
+
+    def make_layer(site: Site, old_node: dict[str, Any]) -> Any:
+        cfg = old_node["config"]
+        kwargs: dict[str, Any] = {"name": cfg["name"], "trainable": cfg.get("trainable", True)}
+        if "dtype" in cfg:
+            kwargs["dtype"] = cfg["dtype"]
+        else:  # an op: it computed in its input's dtype, so must the layer
+            kwargs["cast_inputs"] = False
+        return target.layer(grad_mode, **kwargs)
+
+    def make_activation(site: Site) -> Any:
+        return target.activation(grad_mode)
+
+    new_model = rewrite(model, sites, make_layer, make_activation)
+    if getattr(model, "compiled", False):
+        if not getattr(new_model, "compiled", False):
+            try:
+                new_model.compile_from_config(model.get_compile_config())
+            except Exception as e:  # noqa: BLE001 - reported, not fatal
+                notes.append(f"could not restore the training configuration ({e}); compile before fit")
+        notes.append("optimizer state (e.g. Adam moments) is not carried over; it starts fresh")
+    report = Report(
+        sites=sites,
+        target=to,
+        grad=grad_mode if isinstance(grad_mode, str) else getattr(grad_mode, "__name__", "custom"),
+        notes=notes,
+        source=source,
+    )
+    return new_model, report

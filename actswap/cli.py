@@ -1,0 +1,267 @@
+"""The ``actswap`` command: parse, call the API, render the report.
+
+No logic lives here beyond argument checks that must happen before TensorFlow
+is imported (so that ``--help``, ``--version`` and bad input stay fast).
+
+Exit codes: 0 success; 2 bad input or usage (one line on stderr, no
+traceback unless ``--debug``); 1 anything else that failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__, gradients, registry
+from .errors import ActswapError, UserError
+from .formats import detect
+
+app = typer.Typer(
+    name="actswap",
+    help="Swap ReLU activations of trained Keras models for polynomials (x²), keeping them trainable.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"actswap {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+) -> None:
+    _state["debug"] = debug
+
+
+def _import_tensorflow_quietly(debug: bool) -> None:
+    """Import TensorFlow with its C++ start-up banners kept off stderr.
+
+    TF 2.21 logs oneDNN/CUDA banners through absl before its log level applies,
+    and a user error must stay one line on stderr. Python-level failures still
+    raise normally once stderr is restored.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if debug or "tensorflow" in sys.modules:
+        import tensorflow  # noqa: F401
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()  # device probing logs too (cuInit)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _run(debug: bool, body: Callable[[], int]) -> None:
+    """Run a command body, mapping failures to one stderr line and an exit code."""
+    debug = debug or _state["debug"]
+    try:
+        code = body()
+    except ActswapError as e:
+        if debug:
+            raise
+        _fail(str(e), e.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted; nothing was written", 130)
+    except typer.Exit:
+        raise
+    except Exception as e:  # noqa: BLE001 - the last line of defence
+        if debug:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0]
+        _fail(f"unexpected failure: {type(e).__name__}: {first} (rerun with --debug for the traceback)", 1)
+    else:
+        if code:
+            raise typer.Exit(code)
+
+
+def _console() -> Console:
+    # Piped output is not wrapped at 80 columns: a report is read in full.
+    probe = Console()
+    return probe if probe.is_terminal else Console(width=160)
+
+
+def _sites_table(title: str, sites: list[dict[str, Any]], columns: list[str]) -> Table:
+    table = Table(title=title, show_lines=False)
+    for col in columns:
+        table.add_column(col)
+    for s in sites:
+        row = []
+        for col in columns:
+            value = s.get(col, "")
+            if col == "path" and s.get("also_at"):
+                value = f"{value} (+{len(s['also_at'])} shared)"
+            row.append("yes" if value is True else "no" if value is False else str(value))
+        table.add_row(*row)
+    return table
+
+
+def _default_output(model: Path, target: str) -> Path:
+    stem = model.name[: -len(model.suffix)] if model.suffix else model.name
+    return model.with_name(f"{stem}.{target}.keras")
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    try:
+        if b.exists() and os.path.samefile(a, b):
+            return True
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
+@app.command()
+def convert(
+    model: Path = typer.Argument(..., help="Model file: .keras or legacy .h5 (detected from content)."),
+    to: str = typer.Option(..., "--to", help=f"Target activation: {', '.join(registry.TARGETS)}."),
+    output: Optional[Path] = typer.Option(
+        None, "-o", "--output", help="Output .keras path [default: <stem>.<target>.keras beside MODEL]."
+    ),
+    grad: str = typer.Option("exact", "--grad", help="Gradient of the new activation: exact | clip:C."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
+    strict: bool = typer.Option(
+        False, "--strict", help="Exit 1, writing nothing, if any ReLU-like site was skipped."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+) -> None:
+    """Replace every plain ReLU in MODEL and write a model that loads and trains."""
+
+    def body() -> int:
+        grad_mode = gradients.normalize(grad)
+        registry.get_target(to)
+        detect(model)
+        out = output if output is not None else _default_output(model, to)
+        if _same_path(model, out):
+            raise UserError(f"output '{out}' is the input file; choose another -o path")
+        from .io import check_output_path
+
+        check_output_path(out, overwrite=force)
+        _import_tensorflow_quietly(debug or _state["debug"])
+        from . import api
+
+        new_model, report = api.convert(model, to=to, grad=grad_mode)
+        failed = strict and report.skipped_relu_like > 0
+        if not failed:
+            report.output = str(api.save(new_model, out, overwrite=force))
+        data = report.to_dict()
+        if as_json:
+            if failed:
+                data["error"] = "strict"
+            typer.echo(json.dumps(data))
+        else:
+            console = _console()
+            console.print(
+                _sites_table(
+                    f"{model} -> {to}", data["sites"],
+                    ["path", "layer", "form", "activation", "action", "reason"],
+                )
+            )
+            for note in report.notes:
+                console.print(f"note: {note}")
+            console.print(
+                f"replaced {report.replaced}, skipped {report.skipped} "
+                f"({report.skipped_relu_like} ReLU-like); "
+                + (f"wrote {report.output}" if report.output else "nothing written")
+            )
+        if failed:
+            typer.echo(
+                f"error: --strict: {report.skipped_relu_like} ReLU-like site(s) were skipped "
+                "(see the report); nothing was written",
+                err=True,
+            )
+            return 1
+        return 0
+
+    _run(debug, body)
+
+
+@app.command()
+def inspect(
+    model: Path = typer.Argument(..., help="Model file: .keras or legacy .h5 (detected from content)."),
+    to: str = typer.Option("square", "--to", help="Target used to judge 'replaceable'."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+) -> None:
+    """List every activation site in MODEL and whether it can be replaced. Writes nothing."""
+
+    def body() -> int:
+        registry.get_target(to)
+        detect(model)
+        _import_tensorflow_quietly(debug or _state["debug"])
+        from . import api
+
+        report = api.inspect(model, to=to)
+        data = report.to_dict()
+        if as_json:
+            typer.echo(json.dumps(data))
+            return 0
+        console = _console()
+        console.print(
+            _sites_table(str(model), data["sites"], ["path", "layer", "form", "activation", "replaceable"])
+        )
+        for note in report.notes:
+            console.print(f"note: {note}")
+        counts = ", ".join(f"{k}: {v}" for k, v in data["counts"].items()) or "none"
+        replaceable = sum(s.replaceable for s in report.sites)
+        console.print(f"{len(report.sites)} activation sites ({counts}); {replaceable} replaceable by {to}")
+        return 0
+
+    _run(debug, body)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console-script entry point; usage errors become one line and exit code 2."""
+    try:
+        code = app(args=argv, standalone_mode=False)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        typer.echo("error: aborted", err=True)
+        sys.exit(130)
+    except Exception as e:
+        # Usage errors come from the click that typer ships (vendored in recent
+        # typer), so they are recognised by shape, not by class.
+        if not callable(getattr(e, "format_message", None)) or not isinstance(
+            getattr(e, "exit_code", None), int
+        ):
+            raise
+        ctx = getattr(e, "ctx", None)
+        command = ctx.command_path if ctx is not None else "actswap"
+        message = e.format_message().strip().rstrip(".")
+        if message:  # empty when no arguments were given and help was shown
+            typer.echo(f"error: {message}; see '{command} --help'", err=True)
+        sys.exit(e.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

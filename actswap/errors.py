@@ -1,0 +1,59 @@
+"""Errors raised by actswap.
+
+Every error the library raises on purpose is an :class:`ActswapError`. Its
+``exit_code`` is what the CLI exits with, so the mapping from failure kind to
+exit code lives here and nowhere else:
+
+* 2: the user's input or options are wrong (missing, unreadable, unrecognised
+  or unsafe file; bad option; an output path that would clobber something).
+* 1: anything else that failed (a conversion that could not be completed, an
+  internal invariant that did not hold).
+
+Messages are one line, name what was received, and say what to try.
+"""
+
+from __future__ import annotations
+
+
+class ActswapError(Exception):
+    """Base class; ``exit_code`` is the CLI exit status for this failure."""
+
+    exit_code = 1
+
+    def __init__(self, message: str) -> None:
+        # One line, always: the CLI prints exactly this to stderr.
+        super().__init__(" ".join(str(message).split()))
+
+
+class UserError(ActswapError):
+    """The input, an option or an output path is not acceptable."""
+
+    exit_code = 2
+
+
+class UnrecognisedFormatError(UserError):
+    """The path is not a model file actswap can read."""
+
+
+class UnsupportedFormatError(UserError):
+    """The format is recognised but not (yet) supported."""
+
+
+class UnsafeModelError(UserError):
+    """The model file asks to run code or import modules actswap does not trust."""
+
+
+class LoadError(UserError):
+    """The file looked like a model but the loader could not read it."""
+
+
+class UnsupportedModelError(UserError):
+    """The model is loaded but its structure cannot be rewritten soundly."""
+
+
+class ConversionError(ActswapError):
+    """The conversion could not be completed (exit 1)."""
+
+
+class InvariantError(ActswapError):
+    """An invariant actswap promises did not hold; this is a bug (exit 1)."""

@@ -1,0 +1,127 @@
+"""Model-file format detection, from content, never from the file name.
+
+Nothing here imports TensorFlow or Keras: detection runs before anything is
+deserialized, so that a bad path fails fast with a clear message and
+``actswap --help`` stays cheap.
+
+Invariant: :func:`detect` never opens anything that is not a regular file or a
+directory (a FIFO named ``x.keras`` would otherwise block forever), and never
+writes.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import stat
+import zipfile
+from pathlib import Path
+
+from .errors import UnrecognisedFormatError, UnsupportedFormatError, UserError
+
+ZIP_MAGIC = b"PK\x03\x04"
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+# HDF5 allows a user block of 512 * 2**k bytes before the superblock.
+_HDF5_OFFSETS = (0, 512, 1024, 2048, 4096)
+
+
+class Format(str, enum.Enum):
+    KERAS = "keras"  # Keras 3 zip archive (.keras)
+    H5 = "h5"  # legacy Keras HDF5 model file
+    SAVEDMODEL = "savedmodel"  # TF SavedModel directory
+
+    def __str__(self) -> str:  # pragma: no cover - cosmetic
+        return self.value
+
+
+def _check_kind(path: Path) -> os.stat_result:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise UserError(f"no such file or directory: '{path}'; check the path") from None
+    except PermissionError:
+        raise UserError(f"cannot read '{path}': permission denied") from None
+    except OSError as e:
+        raise UserError(f"cannot read '{path}': {e.strerror}") from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        raise UnrecognisedFormatError(
+            f"'{path}' is not a regular file or a directory (a device, FIFO or socket); "
+            "pass a model file"
+        )
+    return st
+
+
+def detect(path: str | os.PathLike[str]) -> Format:
+    """Return the format of the model at ``path``, judged by its content.
+
+    Raises :class:`UserError` (exit 2) for a missing path, a special file, a
+    directory that is not a SavedModel, a file that is neither a zip archive nor
+    HDF5, a truncated/corrupt ``.keras`` archive, or an HDF5 file without a
+    Keras model config.
+    """
+    p = Path(path)
+    st = _check_kind(p)
+    if stat.S_ISDIR(st.st_mode):
+        if (p / "saved_model.pb").is_file() or (p / "saved_model.pbtxt").is_file():
+            return Format.SAVEDMODEL
+        raise UnrecognisedFormatError(
+            f"'{p}' is a directory but not a SavedModel (it has no saved_model.pb); "
+            "pass a .keras or .h5 model file"
+        )
+    try:
+        with open(p, "rb") as f:
+            head = f.read(8)
+            hdf5 = head == HDF5_MAGIC
+            for off in _HDF5_OFFSETS[1:]:
+                if hdf5 or off >= st.st_size:
+                    break
+                f.seek(off)
+                hdf5 = f.read(8) == HDF5_MAGIC
+    except OSError as e:
+        raise UserError(f"cannot read '{p}': {e.strerror}") from None
+    if head[:4] == ZIP_MAGIC:
+        _validate_keras_zip(p)
+        return Format.KERAS
+    if hdf5:
+        _validate_h5(p)
+        return Format.H5
+    if p.suffix == ".pb":
+        raise UnsupportedFormatError(
+            f"'{p}' looks like a frozen TF graph (.pb); frozen graphs are not supported yet"
+        )
+    shown = head.hex() if head else "empty file"
+    raise UnrecognisedFormatError(
+        f"'{p}' is not a model file actswap can read (first bytes: {shown}); "
+        "expected a Keras 3 .keras archive, a legacy .h5 file or a SavedModel directory"
+    )
+
+
+def _validate_keras_zip(p: Path) -> None:
+    try:
+        with zipfile.ZipFile(p) as z:
+            names = set(z.namelist())
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        raise UnrecognisedFormatError(
+            f"'{p}' is a damaged zip archive ({e}); the .keras file is probably truncated, "
+            "save or copy it again"
+        ) from None
+    if "config.json" not in names:
+        raise UnrecognisedFormatError(
+            f"'{p}' is a zip archive but not a Keras model (no config.json inside); "
+            "pass a file written by model.save('x.keras')"
+        )
+
+
+def _validate_h5(p: Path) -> None:
+    import h5py  # light: no TensorFlow
+
+    try:
+        with h5py.File(p, "r") as f:
+            has_config = "model_config" in f.attrs
+    except OSError as e:
+        raise UnrecognisedFormatError(f"'{p}' is a damaged HDF5 file ({e})") from None
+    if not has_config:
+        raise UnrecognisedFormatError(
+            f"'{p}' is an HDF5 file without a Keras model config (a weights-only file?); "
+            "pass a file written by model.save('x.h5')"
+        )

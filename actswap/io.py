@@ -1,0 +1,103 @@
+"""Loading and saving model files.
+
+Invariants:
+
+* a file is scanned (:mod:`actswap.scan`) before any loader sees it, and Keras
+  loads it in safe mode;
+* :func:`save` is atomic: the model is written to a temporary file beside the
+  destination, flushed to disk, then moved over it with ``os.replace``; an
+  interrupted or failed save leaves no partial file and never damages an
+  existing one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from . import scan
+from .errors import LoadError, UnsupportedFormatError, UserError
+from .formats import Format, detect
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def load_with_notes(path: str | os.PathLike[str]) -> tuple[Any, list[str]]:
+    """Load a model file safely; also return notes on what could not be restored."""
+    p = Path(path)
+    fmt = detect(p)
+    if fmt is Format.SAVEDMODEL:
+        raise UnsupportedFormatError(
+            f"'{p}' is a TF SavedModel; SavedModel input is not supported yet, "
+            "convert the Keras model it came from (.keras or .h5) instead"
+        )
+    scan.check(p, fmt)
+    from .keras_setup import keras
+
+    notes: list[str] = []
+    try:
+        model = keras.saving.load_model(p, compile=True, safe_mode=True)
+    except Exception as first:  # noqa: BLE001 - any loader failure is the file's
+        try:
+            model = keras.saving.load_model(p, compile=False, safe_mode=True)
+        except Exception as e:  # noqa: BLE001
+            raise LoadError(f"could not load '{p}': {_first_line(e)}") from e
+        notes.append(
+            f"loaded without its training configuration ({_first_line(first)}); "
+            "compile the converted model before training it"
+        )
+    if not isinstance(model, keras.Model):
+        raise LoadError(f"'{p}' holds a {type(model).__name__}, not a Keras model")
+    return model, notes
+
+
+def load(path: str | os.PathLike[str]) -> Any:
+    """Load a ``.keras`` or legacy ``.h5`` model safely (scan, then Keras safe mode)."""
+    return load_with_notes(path)[0]
+
+
+def check_output_path(path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Validate a destination before any work is done; return it as a Path."""
+    dest = Path(path)
+    if dest.suffix != ".keras":
+        raise UserError(
+            f"output '{dest}' must end in .keras (Keras 3 writes only .keras archives); "
+            f"try -o {dest.with_suffix('.keras')}"
+        )
+    if dest.is_dir():
+        raise UserError(f"output '{dest}' is a directory; give a file name ending in .keras")
+    if not dest.parent.is_dir():
+        raise UserError(f"output folder '{dest.parent}' does not exist; create it first")
+    if (dest.exists() or dest.is_symlink()) and not overwrite:
+        raise UserError(f"output '{dest}' already exists; pass --force to overwrite it")
+    return dest
+
+
+def save(model: Any, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Write ``model`` to ``path`` (a ``.keras`` file) atomically; return the path."""
+    dest = check_output_path(path, overwrite=overwrite)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp.keras", dir=dest.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        model.save(tmp, overwrite=True)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    finally:
+        # Reached on success (tmp already moved), on error and on KeyboardInterrupt.
+        tmp.unlink(missing_ok=True)
+    try:
+        dir_fd = os.open(dest.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass  # some filesystems cannot fsync a directory; the rename is still atomic
+    return dest

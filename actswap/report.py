@@ -1,0 +1,109 @@
+"""Sites and reports: what actswap found, what it did, and why.
+
+Pure data; no TensorFlow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import registry
+
+REPLACED = "replaced"
+SKIPPED = "skipped"
+
+
+@dataclass
+class Site:
+    """One place in a model where an activation is applied.
+
+    ``path`` names it from the model down (``outer/inner/dense_2``); a layer
+    shared by several models is one site, its other paths in ``also_at``.
+    ``layer`` is the class that holds the activation; ``form`` how it is
+    written (``Activation layer``, ``ReLU layer``, ``activation argument``,
+    ``ops call`` ...); ``activation`` the canonical source name, ``detail`` its
+    non-default arguments. ``action``/``reason`` are set by a conversion.
+    """
+
+    path: str
+    layer: str
+    form: str
+    activation: str
+    detail: str = ""
+    replaceable: bool = False
+    action: str | None = None
+    reason: str = ""
+    also_at: list[str] = field(default_factory=list)
+    # Where the site lives, for the engine: the leaf layer object's id and a
+    # key path into that leaf's serialized config. Not part of the report.
+    leaf_id: int = field(default=0, repr=False, compare=False)
+    pointer: tuple[Any, ...] = field(default=(), repr=False, compare=False)
+
+    @property
+    def relu_like(self) -> bool:
+        return registry.family(self.activation) == "relu"
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "path": self.path,
+            "layer": self.layer,
+            "form": self.form,
+            "activation": self.activation,
+            "detail": self.detail,
+            "replaceable": self.replaceable,
+        }
+        if self.action is not None:
+            d["action"] = self.action
+            d["reason"] = self.reason
+        if self.also_at:
+            d["also_at"] = list(self.also_at)
+        return d
+
+
+@dataclass
+class Report:
+    """The outcome of a conversion (or, with no actions, of an inspection)."""
+
+    sites: list[Site]
+    target: str | None = None
+    grad: str | None = None
+    notes: list[str] = field(default_factory=list)
+    source: str | None = None
+    output: str | None = None
+
+    @property
+    def replaced(self) -> int:
+        return sum(s.action == REPLACED for s in self.sites)
+
+    @property
+    def skipped(self) -> int:
+        return sum(s.action == SKIPPED for s in self.sites)
+
+    @property
+    def skipped_relu_like(self) -> int:
+        return sum(s.action == SKIPPED and s.relu_like for s in self.sites)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for s in self.sites:
+            out[s.activation] = out.get(s.activation, 0) + 1
+        return dict(sorted(out.items()))
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "input": self.source,
+            "sites": [s.to_dict() for s in self.sites],
+            "counts": self.counts(),
+            "notes": list(self.notes),
+        }
+        if self.target is not None:
+            d.update(
+                target=self.target,
+                grad=self.grad,
+                replaced=self.replaced,
+                skipped=self.skipped,
+                skipped_relu_like=self.skipped_relu_like,
+                output=self.output,
+            )
+        return d

@@ -1,0 +1,156 @@
+"""The rewriting engine for Keras 3 Sequential/Functional models.
+
+Mechanism only: the engine is handed sites already marked ``replaced`` and two
+builders (what to put where a whole layer/op stood, what to put in an
+``activation=`` argument). It never names a target.
+
+How: ``keras.models.clone_model(recursive=True)`` rebuilds the graph, nested
+models included, and its cache keeps shared layers shared. For each leaf that
+holds a replaced site, the leaf's serialized config is edited at the site and
+deserialized (safe mode); every other leaf is cloned from its config. Cloning
+creates fresh weights, so afterwards every variable is assigned from its
+original, and the result is checked.
+
+Invariants (checked, an :class:`InvariantError` otherwise): the input model is
+not modified; every weight of the result is bit-identical to the input's, in
+the same order; input and output names, shapes and dtypes are unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import numpy as np
+
+from .errors import InvariantError, UnsupportedModelError
+from .report import REPLACED, Site
+from .sites import is_graph_model, iter_nodes
+
+LayerBuilder = Callable[[Site, dict[str, Any]], Any]
+ActivationBuilder = Callable[[Site], Any]
+
+
+def _get(tree: Any, pointer: tuple[Any, ...]) -> Any:
+    for key in pointer:
+        tree = tree[key]
+    return tree
+
+
+def _put(tree: Any, pointer: tuple[Any, ...], value: Any) -> Any:
+    if not pointer:
+        return value
+    _get(tree, pointer[:-1])[pointer[-1]] = value
+    return tree
+
+
+def _edited_leaf(
+    leaf: Any, sites: list[Site], make_layer: LayerBuilder, make_activation: ActivationBuilder
+) -> Any:
+    tree = copy.deepcopy(keras.saving.serialize_keras_object(leaf))
+    for site in sites:
+        old = _get(tree, site.pointer)
+        if isinstance(old, dict) and "class_name" in old:
+            new = keras.saving.serialize_keras_object(make_layer(site, old))
+        else:
+            new = keras.activations.serialize(make_activation(site))
+        tree = _put(tree, site.pointer, new)
+    return keras.saving.deserialize_keras_object(tree, safe_mode=True)
+
+
+def _copy_weights(old: Any, new: Any, where: str) -> None:
+    ow, nw = old.weights, getattr(new, "weights", [])
+    if len(ow) != len(nw):
+        raise InvariantError(
+            f"'{where}': the rewritten layer has {len(nw)} weights, the original {len(ow)}"
+        )
+    for o, n in zip(ow, nw):
+        if tuple(o.shape) != tuple(n.shape) or o.dtype != n.dtype:
+            raise InvariantError(
+                f"'{where}': weight {o.name} is {o.dtype}{tuple(o.shape)} in the original "
+                f"but {n.dtype}{tuple(n.shape)} after rewriting"
+            )
+        n.assign(o.value)
+
+
+def check_same_weights(old: Any, new: Any) -> None:
+    """Raise InvariantError unless ``new`` has the same weights as ``old``, bit for bit."""
+    ow, nw = old.weights, new.weights
+    if len(ow) != len(nw):
+        raise InvariantError(f"weight count changed: {len(ow)} -> {len(nw)}")
+    for o, n in zip(ow, nw):
+        a, b = np.asarray(o.numpy()), np.asarray(n.numpy())
+        if a.shape != b.shape or a.dtype != b.dtype or a.tobytes() != b.tobytes():
+            raise InvariantError(f"weight '{o.path}' is not bit-identical after rewriting")
+
+
+def _signature(model: Any) -> tuple[Any, ...]:
+    def specs(tensors: Any) -> list[tuple[tuple[Any, ...], str]]:
+        return [(tuple(t.shape), str(t.dtype)) for t in keras.tree.flatten(tensors)]
+
+    # Output KerasTensors get fresh auto names on every rebuild; what users see
+    # (and what a saved model keys its outputs by) are the output layer names.
+    return (
+        [t.name for t in keras.tree.flatten(model.inputs)],
+        list(getattr(model, "output_names", [])),
+        specs(model.inputs),
+        specs(model.outputs),
+    )
+
+
+def rewrite(
+    model: keras.Model,
+    sites: list[Site],
+    make_layer: LayerBuilder,
+    make_activation: ActivationBuilder,
+) -> keras.Model:
+    """Return a new model with every ``replaced`` site rebuilt; ``model`` is untouched."""
+    if not is_graph_model(model):
+        raise UnsupportedModelError(
+            f"model '{model.name}' is a subclassed {type(model).__name__}: its call() is "
+            "Python code, so actswap cannot rebuild it; rebuild it as a Functional or "
+            "Sequential model, or pass activation=actswap.activations.square in its code"
+        )
+    if not model.built:
+        raise UnsupportedModelError(
+            f"model '{model.name}' is not built (its input shape is unknown); "
+            "add a keras.Input or call it once on data before converting"
+        )
+    olds: dict[int, tuple[str, Any]] = {id(obj): (path, obj) for path, obj in iter_nodes(model)}
+    edits: dict[int, list[Site]] = {}
+    for site in sites:
+        if site.action == REPLACED:
+            edits.setdefault(site.leaf_id, []).append(site)
+
+    def clone_leaf(layer: Any) -> Any:
+        if id(layer) in edits:
+            return _edited_leaf(layer, edits[id(layer)], make_layer, make_activation)
+        return layer.__class__.from_config(layer.get_config())
+
+    cache: dict[int, Any] = {}
+    new_model = keras.models.clone_model(
+        model, clone_function=clone_leaf, recursive=True, cache=cache
+    )
+    if not new_model.built:
+        new_model.build(model.input_shape)
+
+    # Parents first: setting trainable on a model cascades to its layers, and a
+    # frozen sub-model must stay frozen whatever its layers' own flags were.
+    for oid, (path, old) in olds.items():
+        new = cache.get(oid)
+        if new is None:
+            raise InvariantError(f"'{path}' was not rebuilt by clone_model")
+        if hasattr(old, "trainable") and hasattr(new, "trainable"):  # ops have no flag
+            new.trainable = old.trainable
+        if not is_graph_model(old) and hasattr(old, "weights"):
+            _copy_weights(old, new, path)
+    new_model.trainable = model.trainable
+
+    if _signature(new_model) != _signature(model):
+        raise InvariantError(
+            f"inputs/outputs changed: {_signature(model)} -> {_signature(new_model)}"
+        )
+    check_same_weights(model, new_model)
+    return new_model

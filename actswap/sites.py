@@ -1,0 +1,211 @@
+"""Finding activation sites in Keras 3 models.
+
+A model is walked down to its *leaves* (layers and operations that are not
+Sequential/Functional models); each leaf is serialized with Keras's own
+``serialize_keras_object`` and its config tree is read for activations. Reading
+the config, rather than poking attributes, finds activations at any depth
+inside wrappers (``TimeDistributed``, ``Bidirectional``, RNN cells) with one
+mechanism, and it is exactly what the rewrite changes, so what is reported is
+what is rewritten.
+
+Invariant: finding sites never modifies the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import keras
+
+from . import registry
+from .errors import UnsupportedModelError
+from .report import Site
+
+_Functional = keras.src.models.functional.Functional
+
+
+def is_graph_model(obj: Any) -> bool:
+    """Sequential and Functional models: their structure is data, so it can be rebuilt."""
+    return isinstance(obj, (keras.Sequential, _Functional))
+
+
+def children(model: Any) -> list[Any]:
+    ops = model.layers if isinstance(model, keras.Sequential) else model.operations
+    return [op for op in ops if not isinstance(op, keras.layers.InputLayer)]
+
+
+def iter_nodes(model: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Yield ``(path, obj)`` for every nested graph model and leaf, parents first."""
+    for child in children(model):
+        path = prefix + child.name
+        yield path, child
+        if is_graph_model(child):
+            yield from iter_nodes(child, path + "/")
+
+
+def subclassed_models(model: Any) -> list[str]:
+    """Paths of models whose structure is Python code (subclassed ``keras.Model``)."""
+    found = [] if is_graph_model(model) else ["<model>"]
+    if not found:
+        for path, obj in iter_nodes(model):
+            if isinstance(obj, keras.Model) and not is_graph_model(obj):
+                found.append(path)
+    return found
+
+
+def classify_value(value: Any) -> str | None:
+    """The source activation named by an ``activation=`` config value (None: none)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        name = registry.canonical(value)
+        return None if name == "linear" else name
+    if isinstance(value, dict):
+        reg = value.get("registered_name")
+        if isinstance(reg, str) and reg in registry.OWN_OBJECTS:
+            return registry.OWN_OBJECTS[reg]
+        module = str(value.get("module") or "")
+        if value.get("class_name") == "function" and isinstance(value.get("config"), str):
+            if module.split(".")[0] == "keras":
+                return classify_value(value["config"])
+            return f"custom:{reg or value['config']}"
+        return f"custom:{reg or value.get('class_name')}"
+    return "custom"
+
+
+def _relu_variant(config: dict[str, Any]) -> tuple[str, str]:
+    max_value = config.get("max_value")
+    slope = float(config.get("negative_slope") or 0.0)
+    threshold = float(config.get("threshold") or 0.0)
+    parts = []
+    if max_value is not None:
+        parts.append(f"max_value={max_value:g}")
+    if slope:
+        parts.append(f"negative_slope={slope:g}")
+    if threshold:
+        parts.append(f"threshold={threshold:g}")
+    detail = ", ".join(parts)
+    if not parts:
+        return "relu", ""
+    if parts == [f"max_value={max_value:g}"] and float(max_value) == 6.0:
+        return "relu6", detail
+    if parts == [f"negative_slope={slope:g}"]:
+        return "leaky_relu", detail
+    return "relu_variant", detail
+
+
+def _classify_node(module: str, cls: str, config: dict[str, Any]) -> tuple[str, str, str] | None:
+    """(activation, detail, form) if this serialized layer/op is itself an activation."""
+    root = module.split(".")[0]
+    if module in ("keras.layers",) or module.startswith("keras.src.layers"):
+        if cls == "Activation":
+            act = classify_value(config.get("activation"))
+            return (act, "", "Activation layer") if act else None
+        if cls == "ReLU":
+            return (*_relu_variant(config), "ReLU layer")
+        if cls in registry.ACTIVATION_LAYERS:
+            return registry.ACTIVATION_LAYERS[cls], "", f"{cls} layer"
+        return None
+    if module.startswith("keras.src.ops") and cls in registry.OP_ACTIVATIONS:
+        return registry.OP_ACTIVATIONS[cls], "", "keras.ops call"
+    if module == "keras.src.activations.activations" and cls == "ReLU":
+        return (*_relu_variant(config), "keras.activations call")
+    if root == "actswap":
+        return ("square", "", "actswap layer") if cls == "Square" else None
+    return None
+
+
+def _is_layer_node(node: Any) -> bool:
+    return (
+        isinstance(node, dict)
+        and isinstance(node.get("class_name"), str)
+        and isinstance(node.get("config"), dict)
+        and isinstance(node["config"].get("name"), str)
+    )
+
+
+def sites_in_config(node: Any, prefix: str, pointer: tuple[Any, ...] = ()) -> Iterator[Site]:
+    """Sites in a serialized layer tree; ``pointer`` locates each in ``node``."""
+    if _is_layer_node(node):
+        cfg = node["config"]
+        path = f"{prefix}{cfg['name']}"
+        found = _classify_node(str(node.get("module") or ""), node["class_name"], cfg)
+        if found:
+            act, detail, form = found
+            yield Site(path, node["class_name"], form, act, detail, pointer=pointer)
+            return
+        for key, value in cfg.items():
+            if isinstance(key, str) and key.endswith("activation"):
+                act = classify_value(value)
+                if act:
+                    yield Site(
+                        path, node["class_name"], f"{key}=", act,
+                        pointer=pointer + ("config", key),
+                    )
+            elif isinstance(value, (dict, list)):
+                yield from sites_in_config(value, path + "/", pointer + ("config", key))
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            if isinstance(value, (dict, list)):
+                yield from sites_in_config(value, prefix, pointer + (key,))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from sites_in_config(value, prefix, pointer + (i,))
+
+
+def leaf_sites(leaf: Any, prefix: str) -> list[Site]:
+    tree = keras.saving.serialize_keras_object(leaf)
+    sites = list(sites_in_config(tree, prefix))
+    for s in sites:
+        s.leaf_id = id(leaf)
+    return sites
+
+
+def find_sites(model: Any) -> list[Site]:
+    """Every activation site in a Sequential/Functional model, in graph order.
+
+    Subclassed models nested inside are looked into through their tracked
+    sublayers; their sites are reported but marked as inside Python code.
+    """
+    if not isinstance(model, keras.Model):
+        raise UnsupportedModelError(
+            f"expected a keras.Model, got {type(model).__name__}"
+        )
+    sites: list[Site] = []
+    by_leaf: dict[int, list[Site]] = {}
+    first_path: dict[int, str] = {}
+    if is_graph_model(model):
+        nodes = list(iter_nodes(model))
+    else:
+        nodes = [("", model)]
+    for path, obj in nodes:
+        if is_graph_model(obj):
+            continue
+        if id(obj) in by_leaf:  # a shared layer: one site, several paths
+            first = first_path[id(obj)]
+            for s in by_leaf[id(obj)]:
+                s.also_at.append(path + s.path[len(first) :])
+            continue
+        if isinstance(obj, keras.Model):
+            found = _subclassed_sites(obj, path)
+        else:
+            prefix = path[: len(path) - len(obj.name)]
+            found = leaf_sites(obj, prefix)
+        by_leaf[id(obj)] = found
+        first_path[id(obj)] = path
+        sites.extend(found)
+    return sites
+
+
+def _subclassed_sites(model: Any, path: str) -> list[Site]:
+    found: list[Site] = []
+    prefix = f"{path}/" if path else ""
+    for layer in model._flatten_layers(include_self=False, recursive=False):
+        if isinstance(layer, keras.Model):
+            found.extend(_subclassed_sites(layer, prefix + layer.name))
+            continue
+        for s in leaf_sites(layer, prefix):
+            s.form = f"{s.form} (in subclassed {type(model).__name__})"
+            found.append(s)
+    return found
