@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from . import gradients, registry
-from .errors import UnsupportedModelError
+from .errors import UnsupportedModelError, UserError
 from .io import load, load_with_notes, save
 from .keras_setup import keras
 from .report import REPLACED, SKIPPED, Report, Site
@@ -38,6 +38,20 @@ def _resolve(model_or_path: ModelOrPath) -> tuple[keras.Model, list[str], str | 
     raise UnsupportedModelError(
         f"expected a keras.Model or a path to a model file, got {type(model_or_path).__name__}"
     )
+
+
+def _check_grad_function(fn: Any) -> None:
+    # The converted model is rebuilt from its config and must reload from a
+    # file, so a gradient function must be findable by its registered name.
+    if not callable(fn):
+        raise UserError(f"grad must be 'exact', 'clip:C' or a function, got {fn!r}")
+    name = keras.saving.get_registered_name(fn)
+    if keras.saving.get_registered_object(name) is not fn:
+        raise UserError(
+            f"gradient function {getattr(fn, '__name__', fn)!r} is not registered; decorate it "
+            "with @keras.saving.register_keras_serializable() so the converted model can be "
+            "rebuilt and reloaded"
+        )
 
 
 def _decide(site: Site, target: registry.Target, sources: frozenset[str]) -> str | None:
@@ -93,8 +107,8 @@ def convert(
     model, notes, source = _resolve(model_or_path)
     target = registry.get_target(to)
     grad_mode = gradients.normalize(grad) if isinstance(grad, str) else grad
-    if not callable(grad_mode) and not isinstance(grad_mode, str):
-        raise UnsupportedModelError(f"grad must be a mode string or a function, got {grad!r}")
+    if not isinstance(grad_mode, str):
+        _check_grad_function(grad_mode)
     subclassed = subclassed_models(model)
     if subclassed:
         where = subclassed[0]

@@ -86,6 +86,11 @@ def check_same_weights(old: Any, new: Any) -> None:
             raise InvariantError(f"weight '{o.path}' is not bit-identical after rewriting")
 
 
+def output_layer_names(model: Any) -> list[str]:
+    """Names of the layers producing the outputs (what saved models key outputs by)."""
+    return [t._keras_history[0].name for t in keras.tree.flatten(model.outputs)]
+
+
 def _signature(model: Any) -> tuple[Any, ...]:
     def specs(tensors: Any) -> list[tuple[tuple[Any, ...], str]]:
         return [(tuple(t.shape), str(t.dtype)) for t in keras.tree.flatten(tensors)]
@@ -94,7 +99,7 @@ def _signature(model: Any) -> tuple[Any, ...]:
     # (and what a saved model keys its outputs by) are the output layer names.
     return (
         [t.name for t in keras.tree.flatten(model.inputs)],
-        list(getattr(model, "output_names", [])),
+        output_layer_names(model),
         specs(model.inputs),
         specs(model.outputs),
     )
