@@ -28,12 +28,12 @@ def value_and_grad(fn, x, dy):
     return y.numpy(), tape.gradient(y, t, output_gradients=tf.constant(dy)).numpy()
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(finite, st.floats(0.01, 50))
 def test_forward_is_x_times_x_and_gradients_follow_the_mode(x, c):
     dy = np.linspace(-2, 2, x.size, dtype=np.float32).reshape(x.shape)
     y, g = value_and_grad(lambda t: square_op(t, "exact"), x, dy)
-    np.testing.assert_array_equal(y, x * x)
+    np.testing.assert_allclose(y, x * x, rtol=0, atol=1e-30)  # exact but for FTZ denormals
     # atol: TensorFlow flushes float32 denormals to zero on CPU; numpy does not.
     np.testing.assert_allclose(g, 2 * x * dy, rtol=1e-6, atol=1e-30)
     mode = gradients.normalize(f"clip:{c}")
@@ -49,7 +49,7 @@ def test_bad_gradient_modes_are_user_errors(spec):
     assert e.value.exit_code == 2
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30, deadline=None, derandomize=True)
 @given(st.floats(1e-3, 1e6))
 def test_clip_mode_round_trips(c):
     mode = gradients.normalize(f"clip:{c}")
