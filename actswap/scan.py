@@ -58,13 +58,17 @@ def read_config(path: Path, fmt: Format) -> dict[str, Any]:
     return config
 
 
-def _walk(node: Any, path: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], dict[str, Any]]]:
+def _walk(
+    node: Any, path: tuple[str, ...], root: bool = False
+) -> Iterator[tuple[tuple[str, ...], dict[str, Any]]]:
+    # Paths are named from the model down, without the model's own name, as
+    # in actswap's site reports.
     if isinstance(node, dict):
         name = None
         cfg = node.get("config")
         if isinstance(cfg, dict) and isinstance(cfg.get("name"), str):
             name = cfg["name"]
-        here = path + (name,) if name and "class_name" in node else path
+        here = path + (name,) if name and "class_name" in node and not root else path
         yield here, node
         for value in node.values():
             yield from _walk(value, here)
@@ -79,7 +83,7 @@ def find_unsafe(config: dict[str, Any]) -> list[str]:
     Returns one human-readable finding per entry, naming its path in the model.
     """
     findings = []
-    for path, node in _walk(config, ()):
+    for path, node in _walk(config, (), root=True):
         where = "/".join(path) or "<model>"
         cls = node.get("class_name")
         if isinstance(cls, str) and cls in CODE_CLASSES:
