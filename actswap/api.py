@@ -22,7 +22,8 @@ from .io import load, load_with_notes, save
 from .keras_setup import keras
 from .report import REPLACED, SKIPPED, Report, Site
 from .rewrite import rewrite
-from .sites import find_sites, subclassed_models
+from .sites import attribute_sites, find_sites, subclassed_models
+from .trace import count_ops
 
 ModelOrPath = Union[keras.Model, str, os.PathLike]
 
@@ -54,6 +55,41 @@ def _check_grad_function(fn: Any) -> None:
         )
 
 
+def _check_no_hidden_sources(
+    where: str, leaf: Any, target: registry.Target, chosen: frozenset[str]
+) -> None:
+    """Refuse a rebuilt subclassed model that still applies a selected activation.
+
+    Such an activation is set or called by the model's Python code rather than
+    its config, so no rewrite of the config can remove it, and changing the live
+    object instead would be undone the next time the model is loaded.
+    """
+    cls = type(leaf).__name__
+    fix = (
+        "pass the activation through the constructor (and get_config), "
+        "or rebuild the model as Functional/Sequential"
+    )
+    for site in attribute_sites(leaf, where):
+        if _decide(site, target, chosen) is None:
+            raise UnsupportedModelError(
+                f"subclassed model {cls}: {site.activation} at '{site.path}' is set in its "
+                f"Python code, not in its config, so replacing it would not survive saving; {fix}"
+            )
+    op_types = [op for name in sorted(chosen) for op in registry.TF_OPS.get(name, ())]
+    found = count_ops(leaf, op_types)
+    if found is None:
+        raise UnsupportedModelError(
+            f"subclassed model {cls} at '{where}' cannot be traced to check its call() for "
+            f"hidden activations; {fix}"
+        )
+    if found:
+        raise UnsupportedModelError(
+            f"subclassed model {cls} at '{where}': its call() still computes {found} "
+            f"{'/'.join(op_types)} op(s) in Python code (e.g. keras.ops.relu), which actswap "
+            f"cannot rewrite; {fix}"
+        )
+
+
 def _decide(site: Site, target: registry.Target, sources: frozenset[str]) -> str | None:
     """None if the site is to be replaced, else the (short) reason it is skipped."""
     fam = registry.family(site.activation)
@@ -63,8 +99,6 @@ def _decide(site: Site, target: registry.Target, sources: frozenset[str]) -> str
         return f"already {site.activation}"
     if site.activation not in sources and fam not in sources:
         return f"not selected (converting {', '.join(sorted(sources))})"
-    if " (in subclassed " in site.form:
-        return "inside a subclassed model's Python code"
     return target.refuses(site.activation, site.detail)
 
 
@@ -77,11 +111,14 @@ def inspect(model_or_path: ModelOrPath, *, to: str = "square", sources: Iterable
     sites = find_sites(model)
     for s in sites:
         s.replaceable = _decide(s, target, chosen) is None
-    for path in subclassed_models(model):
-        notes.append(
-            f"'{path}' is a subclassed model: activations called inside its call() "
-            "cannot be seen, and convert refuses it"
-        )
+    if subclassed_models(model):
+        # Whether a subclassed model can be rewritten soundly is only known by
+        # trying (its Python code may set or call activations its config does
+        # not show), so inspect runs the conversion and reports the verdict.
+        try:
+            convert(model, to=to, sources=chosen)
+        except UnsupportedModelError as e:
+            notes.append(f"convert would refuse this model: {e}")
     return Report(sites=sites, notes=notes, source=source)
 
 
@@ -101,22 +138,20 @@ def convert(
     members of the ReLU family are reported as skipped with a reason).
 
     The input is never modified; weights are copied bit-identically (checked);
-    input/output names, shapes and dtypes are unchanged (checked). Raises
-    :class:`~actswap.errors.UnsupportedModelError` for subclassed models.
+    input/output names, shapes and dtypes are unchanged (checked).
+
+    A subclassed model is rewritten through its config (constructor arguments
+    such as ``activation='relu'``), which is what rebuilds it on load; if its
+    Python code still sets or calls a ReLU afterwards (a hard-coded layer
+    argument, ``keras.ops.relu`` in ``call()``), the conversion is refused with
+    :class:`~actswap.errors.UnsupportedModelError` naming the place, because a
+    change made there would not survive saving.
     """
     model, notes, source = _resolve(model_or_path)
     target = registry.get_target(to)
     grad_mode = gradients.normalize(grad) if isinstance(grad, str) else grad
     if not isinstance(grad_mode, str):
         _check_grad_function(grad_mode)
-    subclassed = subclassed_models(model)
-    if subclassed:
-        where = subclassed[0]
-        raise UnsupportedModelError(
-            f"'{where}' is a subclassed model: its call() is Python code, so actswap cannot "
-            "rebuild it or see activations called inside it; rebuild it as a Functional or "
-            "Sequential model, or use activation=actswap.activations.square in its code"
-        )
     chosen = frozenset(sources)
     sites = find_sites(model)
     for s in sites:
@@ -137,7 +172,10 @@ def convert(
     def make_activation(site: Site) -> Any:
         return target.activation(grad_mode)
 
-    new_model = rewrite(model, sites, make_layer, make_activation)
+    def check_subclassed(path: str, new_leaf: Any) -> None:
+        _check_no_hidden_sources(path or new_leaf.name, new_leaf, target, chosen)
+
+    new_model = rewrite(model, sites, make_layer, make_activation, check_subclassed)
     if getattr(model, "compiled", False):
         if not getattr(new_model, "compiled", False):
             try:

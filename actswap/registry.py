@@ -67,6 +67,10 @@ OP_ACTIVATIONS: dict[str, str] = {
 }
 
 
+# TensorFlow op types that compute a source activation (for graph-level checks).
+TF_OPS: dict[str, tuple[str, ...]] = {"relu": ("Relu",), "relu6": ("Relu6",), "leaky_relu": ("LeakyRelu",)}
+
+
 def canonical(name: str) -> str:
     return ALIASES.get(name, name)
 

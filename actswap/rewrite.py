@@ -50,6 +50,9 @@ def _edited_leaf(
     leaf: Any, sites: list[Site], make_layer: LayerBuilder, make_activation: ActivationBuilder
 ) -> Any:
     tree = copy.deepcopy(keras.saving.serialize_keras_object(leaf))
+    # A subclassed leaf's own class may not be registered; it is the class of
+    # an object already in memory, so naming it is not loading new code.
+    own = {type(leaf).__name__: type(leaf)}
     for site in sites:
         old = _get(tree, site.pointer)
         if isinstance(old, dict) and "class_name" in old:
@@ -57,7 +60,7 @@ def _edited_leaf(
         else:
             new = keras.activations.serialize(make_activation(site))
         tree = _put(tree, site.pointer, new)
-    return keras.saving.deserialize_keras_object(tree, safe_mode=True)
+    return keras.saving.deserialize_keras_object(tree, custom_objects=own, safe_mode=True)
 
 
 def _copy_weights(old: Any, new: Any, where: str) -> None:
@@ -105,24 +108,49 @@ def _signature(model: Any) -> tuple[Any, ...]:
     )
 
 
+def _rewrite_subclassed(
+    model: Any, sites: list[Site], make_layer: LayerBuilder, make_activation: ActivationBuilder
+) -> Any:
+    mine = [s for s in sites if s.action == REPLACED]
+    if mine:
+        new = _edited_leaf(model, mine, make_layer, make_activation)
+    else:
+        new = keras.saving.deserialize_keras_object(
+            keras.saving.serialize_keras_object(model),
+            custom_objects={type(model).__name__: type(model)},
+            safe_mode=True,
+        )
+    if not new.built:
+        new.build_from_config(model.get_build_config())
+    new.trainable = model.trainable
+    _copy_weights(model, new, model.name)
+    return new
+
+
 def rewrite(
     model: keras.Model,
     sites: list[Site],
     make_layer: LayerBuilder,
     make_activation: ActivationBuilder,
+    check_subclassed: Callable[[str, Any], None] | None = None,
 ) -> keras.Model:
-    """Return a new model with every ``replaced`` site rebuilt; ``model`` is untouched."""
-    if not is_graph_model(model):
-        raise UnsupportedModelError(
-            f"model '{model.name}' is a subclassed {type(model).__name__}: its call() is "
-            "Python code, so actswap cannot rebuild it; rebuild it as a Functional or "
-            "Sequential model, or pass activation=actswap.activations.square in its code"
-        )
+    """Return a new model with every ``replaced`` site rebuilt; ``model`` is untouched.
+
+    A subclassed model (top-level or nested) is rebuilt from its edited config;
+    ``check_subclassed(path, new_model)`` is then called on it, so the caller
+    can refuse activations that its Python code sets and the config does not.
+    """
     if not model.built:
         raise UnsupportedModelError(
             f"model '{model.name}' is not built (its input shape is unknown); "
             "add a keras.Input or call it once on data before converting"
         )
+    if not is_graph_model(model):
+        new = _rewrite_subclassed(model, sites, make_layer, make_activation)
+        if check_subclassed is not None:
+            check_subclassed("", new)
+        check_same_weights(model, new)
+        return new
     olds: dict[int, tuple[str, Any]] = {id(obj): (path, obj) for path, obj in iter_nodes(model)}
     edits: dict[int, list[Site]] = {}
     for site in sites:
@@ -151,6 +179,8 @@ def rewrite(
             new.trainable = old.trainable
         if not is_graph_model(old) and hasattr(old, "weights"):
             _copy_weights(old, new, path)
+        if isinstance(old, keras.Model) and not is_graph_model(old) and check_subclassed:
+            check_subclassed(path, new)
     new_model.trainable = model.trainable
 
     if _signature(new_model) != _signature(model):

@@ -163,10 +163,12 @@ def leaf_sites(leaf: Any, prefix: str) -> list[Site]:
 
 
 def find_sites(model: Any) -> list[Site]:
-    """Every activation site in a Sequential/Functional model, in graph order.
+    """Every activation site of a model, in graph order.
 
-    Subclassed models nested inside are looked into through their tracked
-    sublayers; their sites are reported but marked as inside Python code.
+    For a subclassed model (top-level or nested) the sites are those of its
+    *config* (constructor arguments such as ``activation='relu'``): that is
+    what rebuilds it, so that is what can be rewritten soundly. Activations its
+    Python code sets or calls are found by :func:`code_sites`.
     """
     if not isinstance(model, keras.Model):
         raise UnsupportedModelError(
@@ -187,25 +189,23 @@ def find_sites(model: Any) -> list[Site]:
             for s in by_leaf[id(obj)]:
                 s.also_at.append(path + s.path[len(first) :])
             continue
-        if isinstance(obj, keras.Model):
-            found = _subclassed_sites(obj, path)
-        else:
-            prefix = path[: len(path) - len(obj.name)]
-            found = leaf_sites(obj, prefix)
+        prefix = path[: len(path) - len(obj.name)]
+        found = leaf_sites(obj, prefix)
         by_leaf[id(obj)] = found
         first_path[id(obj)] = path
         sites.extend(found)
     return sites
 
 
-def _subclassed_sites(model: Any, path: str) -> list[Site]:
+def attribute_sites(model: Any, path: str) -> list[Site]:
+    """Sites of the layers a subclassed model holds as attributes (live objects)."""
     found: list[Site] = []
     prefix = f"{path}/" if path else ""
     for layer in model._flatten_layers(include_self=False, recursive=False):
-        if isinstance(layer, keras.Model):
-            found.extend(_subclassed_sites(layer, prefix + layer.name))
+        if isinstance(layer, keras.Model) and not is_graph_model(layer):
+            found.extend(attribute_sites(layer, prefix + layer.name))
             continue
         for s in leaf_sites(layer, prefix):
-            s.form = f"{s.form} (in subclassed {type(model).__name__})"
+            s.form = f"{s.form} (set in {type(model).__name__} code)"
             found.append(s)
     return found

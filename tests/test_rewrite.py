@@ -173,23 +173,90 @@ def test_compiled_model_stays_compiled_with_same_loss():
     assert any("optimizer state" in n for n in report.notes)
 
 
-def test_subclassed_model_is_refused_with_reason():
-    class Net(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.d = keras.layers.Dense(4, activation="relu")
+@keras.saving.register_keras_serializable(package="actswap_tests")
+class CtorNet(keras.Model):
+    """Subclassed, its activation a constructor argument kept in get_config: sound."""
 
-        def call(self, x):
-            return keras.ops.relu(self.d(x))
+    def __init__(self, units=4, activation="relu", **kwargs):
+        super().__init__(**kwargs)
+        self.units, self.act = units, activation
+        self.hidden = keras.layers.Dense(units, activation=activation, name="hidden")
+        self.head = keras.layers.Dense(2, name="head")
 
-    net = Net()
-    net(np.zeros((1, 3), "float32"))
-    with pytest.raises(actswap.ActswapError, match="subclassed model.*Functional or Sequential"):
+    def call(self, x):
+        return self.head(self.hidden(x))
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units, "activation": self.act}
+
+
+class HardCodedNet(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = keras.layers.Dense(4, activation="relu", name="hidden")
+
+    def call(self, x):
+        return self.hidden(x)
+
+
+class CallReluNet(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = keras.layers.Dense(4, name="hidden")
+
+    def call(self, x):
+        return keras.ops.relu(self.hidden(x))
+
+
+def _built(model):
+    keras.utils.set_random_seed(0)
+    model(np.zeros((1, 3), "float32"))
+    return model
+
+
+def test_subclassed_model_with_activation_in_its_config_is_converted(tmp_path):
+    net = _built(CtorNet())
+    converted, report = actswap.convert(net)
+    assert [(s.path, s.form, s.action) for s in report.sites] == [("ctor_net", "activation=", "replaced")]
+    assert isinstance(converted, CtorNet) and converted is not net
+    assert net.hidden.activation is keras.activations.relu  # input untouched
+    assert [w.numpy().tobytes() for w in converted.weights] == [w.numpy().tobytes() for w in net.weights]
+    x = np.random.default_rng(0).uniform(-1, 1, (4, 3)).astype("float32")
+    with relu_as_square():
+        ref = net(x)
+    with relu_forbidden():
+        assert_close(converted(x), ref)
+    path = actswap.save(converted, tmp_path / "ctor.keras")
+    reloaded = keras.models.load_model(path)
+    with relu_forbidden():  # the square survived saving
+        assert_close(reloaded(x), ref)
+
+
+def test_subclassed_model_inside_a_functional_is_converted():
+    net = _built(CtorNet(name="block"))
+    inp = keras.Input((3,), name="x")
+    model = keras.Model(inp, keras.layers.ReLU(name="after")(net(inp)))
+    converted, report = actswap.convert(model)
+    assert sorted(s.path for s in report.sites if s.action == "replaced") == ["after", "block"]
+    x = sample_inputs(model)
+    with relu_as_square():
+        ref = model(x)
+    with relu_forbidden():
+        assert_close(converted(x), ref)
+
+
+@pytest.mark.parametrize(
+    "cls, fragment",
+    [(HardCodedNet, "relu at 'hard_coded_net/hidden' is set in its Python code"), (CallReluNet, "its call() still computes 1 Relu op")],
+)
+def test_subclassed_model_with_relu_in_python_code_is_refused(cls, fragment):
+    net = _built(cls())
+    with pytest.raises(actswap.ActswapError, match="subclassed model") as e:
         actswap.convert(net)
+    assert fragment in str(e.value) and "rebuild the model as Functional/Sequential" in str(e.value)
+    assert e.value.exit_code == 2
     report = actswap.inspect(net)
-    assert [s.activation for s in report.sites] == ["relu"]
-    assert not report.sites[0].replaceable
-    assert any("subclassed" in n for n in report.notes)
+    assert any("convert would refuse" in n for n in report.notes)
 
 
 def test_grad_mode_is_validated():
