@@ -68,6 +68,25 @@ def square_op(x: Any, grad: Grad = "exact") -> tf.Tensor:
     return _square(tf.convert_to_tensor(x))
 
 
+def square_op_without_custom_gradient(x: Any, grad: str = "exact") -> tf.Tensor:
+    """x * x with the same backward pass as :func:`square_op`, written with stop_gradient.
+
+    For places where a ``tf.custom_gradient`` does not survive a SavedModel
+    reload (ops inside ``tf.cond`` branches in TF 2.21). The forward value is
+    ``x * x`` plus an exact zero (``a - a``), so it equals ``x * x`` for every
+    finite x. Only the mode strings are supported: a user gradient function
+    needs ``tf.custom_gradient``.
+    """
+    mode = gradients.normalize(grad)
+    x = tf.convert_to_tensor(x)
+    bound = gradients.clip_bound(mode)
+    if bound is None:
+        return x * x  # autodiff: dy*x + dy*x, the exact gradient
+    slope = tf.stop_gradient(tf.clip_by_value(x + x, -bound, bound))
+    linear = slope * x
+    return tf.stop_gradient(x * x) + (linear - tf.stop_gradient(linear))
+
+
 def _serialize_grad(grad: Grad) -> Any:
     if isinstance(grad, str):
         return gradients.normalize(grad)

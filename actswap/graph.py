@@ -1,0 +1,241 @@
+"""Graph backend: rewrite activation ops in TF SavedModels and frozen graphs.
+
+How (SavedModel): each signature's graph is *re-emitted* op by op inside a new
+``tf.function``, as an interpreter would: function calls are inlined by
+re-emitting their bodies, ``If``/``While`` become ``tf.cond``/``tf.while_loop``
+over re-emitted branches and bodies, captured variable handles are mapped to
+fresh ``tf.Variable`` copies, and a hook may return a replacement for any op
+(the policy layer decides which, e.g. ``Relu`` -> the custom-gradient square).
+The result is an ordinary traced function of ordinary variables, which
+``tf.saved_model.save`` writes with its custom gradients.
+
+Mechanism only: nothing here names a target.
+
+Invariants: the loaded model is not modified; each new variable is a copy of
+its original, bit for bit, with the same trainable flag; every signature keeps
+its name and its input and output specs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import tensorflow as tf
+
+from . import tf_private
+from .errors import UnsupportedModelError
+
+# hook(path, op, new_inputs, in_control_flow) -> replacement outputs, or None to
+# re-emit op as is. in_control_flow: the op is inside a tf.cond branch or a
+# tf.while_loop body, where TF 2.21 cannot reload a custom gradient (the
+# reloaded gradient either trips cond_v2's graph assertion, cf.
+# tensorflow/tensorflow#40795, or reads a loop-body tensor out of scope), so a
+# replacement there must not use one.
+OpHook = Callable[[str, Any, list[Any], bool], "list[Any] | None"]
+
+CALL_OPS = frozenset({"PartitionedCall", "StatefulPartitionedCall"})
+IF_OPS = frozenset({"If", "StatelessIf"})
+WHILE_OPS = frozenset({"While", "StatelessWhile"})
+
+
+def short_function_name(name: str) -> str:
+    """``__inference_while_body_45_105`` -> ``while_body``: paths users can read."""
+    name = re.sub(r"^__inference_", "", name)
+    return re.sub(r"(_\d+)+$", "", name)
+
+
+class Interpreter:
+    """Re-emits graphs into the current default graph (a function being traced)."""
+
+    def __init__(self, library: dict[str, Any], hook: OpHook) -> None:
+        self.library = library
+        self.hook = hook
+        self._graphs: dict[str, Any] = {}
+        self._flow_depth = 0
+
+    def _graph(self, fname: str) -> Any:
+        if fname not in self._graphs:
+            try:
+                fdef = self.library[fname]
+            except KeyError:
+                raise UnsupportedModelError(f"function '{fname}' is called but not in the graph library") from None
+            # Converted eagerly: a SavedModel's functions are registered in the
+            # eager context, not in the graph being traced.
+            with tf.init_scope():
+                self._graphs[fname] = tf_private.function_def_to_graph(fdef)
+        return self._graphs[fname]
+
+    def call(self, fname: str, inputs: list[Any], path: str) -> list[Any]:
+        graph = self._graph(fname)
+        if len(graph.inputs) != len(inputs):
+            raise UnsupportedModelError(
+                f"function '{fname}' takes {len(graph.inputs)} inputs but is called with {len(inputs)}"
+            )
+        mapping = {t.name: _local(v) for t, v in zip(graph.inputs, inputs)}
+        self.emit(graph, mapping, f"{path}/{short_function_name(fname)}")
+        return [mapping[t.name] for t in graph.outputs]
+
+    def emit(self, graph: Any, mapping: dict[str, Any], path: str) -> None:
+        """Re-emit every op of ``graph`` not already fed in ``mapping`` (tensor names)."""
+        new_ops: dict[str, Any] = {}
+        for op in graph.get_operations():
+            if op.type == "Placeholder" and op.outputs[0].name in mapping:
+                continue
+            try:
+                inputs = [mapping[t.name] for t in op.inputs]
+            except KeyError as e:
+                raise UnsupportedModelError(
+                    f"op '{op.name}' ({op.type}) at '{path}' reads {e}, which is not computed; "
+                    "is an input or captured resource missing?"
+                ) from None
+            controls = [new_ops[c.name] for c in op.control_inputs if c.name in new_ops]
+            with tf.control_dependencies(controls):
+                outputs, new_op = self._emit_op(op, inputs, path)
+            for t, v in zip(op.outputs, outputs):
+                mapping[t.name] = v
+            if new_op is not None:
+                new_ops[op.name] = new_op
+
+    def _emit_op(self, op: Any, inputs: list[Any], path: str) -> tuple[list[Any], Any]:
+        here = f"{path}/{op.name}"
+        replaced = self.hook(here, op, inputs, self._flow_depth > 0)
+        if replaced is not None:
+            return list(replaced), _op_of(replaced)
+        if op.type in CALL_OPS:
+            out = self.call(op.get_attr("f").name, inputs, path)
+            return out, _op_of(out)
+        if op.type in IF_OPS:
+            return self._emit_if(op, inputs, here)
+        if op.type in WHILE_OPS:
+            return self._emit_while(op, inputs, here)
+        for key, value in op.node_def.attr.items():
+            if value.HasField("func") or (value.HasField("list") and len(value.list.func)):
+                raise UnsupportedModelError(
+                    f"op '{op.name}' ({op.type}) at '{path}' calls a function through attribute "
+                    f"'{key}', which actswap cannot rewrite"
+                )
+        attrs = {
+            k: v for k, v in op.node_def.attr.items() if not k.startswith("_") or k == "_gradient_op_type"
+        }
+        new = tf_private.create_op(
+            tf.compat.v1.get_default_graph(), op.type, inputs,
+            [t.dtype for t in op.outputs], attrs, op.op_def,
+        )
+        return list(new.outputs), new
+
+    def _emit_if(self, op: Any, inputs: list[Any], path: str) -> tuple[list[Any], Any]:
+        then_f, else_f = op.get_attr("then_branch").name, op.get_attr("else_branch").name
+        pred, args = inputs[0], inputs[1:]
+        if pred.dtype != tf.bool:
+            pred = tf.cast(pred, tf.bool)
+        if not op.outputs:
+            raise UnsupportedModelError(f"'{path}': a tf.cond without outputs is not supported")
+        def branch(fname: str, where: str) -> Callable[[], list[Any]]:
+            def run() -> list[Any]:
+                self._flow_depth += 1
+                try:
+                    return self.call(fname, list(args), where)
+                finally:
+                    self._flow_depth -= 1
+
+            return run
+
+        out = tf.cond(pred, branch(then_f, path + "/then"), branch(else_f, path + "/else"))
+        out = list(out) if isinstance(out, (list, tuple)) else [out]
+        return out, _op_of(out)
+
+    def _emit_while(self, op: Any, inputs: list[Any], path: str) -> tuple[list[Any], Any]:
+        cond_f, body_f = op.get_attr("cond").name, op.get_attr("body").name
+        shapes = [tf.TensorShape(s) for s in op.get_attr("output_shapes")]
+
+        def inside(fname: str, where: str, v: Any) -> list[Any]:
+            self._flow_depth += 1
+            try:
+                return self.call(fname, list(v), where)
+            finally:
+                self._flow_depth -= 1
+
+        def cond(*v: Any) -> Any:
+            c = inside(cond_f, path + "/cond", v)[0]
+            return c if c.dtype == tf.bool else tf.cast(c, tf.bool)
+
+        def body(*v: Any) -> list[Any]:
+            return inside(body_f, path + "/body", v)
+
+        out = tf.while_loop(
+            cond, body, loop_vars=list(inputs),
+            shape_invariants=shapes if len(shapes) == len(inputs) else None,
+            parallel_iterations=op.get_attr("parallel_iterations"),
+        )
+        out = list(out) if isinstance(out, (list, tuple)) else [out]
+        return out, _op_of(out)
+
+
+def _local(value: Any) -> Any:
+    """``value`` as a tensor of the graph being built.
+
+    A cond branch or loop body may read a tensor of an enclosing graph; TF
+    captures it when an op consumes it, but a custom gradient that closed over
+    the outer tensor itself would later be resolved in the wrong graph
+    (cond_v2 asserts). An identity in the current graph makes it local.
+    """
+    graph = tf.compat.v1.get_default_graph()
+    if getattr(value, "graph", graph) is not graph:
+        return tf.identity(value)
+    return value
+
+
+def _op_of(tensors: Any) -> Any:
+    tensors = [t for t in tensors if hasattr(t, "op")]
+    return tensors[0].op if tensors else None
+
+
+def signature_library(fn: Any) -> dict[str, Any]:
+    return {f.signature.name: f for f in fn.graph.as_graph_def().library.function}
+
+
+def copy_variables(functions: list[Any]) -> dict[int, tf.Variable]:
+    """Fresh variables, bit-identical copies of those the functions capture, by handle id."""
+    copies: dict[int, tf.Variable] = {}
+    for fn in functions:
+        for v in fn.variables:
+            if id(v.handle) not in copies:
+                copies[id(v.handle)] = tf.Variable(
+                    v.read_value(), trainable=v.trainable, name=v.name.split(":")[0], dtype=v.dtype
+                )
+    return copies
+
+
+def rewrite_signature(
+    fn: Any, name: str, variables: dict[int, tf.Variable], hook: OpHook
+) -> tuple[Any, Any]:
+    """A new tf.function equal to signature ``fn`` with ``hook`` applied; and its concrete function."""
+    specs = fn.structured_input_signature[1]
+    if fn.structured_input_signature[0]:
+        raise UnsupportedModelError(f"signature '{name}' takes positional inputs; signatures take keywords")
+    user_inputs = fn.inputs[: len(fn.inputs) - len(fn.graph.captures)]
+    interp = Interpreter(signature_library(fn), hook)
+
+    def body(**kwargs: Any) -> Any:
+        flat = tf.nest.flatten(kwargs)
+        mapping = {ph.name: value for ph, value in zip(user_inputs, flat)}
+        for external, internal in fn.graph.captures:
+            var = variables.get(id(external))
+            if var is not None:
+                tf_private.mark_variable_accessed(var)
+                mapping[internal.name] = var.handle
+            elif external.dtype != tf.resource:
+                mapping[internal.name] = tf.constant(external.numpy())
+            else:
+                raise UnsupportedModelError(
+                    f"signature '{name}' captures a resource that is not a variable "
+                    "(a lookup table or dataset?); actswap cannot carry it over"
+                )
+        interp.emit(fn.graph, mapping, name)
+        flat_out = [mapping[t.name] for t in fn.outputs]
+        return tf.nest.pack_sequence_as(fn.structured_outputs, flat_out)
+
+    new_fn = tf.function(body)
+    return new_fn, new_fn.get_concrete_function(**specs)
