@@ -81,10 +81,10 @@ def square_op_without_custom_gradient(x: Any, grad: str = "exact") -> tf.Tensor:
     x = tf.convert_to_tensor(x)
     bound = gradients.clip_bound(mode)
     if bound is None:
-        return x * x  # autodiff: dy*x + dy*x, the exact gradient
+        return tf.math.square(x)  # Square's own gradient: dy * 2x, the exact one
     slope = tf.stop_gradient(tf.clip_by_value(x + x, -bound, bound))
     linear = slope * x
-    return tf.stop_gradient(x * x) + (linear - tf.stop_gradient(linear))
+    return tf.stop_gradient(tf.math.square(x)) + (linear - tf.stop_gradient(linear))
 
 
 def _serialize_grad(grad: Grad) -> Any:

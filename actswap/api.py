@@ -16,10 +16,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Union
 
-from . import gradients, registry
+from . import gradients, io, registry
 from .errors import UnsupportedModelError, UserError
-from .io import load, load_with_notes, save
+from .formats import Format, detect
+from .io import load, load_with_notes
 from .keras_setup import keras
+from .policy import decide
 from .report import REPLACED, SKIPPED, Report, Site
 from .rewrite import rewrite
 from .sites import attribute_sites, find_sites, subclassed_models
@@ -39,6 +41,29 @@ def _resolve(model_or_path: ModelOrPath) -> tuple[keras.Model, list[str], str | 
     raise UnsupportedModelError(
         f"expected a keras.Model or a path to a model file, got {type(model_or_path).__name__}"
     )
+
+
+def _graph_format(model_or_path: Any) -> Format | None:
+    if isinstance(model_or_path, (str, os.PathLike)):
+        fmt = detect(model_or_path)
+        if fmt in (Format.SAVEDMODEL, Format.GRAPHDEF):
+            return fmt
+    return None
+
+
+def save(converted: Any, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Write what :func:`convert` returned, atomically, in its family: a Keras
+    model as ``.keras``, a rewritten SavedModel as a SavedModel directory, a
+    frozen graph as ``.pb``. Refuses to overwrite unless ``overwrite``."""
+    if isinstance(converted, keras.Model):
+        return io.save(converted, path, overwrite=overwrite)
+    from . import savedmodel
+
+    if hasattr(converted, "actswap_signatures"):
+        return savedmodel.save_savedmodel(converted, path, overwrite=overwrite)
+    if type(converted).__name__ == "GraphDef":
+        return savedmodel.save_graphdef(converted, path, overwrite=overwrite)
+    raise UserError(f"cannot save a {type(converted).__name__}; pass what actswap.convert returned")
 
 
 def _check_grad_function(fn: Any) -> None:
@@ -70,7 +95,7 @@ def _check_no_hidden_sources(
         "or rebuild the model as Functional/Sequential"
     )
     for site in attribute_sites(leaf, where):
-        if _decide(site, target, chosen) is None:
+        if decide(site, target, chosen) is None:
             raise UnsupportedModelError(
                 f"subclassed model {cls}: {site.activation} at '{site.path}' is set in its "
                 f"Python code, not in its config, so replacing it would not survive saving; {fix}"
@@ -90,27 +115,28 @@ def _check_no_hidden_sources(
         )
 
 
-def _decide(site: Site, target: registry.Target, sources: frozenset[str]) -> str | None:
-    """None if the site is to be replaced, else the (short) reason it is skipped."""
-    fam = registry.family(site.activation)
-    if site.activation.startswith("custom"):
-        return "unrecognised custom activation"
-    if fam == "polynomial":
-        return f"already {site.activation}"
-    if site.activation not in sources and fam not in sources:
-        return f"not selected (converting {', '.join(sorted(sources))})"
-    return target.refuses(site.activation, site.detail)
-
-
 def inspect(model_or_path: ModelOrPath, *, to: str = "square", sources: Iterable[str] = ("relu",)) -> Report:
     """List every activation site of a model; ``replaceable`` says whether
-    ``convert(..., to=to)`` would replace it. Writes nothing, modifies nothing."""
+    ``convert(..., to=to)`` would replace it. Writes nothing, modifies nothing.
+
+    Takes a Keras model, or a path to a ``.keras``/``.h5`` file, a SavedModel
+    directory (sites per signature, nested functions and control flow
+    included) or a frozen GraphDef."""
+    graph_fmt = _graph_format(model_or_path)
+    if graph_fmt is Format.SAVEDMODEL:
+        from .savedmodel import inspect_savedmodel
+
+        return inspect_savedmodel(Path(model_or_path), sources, to)
+    if graph_fmt is Format.GRAPHDEF:
+        from .savedmodel import inspect_graphdef
+
+        return inspect_graphdef(Path(model_or_path), sources, to)
     model, notes, source = _resolve(model_or_path)
     target = registry.get_target(to)
     chosen = frozenset(sources)
     sites = find_sites(model)
     for s in sites:
-        s.replaceable = _decide(s, target, chosen) is None
+        s.replaceable = decide(s, target, chosen) is None
     if subclassed_models(model):
         # Whether a subclassed model can be rewritten soundly is only known by
         # trying (its Python code may set or call activations its config does
@@ -128,7 +154,8 @@ def convert(
     grad: Any = "exact",
     *,
     sources: Iterable[str] = ("relu",),
-) -> tuple[keras.Model, Report]:
+    signature: str | None = None,
+) -> tuple[Any, Report]:
     """Return a copy of the model with every plain ReLU site replaced by ``to``.
 
     ``grad`` is the backward pass of the new activation: ``"exact"``,
@@ -146,16 +173,32 @@ def convert(
     argument, ``keras.ops.relu`` in ``call()``), the conversion is refused with
     :class:`~actswap.errors.UnsupportedModelError` naming the place, because a
     change made there would not survive saving.
+
+    Paths to a SavedModel directory or a frozen GraphDef are rewritten at graph
+    level (see :mod:`actswap.savedmodel`); the result is a ``tf.Module`` or a
+    ``GraphDef``, which :func:`save` writes in the same family.
+    ``signature`` restricts a SavedModel rewrite to one signature.
     """
+    grad_mode = gradients.normalize(grad) if isinstance(grad, str) else grad
+    graph_fmt = _graph_format(model_or_path)
+    if graph_fmt is Format.SAVEDMODEL:
+        from .savedmodel import convert_savedmodel
+
+        return convert_savedmodel(Path(model_or_path), to, grad_mode, sources=sources, signature=signature)
+    if graph_fmt is Format.GRAPHDEF:
+        from .savedmodel import convert_graphdef
+
+        return convert_graphdef(Path(model_or_path), to, sources=sources)
+    if signature is not None:
+        raise UserError("--signature applies to SavedModel input only")
     model, notes, source = _resolve(model_or_path)
     target = registry.get_target(to)
-    grad_mode = gradients.normalize(grad) if isinstance(grad, str) else grad
     if not isinstance(grad_mode, str):
         _check_grad_function(grad_mode)
     chosen = frozenset(sources)
     sites = find_sites(model)
     for s in sites:
-        reason = _decide(s, target, chosen)
+        reason = decide(s, target, chosen)
         s.replaceable = reason is None
         s.action = REPLACED if reason is None else SKIPPED
         s.reason = reason or f"{s.activation} -> {to}"

@@ -22,7 +22,7 @@ from rich.table import Table
 
 from . import __version__, gradients, registry
 from .errors import ActswapError, UserError
-from .formats import detect
+from .formats import Format, detect
 
 app = typer.Typer(
     name="actswap",
@@ -124,9 +124,32 @@ def _sites_table(title: str, sites: list[dict[str, Any]], columns: list[str]) ->
     return table
 
 
-def _default_output(model: Path, target: str) -> Path:
+def _default_output(model: Path, target: str, fmt: Format) -> Path:
+    if fmt is Format.SAVEDMODEL:  # SavedModel in, SavedModel (a directory) out
+        return model.with_name(f"{model.name}.{target}")
     stem = model.name[: -len(model.suffix)] if model.suffix else model.name
-    return model.with_name(f"{stem}.{target}.keras")
+    ext = ".pb" if fmt is Format.GRAPHDEF else ".keras"
+    return model.with_name(f"{stem}.{target}{ext}")
+
+
+def _check_output(out: Path, fmt: Format, force: bool) -> None:
+    if fmt is Format.SAVEDMODEL:
+        if out.suffix == ".keras":
+            raise UserError(
+                f"-o '{out}': a SavedModel converts to a SavedModel directory, not a .keras file "
+                "(its graph has no Keras layers to rebuild); give a directory path"
+            )
+        from .paths import check_output_dir
+
+        check_output_dir(out, overwrite=force)
+    elif fmt is Format.GRAPHDEF:
+        from .paths import check_output_pb
+
+        check_output_pb(out, overwrite=force)
+    else:
+        from .paths import check_output_path
+
+        check_output_path(out, overwrite=force)
 
 
 def _same_path(a: Path, b: Path) -> bool:
@@ -140,12 +163,18 @@ def _same_path(a: Path, b: Path) -> bool:
 
 @app.command()
 def convert(
-    model: Path = typer.Argument(..., help="Model file: .keras or legacy .h5 (detected from content)."),
+    model: Path = typer.Argument(
+        ..., help="Model: .keras, legacy .h5, SavedModel directory or frozen .pb (detected from content)."
+    ),
     to: str = typer.Option(..., "--to", help=f"Target activation: {', '.join(registry.TARGETS)}."),
     output: Optional[Path] = typer.Option(
-        None, "-o", "--output", help="Output .keras path [default: <stem>.<target>.keras beside MODEL]."
+        None, "-o", "--output",
+        help="Output path, same family as MODEL [default: <stem>.<target>.keras|.pb, or <dir>.<target>/ beside MODEL].",
     ),
     grad: str = typer.Option("exact", "--grad", help="Gradient of the new activation: exact | clip:C."),
+    signature: Optional[str] = typer.Option(
+        None, "--signature", help="SavedModel only: rewrite this signature, keep the others as they are."
+    ),
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
     strict: bool = typer.Option(
         False, "--strict", help="Exit 1, writing nothing, if any ReLU-like site was skipped."
@@ -158,17 +187,17 @@ def convert(
     def body() -> int:
         grad_mode = gradients.normalize(grad)
         registry.get_target(to)
-        detect(model)
-        out = output if output is not None else _default_output(model, to)
+        fmt = detect(model)
+        if signature is not None and fmt is not Format.SAVEDMODEL:
+            raise UserError(f"--signature applies to SavedModel input; '{model}' is a {fmt.value} file")
+        out = output if output is not None else _default_output(model, to, fmt)
         if _same_path(model, out):
-            raise UserError(f"output '{out}' is the input file; choose another -o path")
-        from .io import check_output_path
-
-        check_output_path(out, overwrite=force)
+            raise UserError(f"output '{out}' is the input; choose another -o path")
+        _check_output(out, fmt, force)
         _import_tensorflow_quietly(debug or _state["debug"])
         from . import api
 
-        new_model, report = api.convert(model, to=to, grad=grad_mode)
+        new_model, report = api.convert(model, to=to, grad=grad_mode, signature=signature)
         failed = strict and report.skipped_relu_like > 0
         if not failed:
             report.output = str(api.save(new_model, out, overwrite=force))
@@ -206,7 +235,9 @@ def convert(
 
 @app.command()
 def inspect(
-    model: Path = typer.Argument(..., help="Model file: .keras or legacy .h5 (detected from content)."),
+    model: Path = typer.Argument(
+        ..., help="Model: .keras, legacy .h5, SavedModel directory or frozen .pb (detected from content)."
+    ),
     to: str = typer.Option("square", "--to", help="Target used to judge 'replaceable'."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),

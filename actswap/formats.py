@@ -17,7 +17,7 @@ import stat
 import zipfile
 from pathlib import Path
 
-from .errors import UnrecognisedFormatError, UnsupportedFormatError, UserError
+from .errors import UnrecognisedFormatError, UserError
 
 ZIP_MAGIC = b"PK\x03\x04"
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -29,6 +29,7 @@ class Format(str, enum.Enum):
     KERAS = "keras"  # Keras 3 zip archive (.keras)
     H5 = "h5"  # legacy Keras HDF5 model file
     SAVEDMODEL = "savedmodel"  # TF SavedModel directory
+    GRAPHDEF = "graphdef"  # frozen TF1 GraphDef (.pb)
 
     def __str__(self) -> str:  # pragma: no cover - cosmetic
         return self.value
@@ -85,15 +86,51 @@ def detect(path: str | os.PathLike[str]) -> Format:
     if hdf5:
         _validate_h5(p)
         return Format.H5
-    if p.suffix == ".pb":
-        raise UnsupportedFormatError(
-            f"'{p}' looks like a frozen TF graph (.pb); frozen graphs are not supported yet"
-        )
+    if _looks_like_graphdef(p):
+        return Format.GRAPHDEF
     shown = head.hex() if head else "empty file"
     raise UnrecognisedFormatError(
         f"'{p}' is not a model file actswap can read (first bytes: {shown}); "
-        "expected a Keras 3 .keras archive, a legacy .h5 file or a SavedModel directory"
+        "expected a Keras 3 .keras archive, a legacy .h5 file, a SavedModel directory "
+        "or a frozen GraphDef (.pb)"
     )
+
+
+def _varint(data: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while i < len(data) and shift < 64:
+        b = data[i]
+        value |= (b & 0x7F) << shift
+        i += 1
+        if not b & 0x80:
+            return value, i
+        shift += 7
+    return -1, i
+
+
+def _looks_like_graphdef(p: Path) -> bool:
+    """Protobuf wire-format sniff, without TensorFlow: a GraphDef starts with a
+    ``node`` (field 1) whose first fields are ``name`` (1) and ``op`` (2), both
+    printable strings."""
+    with open(p, "rb") as f:
+        data = f.read(4096)
+    if len(data) < 6 or data[0] != 0x0A:
+        return False
+    _, i = _varint(data, 1)
+    fields = {}
+    for _ in range(2):
+        if i >= len(data):
+            return False
+        tag = data[i]
+        length, j = _varint(data, i + 1)
+        if tag not in (0x0A, 0x12) or length <= 0 or j + length > len(data):
+            return False
+        text = data[j : j + length]
+        if not all(32 <= c < 127 for c in text):
+            return False
+        fields[tag] = text
+        i = j + length
+    return set(fields) == {0x0A, 0x12}
 
 
 def _validate_keras_zip(p: Path) -> None:

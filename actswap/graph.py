@@ -237,5 +237,6 @@ def rewrite_signature(
         flat_out = [mapping[t.name] for t in fn.outputs]
         return tf.nest.pack_sequence_as(fn.structured_outputs, flat_out)
 
-    new_fn = tf.function(body)
+    # autograph=False: the interpreter is plain Python that must run as written.
+    new_fn = tf.function(body, autograph=False)
     return new_fn, new_fn.get_concrete_function(**specs)

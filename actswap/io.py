@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from . import scan
-from .errors import LoadError, UnsupportedFormatError, UserError
+from .errors import LoadError, UnsupportedFormatError
 from .formats import Format, detect
+from .paths import check_output_path
 
 
 def _first_line(e: BaseException) -> str:
@@ -31,10 +32,11 @@ def load_with_notes(path: str | os.PathLike[str]) -> tuple[Any, list[str]]:
     """Load a model file safely; also return notes on what could not be restored."""
     p = Path(path)
     fmt = detect(p)
-    if fmt is Format.SAVEDMODEL:
+    if fmt in (Format.SAVEDMODEL, Format.GRAPHDEF):
         raise UnsupportedFormatError(
-            f"'{p}' is a TF SavedModel; SavedModel input is not supported yet, "
-            "convert the Keras model it came from (.keras or .h5) instead"
+            f"'{p}' is a TF {'SavedModel' if fmt is Format.SAVEDMODEL else 'frozen graph'}, not a "
+            "Keras model file; pass its path to actswap.convert or actswap.inspect, which rewrite "
+            "its graph"
         )
     scan.check(p, fmt)
     from .keras_setup import keras
@@ -59,23 +61,6 @@ def load_with_notes(path: str | os.PathLike[str]) -> tuple[Any, list[str]]:
 def load(path: str | os.PathLike[str]) -> Any:
     """Load a ``.keras`` or legacy ``.h5`` model safely (scan, then Keras safe mode)."""
     return load_with_notes(path)[0]
-
-
-def check_output_path(path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-    """Validate a destination before any work is done; return it as a Path."""
-    dest = Path(path)
-    if dest.suffix != ".keras":
-        raise UserError(
-            f"output '{dest}' must end in .keras (Keras 3 writes only .keras archives); "
-            f"try -o {dest.with_suffix('.keras')}"
-        )
-    if dest.is_dir():
-        raise UserError(f"output '{dest}' is a directory; give a file name ending in .keras")
-    if not dest.parent.is_dir():
-        raise UserError(f"output folder '{dest.parent}' does not exist; create it first")
-    if (dest.exists() or dest.is_symlink()) and not overwrite:
-        raise UserError(f"output '{dest}' already exists; pass --force to overwrite it")
-    return dest
 
 
 def save(model: Any, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:

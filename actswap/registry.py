@@ -67,8 +67,17 @@ OP_ACTIVATIONS: dict[str, str] = {
 }
 
 
-# TensorFlow op types that compute a source activation (for graph-level checks).
-TF_OPS: dict[str, tuple[str, ...]] = {"relu": ("Relu",), "relu6": ("Relu6",), "leaky_relu": ("LeakyRelu",)}
+# TensorFlow op types that are activations, as they appear in graphs
+# (SavedModels, frozen GraphDefs, traced functions).
+TF_OP_ACTIVATIONS: dict[str, str] = {
+    "Relu": "relu", "Relu6": "relu6", "LeakyRelu": "leaky_relu", "Elu": "elu", "Selu": "selu",
+    "Sigmoid": "sigmoid", "Tanh": "tanh", "Softplus": "softplus", "Softsign": "softsign",
+    "Softmax": "softmax", "LogSoftmax": "log_softmax", "Square": "square",
+}
+# The reverse: source activation -> op types computing it.
+TF_OPS: dict[str, tuple[str, ...]] = {}
+for _op, _act in TF_OP_ACTIVATIONS.items():
+    TF_OPS[_act] = TF_OPS.get(_act, ()) + (_op,)
 
 
 def canonical(name: str) -> str:
@@ -98,6 +107,10 @@ class Target:
     refuses: Callable[[str, str], str | None]
     layer: Callable[..., Any]
     activation: Callable[[Any], Any]
+    # tensor(x, grad, custom_gradient_ok) -> the target applied to a graph tensor.
+    tensor: Callable[[Any, Any, bool], Any]
+    # The single TF op type that computes the target, for frozen GraphDefs.
+    graph_op: str
 
 
 TARGETS: dict[str, Target] = {}
@@ -138,6 +151,19 @@ def _square_activation(grad: Any) -> Any:
     return SquareActivation(grad=grad)
 
 
+def _square_tensor(x: Any, grad: Any, custom_gradient_ok: bool) -> Any:
+    from . import activations
+
+    if custom_gradient_ok:
+        return activations.square_op(x, grad)
+    if not isinstance(grad, str):
+        raise UserError(
+            "a user gradient function needs tf.custom_gradient, which TF cannot reload inside "
+            "tf.cond/tf.while_loop; use --grad exact or clip:C for this model"
+        )
+    return activations.square_op_without_custom_gradient(x, grad)
+
+
 register_target(
     Target(
         name="square",
@@ -145,6 +171,8 @@ register_target(
         refuses=_square_refuses,
         layer=_square_layer,
         activation=_square_activation,
+        tensor=_square_tensor,
+        graph_op="Square",
     )
 )
 

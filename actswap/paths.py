@@ -1,0 +1,60 @@
+"""Output-path checks, done before any work (and before TensorFlow is imported).
+
+Each returns the destination as a Path or raises UserError (exit 2) naming
+what was received and what to do. None of them writes anything.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _common(dest: Path, overwrite: bool) -> None:
+    if not dest.parent.is_dir():
+        raise UserError(f"output folder '{dest.parent}' does not exist; create it first")
+    if (dest.exists() or dest.is_symlink()) and not overwrite:
+        raise UserError(f"output '{dest}' already exists; pass --force to overwrite it")
+
+
+def check_output_path(path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """A ``.keras`` file destination."""
+    dest = Path(path)
+    if dest.suffix != ".keras":
+        raise UserError(
+            f"output '{dest}' must end in .keras (Keras 3 writes only .keras archives); "
+            f"try -o {dest.with_suffix('.keras')}"
+        )
+    if dest.is_dir():
+        raise UserError(f"output '{dest}' is a directory; give a file name ending in .keras")
+    _common(dest, overwrite)
+    return dest
+
+
+def check_output_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """A SavedModel directory destination."""
+    dest = Path(path)
+    if dest.suffix in (".keras", ".h5", ".pb"):
+        raise UserError(
+            f"output '{dest}' names a file, but a SavedModel converts to a SavedModel directory; "
+            "give a directory path"
+        )
+    if dest.exists() and not dest.is_dir():
+        raise UserError(f"output '{dest}' exists and is not a directory")
+    _common(dest, overwrite)
+    return dest
+
+
+def check_output_pb(path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """A frozen GraphDef (``.pb``) destination."""
+    dest = Path(path)
+    if dest.suffix != ".pb":
+        raise UserError(
+            f"output '{dest}' must end in .pb for a frozen graph; try -o {dest.with_suffix('.pb')}"
+        )
+    if dest.is_dir():
+        raise UserError(f"output '{dest}' is a directory; give a file name ending in .pb")
+    _common(dest, overwrite)
+    return dest

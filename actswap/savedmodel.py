@@ -1,0 +1,278 @@
+"""TF SavedModels and frozen GraphDefs: find and replace activation ops.
+
+Policy over :mod:`actswap.graph` (the mechanism): which op is a site, which
+sites are replaced, and how the result is written.
+
+Invariants: the input is only read; variables of the result are bit-identical
+copies with their trainable flags; every signature keeps its name and its
+input/output specs (checked after the rewrite); outputs are written atomically
+(a temporary sibling, then a rename).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import tensorflow as tf
+
+from . import graph, registry
+from .errors import InvariantError, LoadError, UnsupportedModelError, UserError
+from .paths import check_output_dir, check_output_pb
+from .policy import decide
+from .report import REPLACED, SKIPPED, Report, Site
+
+FORM = "graph op"
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def load_signatures(path: Path) -> tuple[Any, dict[str, Any]]:
+    """Load a SavedModel and return it with its signatures (refusing none)."""
+    try:
+        loaded = tf.saved_model.load(str(path))
+    except Exception as e:  # noqa: BLE001 - any loader failure is the file's
+        raise LoadError(f"could not load SavedModel '{path}': {_first_line(e)}") from e
+    sigs = dict(getattr(loaded, "signatures", {}) or {})
+    if not sigs:
+        raise UserError(
+            f"SavedModel '{path}' has no signatures, so it has no graph actswap can rewrite; "
+            "re-export it with signatures (tf.saved_model.save(obj, dir, signatures=...))"
+        )
+    return loaded, sigs
+
+
+class _Sites:
+    """The op hook: records every activation op as a site and replaces the chosen ones."""
+
+    def __init__(
+        self, target: registry.Target | None, grad: Any, sources: frozenset[str], signature: str | None
+    ) -> None:
+        self.target, self.grad, self.sources, self.signature = target, grad, sources, signature
+        self.sites: list[Site] = []
+        self.in_control_flow = 0
+        self.current = ""
+        self.frozen = False
+
+    def __call__(self, path: str, op: Any, inputs: list[Any], in_control_flow: bool) -> Any:
+        act = registry.TF_OP_ACTIVATIONS.get(op.type)
+        if act is None:
+            return None
+        if self.frozen:
+            raise InvariantError(f"'{path}' was rewritten again after the report was made")
+        site = Site(path, op.type, FORM, act)
+        self.sites.append(site)
+        reason = None
+        if self.target is not None:
+            reason = decide(site, self.target, self.sources)
+            if reason is None and self.signature is not None and self.current != self.signature:
+                reason = f"signature not selected (--signature {self.signature})"
+        site.replaceable = reason is None
+        if self.target is None:
+            return None
+        site.action = REPLACED if reason is None else SKIPPED
+        site.reason = reason or f"{act} -> {self.target.name}"
+        if reason is not None:
+            return None
+        if in_control_flow:
+            self.in_control_flow += 1
+            site.detail = "in tf.cond/tf.while_loop"
+        return [self.target.tensor(inputs[0], self.grad, not in_control_flow)]
+
+
+def _specs_of(fn: Any) -> tuple[Any, Any]:
+    def spec(t: Any) -> Any:
+        return (tuple(t.shape.as_list()) if t.shape.rank is not None else None, t.dtype.name)
+
+    return (
+        tf.nest.map_structure(spec, fn.structured_input_signature),
+        tf.nest.map_structure(spec, fn.structured_outputs),
+    )
+
+
+def rewrite_savedmodel(
+    path: Path,
+    hook: _Sites,
+) -> tuple[tf.Module, dict[str, Any], list[str]]:
+    """Re-emit every signature through ``hook``; return a module ready to save."""
+    # ``loaded`` must stay referenced: its signatures hold its variables weakly.
+    loaded, sigs = load_signatures(path)
+    if hook.signature is not None and hook.signature not in sigs:
+        raise UserError(
+            f"--signature '{hook.signature}' is not in '{path}'; it has: {', '.join(sorted(sigs))}"
+        )
+    variables = graph.copy_variables(list(sigs.values()))
+    module = tf.Module()
+    module.actswap_variables = list(variables.values())
+    concretes: dict[str, Any] = {}
+    for i, (name, fn) in enumerate(sorted(sigs.items())):
+        hook.current = name
+        _, concrete = graph.rewrite_signature(fn, name, variables, hook)
+        # The concrete function, not the tf.function: saving must not retrace
+        # the interpreter (it would run the hook again).
+        setattr(module, f"actswap_signature_{i}", concrete)
+        if _specs_of(concrete) != _specs_of(fn):
+            raise InvariantError(f"signature '{name}' changed its input/output specs")
+        concretes[name] = concrete
+    for old in {id(v.handle): v for fn in sigs.values() for v in fn.variables}.values():
+        new = variables[id(old.handle)]
+        a, b = old.numpy(), new.numpy()
+        if a.tobytes() != b.tobytes() or old.trainable != new.trainable:
+            raise InvariantError(f"variable '{old.name}' was not copied bit-identically")
+    hook.frozen = True
+    del loaded
+    notes = []
+    if hook.in_control_flow:
+        notes.append(
+            f"{hook.in_control_flow} site(s) inside tf.cond/tf.while_loop use the same gradient written "
+            "with stop_gradient: TF cannot reload a custom gradient there"
+        )
+    return module, concretes, notes
+
+
+def inspect_savedmodel(path: Path, sources: Iterable[str] = ("relu",), to: str = "square") -> Report:
+    """Every activation op of every signature (nested functions and control flow included)."""
+    target = registry.get_target(to)
+    recorder = _Sites(None, None, frozenset(sources), None)
+    loaded, sigs = load_signatures(path)  # noqa: F841 - keeps the variables alive
+    for name, fn in sorted(sigs.items()):
+        recorder.current = name
+        # Tracing the re-emission is the walk; nothing is kept.
+        graph.rewrite_signature(fn, name, graph.copy_variables([fn]), recorder)
+    for s in recorder.sites:
+        s.replaceable = decide(s, target, frozenset(sources)) is None
+    return Report(sites=recorder.sites, source=str(path))
+
+
+def convert_savedmodel(
+    path: Path,
+    to: str = "square",
+    grad: Any = "exact",
+    *,
+    sources: Iterable[str] = ("relu",),
+    signature: str | None = None,
+) -> tuple[tf.Module, Report]:
+    """A tf.Module whose signatures equal the SavedModel's with activations replaced."""
+    target = registry.get_target(to)
+    hook = _Sites(target, grad, frozenset(sources), signature)
+    module, concretes, notes = rewrite_savedmodel(path, hook)
+    module.actswap_signatures = concretes  # what save_savedmodel writes
+    return module, Report(
+        sites=hook.sites, target=to, grad=grad if isinstance(grad, str) else "custom",
+        notes=notes, source=str(path),
+    )
+
+
+def save_savedmodel(module: tf.Module, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Write a converted module as a SavedModel directory, atomically."""
+    dest = check_output_dir(path, overwrite=overwrite)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    old = None
+    try:
+        tf.saved_model.save(
+            module, str(tmp / "model"), signatures=module.actswap_signatures,
+            options=tf.saved_model.SaveOptions(experimental_custom_gradients=True),
+        )
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.replace(dest, old)
+        os.replace(tmp / "model", dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+# --- frozen GraphDefs -------------------------------------------------------
+
+
+def read_graphdef(path: Path) -> Any:
+    graph_def = tf.compat.v1.GraphDef()
+    try:
+        graph_def.ParseFromString(path.read_bytes())
+    except Exception as e:  # noqa: BLE001 - a protobuf decode error is the file's
+        raise LoadError(f"'{path}' is not a valid frozen GraphDef ({_first_line(e)})") from None
+    if not graph_def.node:
+        raise LoadError(f"'{path}' is a GraphDef with no nodes")
+    return graph_def
+
+
+def _graphdef_nodes(graph_def: Any) -> Iterable[tuple[str, Any]]:
+    for node in graph_def.node:
+        yield node.name, node
+    for fn in graph_def.library.function:
+        for node in fn.node_def:
+            yield f"{fn.signature.name}/{node.name}", node
+
+
+def inspect_graphdef(path: Path, sources: Iterable[str] = ("relu",), to: str = "square") -> Report:
+    target = registry.get_target(to)
+    sites = []
+    for where, node in _graphdef_nodes(read_graphdef(path)):
+        act = registry.TF_OP_ACTIVATIONS.get(node.op)
+        if act is not None:
+            site = Site(where, node.op, "graph node", act)
+            site.replaceable = decide(site, target, frozenset(sources)) is None
+            sites.append(site)
+    return Report(sites=sites, source=str(path), notes=["frozen graph: not trainable (no variables)"])
+
+
+def convert_graphdef(
+    path: Path, to: str = "square", *, sources: Iterable[str] = ("relu",)
+) -> tuple[Any, Report]:
+    """A copy of the frozen GraphDef with each selected activation node's op swapped.
+
+    Node names, inputs and attributes are kept, so every tensor name a user feeds
+    or fetches still exists. A frozen graph has no variables: the result is for
+    inference (and export), not training, and the report says so.
+    """
+    target = registry.get_target(to)
+    chosen = frozenset(sources)
+    graph_def = read_graphdef(path)
+    new = tf.compat.v1.GraphDef()
+    new.CopyFrom(graph_def)
+    sites = []
+    for where, node in _graphdef_nodes(new):
+        act = registry.TF_OP_ACTIVATIONS.get(node.op)
+        if act is None:
+            continue
+        site = Site(where, node.op, "graph node", act)
+        reason = decide(site, target, chosen)
+        site.replaceable = reason is None
+        site.action = REPLACED if reason is None else SKIPPED
+        site.reason = reason or f"{act} -> {to}"
+        if reason is None:
+            node.op = target.graph_op  # same T attribute, same single output
+        sites.append(site)
+    return new, Report(
+        sites=sites, target=to, grad="n/a", source=str(path),
+        notes=["frozen graph: not trainable (no variables); the gradient mode does not apply"],
+    )
+
+
+def save_graphdef(graph_def: Any, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    dest = check_output_pb(path, overwrite=overwrite)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(graph_def.SerializeToString())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return dest
+
+
+__all__ = [
+    "convert_graphdef", "convert_savedmodel", "inspect_graphdef", "inspect_savedmodel",
+    "save_graphdef", "save_savedmodel",
+]
