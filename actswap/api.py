@@ -32,11 +32,11 @@ ModelOrPath = Union[keras.Model, str, os.PathLike]
 __all__ = ["convert", "inspect", "load", "save"]
 
 
-def _resolve(model_or_path: ModelOrPath) -> tuple[keras.Model, list[str], str | None]:
+def _resolve(model_or_path: ModelOrPath, trust_code: bool = False) -> tuple[keras.Model, list[str], str | None]:
     if isinstance(model_or_path, keras.Model):
         return model_or_path, [], None
     if isinstance(model_or_path, (str, os.PathLike)):
-        model, notes = load_with_notes(model_or_path)
+        model, notes = load_with_notes(model_or_path, trust_code=trust_code)
         return model, notes, str(model_or_path)
     raise UnsupportedModelError(
         f"expected a keras.Model or a path to a model file, got {type(model_or_path).__name__}"
@@ -115,7 +115,13 @@ def _check_no_hidden_sources(
         )
 
 
-def inspect(model_or_path: ModelOrPath, *, to: str = "square", sources: Iterable[str] = ("relu",)) -> Report:
+def inspect(
+    model_or_path: ModelOrPath,
+    *,
+    to: str = "square",
+    sources: Iterable[str] = ("relu",),
+    trust_code: bool = False,
+) -> Report:
     """List every activation site of a model; ``replaceable`` says whether
     ``convert(..., to=to)`` would replace it. Writes nothing, modifies nothing.
 
@@ -131,7 +137,7 @@ def inspect(model_or_path: ModelOrPath, *, to: str = "square", sources: Iterable
         from .savedmodel import inspect_graphdef
 
         return inspect_graphdef(Path(model_or_path), sources, to)
-    model, notes, source = _resolve(model_or_path)
+    model, notes, source = _resolve(model_or_path, trust_code)
     target = registry.get_target(to)
     chosen = frozenset(sources)
     sites = find_sites(model)
@@ -155,6 +161,7 @@ def convert(
     *,
     sources: Iterable[str] = ("relu",),
     signature: str | None = None,
+    trust_code: bool = False,
 ) -> tuple[Any, Report]:
     """Return a copy of the model with every plain ReLU site replaced by ``to``.
 
@@ -178,6 +185,7 @@ def convert(
     level (see :mod:`actswap.savedmodel`); the result is a ``tf.Module`` or a
     ``GraphDef``, which :func:`save` writes in the same family.
     ``signature`` restricts a SavedModel rewrite to one signature.
+    ``trust_code`` lets a file's stored code (Lambda layers) load: dangerous.
     """
     grad_mode = gradients.normalize(grad) if isinstance(grad, str) else grad
     graph_fmt = _graph_format(model_or_path)
@@ -191,7 +199,7 @@ def convert(
         return convert_graphdef(Path(model_or_path), to, sources=sources)
     if signature is not None:
         raise UserError("--signature applies to SavedModel input only")
-    model, notes, source = _resolve(model_or_path)
+    model, notes, source = _resolve(model_or_path, trust_code)
     target = registry.get_target(to)
     if not isinstance(grad_mode, str):
         _check_grad_function(grad_mode)

@@ -124,12 +124,31 @@ def _sites_table(title: str, sites: list[dict[str, Any]], columns: list[str]) ->
     return table
 
 
-def _default_output(model: Path, target: str, fmt: Format) -> Path:
+def _legacy_kind(model: Path, fmt: Format) -> str | None:
+    """"h5"/"savedmodel" for Keras 2 files that go to tf_keras, else None (TF-free)."""
+    from . import legacy
+
+    if fmt is Format.SAVEDMODEL and legacy.is_keras2_savedmodel(model):
+        return "savedmodel"
+    if fmt is Format.H5 and legacy.h5_needs_legacy(model):
+        return "h5"
+    return None
+
+
+def _default_output(model: Path, target: str, fmt: Format, legacy_kind: str | None = None) -> Path:
     if fmt is Format.SAVEDMODEL:  # SavedModel in, SavedModel (a directory) out
         return model.with_name(f"{model.name}.{target}")
     stem = model.name[: -len(model.suffix)] if model.suffix else model.name
-    ext = ".pb" if fmt is Format.GRAPHDEF else ".keras"
+    ext = {Format.GRAPHDEF: ".pb", Format.H5: ".h5" if legacy_kind else ".keras"}.get(fmt, ".keras")
     return model.with_name(f"{stem}.{target}{ext}")
+
+
+def _warn_trust_code() -> None:
+    typer.echo(
+        "WARNING: --trust-code: code stored in the model file (e.g. Lambda layers) WILL RUN "
+        "with your permissions; use it only for files whose author you trust",
+        err=True,
+    )
 
 
 def _check_output(out: Path, fmt: Format, force: bool) -> None:
@@ -176,6 +195,9 @@ def convert(
         None, "--signature", help="SavedModel only: rewrite this signature, keep the others as they are."
     ),
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
+    trust_code: bool = typer.Option(
+        False, "--trust-code", help="DANGEROUS: load Keras 2 files whose config carries code (Lambda)."
+    ),
     strict: bool = typer.Option(
         False, "--strict", help="Exit 1, writing nothing, if any ReLU-like site was skipped."
     ),
@@ -190,17 +212,31 @@ def convert(
         fmt = detect(model)
         if signature is not None and fmt is not Format.SAVEDMODEL:
             raise UserError(f"--signature applies to SavedModel input; '{model}' is a {fmt.value} file")
-        out = output if output is not None else _default_output(model, to, fmt)
+        legacy_kind = _legacy_kind(model, fmt)
+        out = output if output is not None else _default_output(model, to, fmt, legacy_kind)
         if _same_path(model, out):
             raise UserError(f"output '{out}' is the input; choose another -o path")
-        _check_output(out, fmt, force)
+        if legacy_kind is None:
+            _check_output(out, fmt, force)
+        if trust_code:
+            _warn_trust_code()
         _import_tensorflow_quietly(debug or _state["debug"])
-        from . import api
+        if legacy_kind is not None:
+            from . import legacy  # Keras 2 family in, Keras 2 family out
 
-        new_model, report = api.convert(model, to=to, grad=grad_mode, signature=signature)
-        failed = strict and report.skipped_relu_like > 0
-        if not failed:
-            report.output = str(api.save(new_model, out, overwrite=force))
+            report = legacy.convert_legacy(
+                model, out, grad_mode, overwrite=force, trust_code=trust_code, strict=strict
+            )
+            failed = strict and report.skipped_relu_like > 0
+        else:
+            from . import api
+
+            new_model, report = api.convert(
+                model, to=to, grad=grad_mode, signature=signature, trust_code=trust_code
+            )
+            failed = strict and report.skipped_relu_like > 0
+            if not failed:
+                report.output = str(api.save(new_model, out, overwrite=force))
         data = report.to_dict()
         if as_json:
             if failed:
@@ -239,6 +275,9 @@ def inspect(
         ..., help="Model: .keras, legacy .h5, SavedModel directory or frozen .pb (detected from content)."
     ),
     to: str = typer.Option("square", "--to", help="Target used to judge 'replaceable'."),
+    trust_code: bool = typer.Option(
+        False, "--trust-code", help="DANGEROUS: load Keras 2 files whose config carries code (Lambda)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
 ) -> None:
@@ -246,11 +285,19 @@ def inspect(
 
     def body() -> int:
         registry.get_target(to)
-        detect(model)
+        fmt = detect(model)
+        legacy_kind = _legacy_kind(model, fmt)
+        if trust_code:
+            _warn_trust_code()
         _import_tensorflow_quietly(debug or _state["debug"])
-        from . import api
+        if legacy_kind is not None:
+            from . import legacy
 
-        report = api.inspect(model, to=to)
+            report = legacy.inspect_legacy(model, trust_code=trust_code)
+        else:
+            from . import api
+
+            report = api.inspect(model, to=to, trust_code=trust_code)
         data = report.to_dict()
         if as_json:
             typer.echo(json.dumps(data))

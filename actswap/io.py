@@ -28,8 +28,11 @@ def _first_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-def load_with_notes(path: str | os.PathLike[str]) -> tuple[Any, list[str]]:
-    """Load a model file safely; also return notes on what could not be restored."""
+def load_with_notes(path: str | os.PathLike[str], *, trust_code: bool = False) -> tuple[Any, list[str]]:
+    """Load a model file safely; also return notes on what could not be restored.
+
+    ``trust_code=True`` (the CLI's loudly-warned ``--trust-code``) skips the scan
+    and lets Keras deserialize code (Lambda layers) from the file."""
     p = Path(path)
     fmt = detect(p)
     if fmt in (Format.SAVEDMODEL, Format.GRAPHDEF):
@@ -38,15 +41,17 @@ def load_with_notes(path: str | os.PathLike[str]) -> tuple[Any, list[str]]:
             "Keras model file; pass its path to actswap.convert or actswap.inspect, which rewrite "
             "its graph"
         )
-    scan.check(p, fmt)
+    if not trust_code:
+        scan.check(p, fmt)
     from .keras_setup import keras
 
     notes: list[str] = []
+    safe = not trust_code
     try:
-        model = keras.saving.load_model(p, compile=True, safe_mode=True)
+        model = keras.saving.load_model(p, compile=True, safe_mode=safe)
     except Exception as first:  # noqa: BLE001 - any loader failure is the file's
         try:
-            model = keras.saving.load_model(p, compile=False, safe_mode=True)
+            model = keras.saving.load_model(p, compile=False, safe_mode=safe)
         except Exception as e:  # noqa: BLE001
             raise LoadError(f"could not load '{p}': {_first_line(e)}") from e
         notes.append(
