@@ -151,6 +151,12 @@ def _warn_trust_code() -> None:
     )
 
 
+def _check_onnx_output(out: Path, force: bool) -> None:
+    from .paths import check_output_onnx
+
+    check_output_onnx(out, overwrite=force)
+
+
 def _check_output(out: Path, fmt: Format, force: bool) -> None:
     if fmt is Format.SAVEDMODEL:
         if out.suffix == ".keras":
@@ -201,6 +207,14 @@ def convert(
     strict: bool = typer.Option(
         False, "--strict", help="Exit 1, writing nothing, if any ReLU-like site was skipped."
     ),
+    onnx_out: Optional[Path] = typer.Option(
+        None, "--onnx", help="Also export the converted model to this .onnx file, checked for parity."
+    ),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset [default: tf2onnx's preferred]."),
+    sample: Optional[Path] = typer.Option(
+        None, "--sample", help="Parity inputs: .npz (arrays named like the inputs, or x) or .npy."
+    ),
+    tol: float = typer.Option(1e-5, "--tol", help="Parity tolerance, relative to the output's largest value."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
 ) -> None:
@@ -218,6 +232,10 @@ def convert(
             raise UserError(f"output '{out}' is the input; choose another -o path")
         if legacy_kind is None:
             _check_output(out, fmt, force)
+        if onnx_out is not None:
+            _check_onnx_output(onnx_out, force)
+            if legacy_kind is not None or fmt is Format.GRAPHDEF:
+                raise UserError("--onnx is supported for Keras 3 models and SavedModels")
         if trust_code:
             _warn_trust_code()
         _import_tensorflow_quietly(debug or _state["debug"])
@@ -236,7 +254,17 @@ def convert(
             )
             failed = strict and report.skipped_relu_like > 0
             if not failed:
+                exported = None
+                if onnx_out is not None:  # proven before anything is written
+                    from .export import export_onnx
+
+                    exported = export_onnx(
+                        new_model, onnx_out, opset=opset, sample=sample, tol=tol, overwrite=force
+                    )
                 report.output = str(api.save(new_model, out, overwrite=force))
+                if exported is not None:
+                    report.notes.append(f"ONNX: wrote {exported.output}; parity: {exported.parity.describe()}")
+                    report.export = exported.to_dict()
         data = report.to_dict()
         if as_json:
             if failed:
@@ -311,6 +339,108 @@ def inspect(
         counts = ", ".join(f"{k}: {v}" for k, v in data["counts"].items()) or "none"
         replaceable = sum(s.replaceable for s in report.sites)
         console.print(f"{len(report.sites)} activation sites ({counts}); {replaceable} replaceable by {to}")
+        return 0
+
+    _run(debug, body)
+
+
+def _export_error_data(e: Exception) -> dict[str, Any]:
+    report = getattr(e, "report", None)
+    data = report.to_dict() if report is not None else {}
+    data["error"] = str(e)
+    return data
+
+
+@app.command()
+def export(
+    model: Path = typer.Argument(..., help="Keras file (.keras/.h5) or SavedModel directory."),
+    out: Path = typer.Argument(..., help="Output .onnx file."),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset [default: tf2onnx's preferred]."),
+    sample: Optional[Path] = typer.Option(
+        None, "--sample", help="Parity inputs: .npz (arrays named like the inputs, or x) or .npy."
+    ),
+    tol: float = typer.Option(1e-5, "--tol", help="Parity tolerance, relative to the output's largest value."),
+    signature: Optional[str] = typer.Option(None, "--signature", help="SavedModel signature to export."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+) -> None:
+    """Export MODEL to ONNX; the export is checked (standard ops only, onnx.checker,
+    onnxruntime parity with TensorFlow) and written only if every check passes."""
+
+    def body() -> int:
+        fmt = detect(model)
+        _check_onnx_output(out, force)
+        if fmt is Format.GRAPHDEF:
+            raise UserError("export takes a Keras file or a SavedModel directory, not a frozen graph")
+        _import_tensorflow_quietly(debug or _state["debug"])
+        from .export import ExportCheckError, export_onnx
+
+        if fmt is Format.SAVEDMODEL:
+            from .savedmodel import load_signatures
+
+            obj, _ = load_signatures(model)
+        else:
+            from .io import load
+
+            obj = load(model)
+        try:
+            report = export_onnx(obj, out, opset=opset, sample=sample, tol=tol, signature=signature, overwrite=force)
+        except ExportCheckError as e:
+            if as_json:
+                typer.echo(json.dumps(_export_error_data(e)))
+            raise
+        data = report.to_dict()
+        if as_json:
+            typer.echo(json.dumps(data))
+            return 0
+        console = _console()
+        counts = ", ".join(f"{k} {v}" for k, v in data["op_counts"].items())
+        console.print(f"ops: {counts}")
+        console.print(f"Relu nodes: {data['relu_nodes']}, Pow nodes: {data['pow_nodes']}, Mul nodes: {data['mul_nodes']}")
+        console.print(f"parity: {report.parity.describe()}")
+        console.print(f"wrote {report.output} (opset {report.opset})")
+        return 0
+
+    _run(debug, body)
+
+
+@app.command()
+def verify(
+    original: Path = typer.Argument(..., help="The model before conversion (.keras/.h5)."),
+    converted: Path = typer.Argument(..., help="The converted model (.keras)."),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="Also check this ONNX export against CONVERTED."),
+    sample: Optional[Path] = typer.Option(None, "--sample", help="Inputs: .npz or .npy [default: seeded random]."),
+    tol: float = typer.Option(1e-5, "--tol", help="Tolerance, relative to the output's largest value."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+) -> None:
+    """Check a conversion independently: which sites differ, weights bit-identical,
+    outputs equal ORIGINAL with squares at those sites (and ONNX parity). Exit 1 if any fails."""
+
+    def body() -> int:
+        detect(original)
+        detect(converted)
+        _import_tensorflow_quietly(debug or _state["debug"])
+        from .verify import verify as run_verify
+
+        report = run_verify(original, converted, onnx_path=onnx, sample=sample, tol=tol)
+        data = report.to_dict()
+        if as_json:
+            typer.echo(json.dumps(data))
+        else:
+            console = _console()
+            table = Table(title=f"verify {original} -> {converted}")
+            for col in ("check", "result", "detail"):
+                table.add_column(col)
+            for c in report.checks:
+                table.add_row(c.name, "ok" if c.ok else "FAILED", c.detail)
+            console.print(table)
+            for d in report.differences:
+                console.print(f"difference: {d}")
+        if not report.ok:
+            typer.echo(f"error: verify failed: {', '.join(report.failed)}", err=True)
+            return 1
         return 0
 
     _run(debug, body)

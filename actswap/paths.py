@@ -58,3 +58,14 @@ def check_output_pb(path: str | os.PathLike[str], *, overwrite: bool = False) ->
         raise UserError(f"output '{dest}' is a directory; give a file name ending in .pb")
     _common(dest, overwrite)
     return dest
+
+
+def check_output_onnx(path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """An ``.onnx`` file destination."""
+    dest = Path(path)
+    if dest.suffix != ".onnx":
+        raise UserError(f"ONNX output '{dest}' must end in .onnx; try {dest.with_suffix('.onnx')}")
+    if dest.is_dir():
+        raise UserError(f"output '{dest}' is a directory; give a file name ending in .onnx")
+    _common(dest, overwrite)
+    return dest

@@ -71,6 +71,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     source: str | None = None
     output: str | None = None
+    export: dict[str, Any] | None = None  # ONNX export figures, when one was made
 
     @property
     def replaced(self) -> int:
@@ -106,4 +107,6 @@ class Report:
                 skipped_relu_like=self.skipped_relu_like,
                 output=self.output,
             )
+        if self.export is not None:
+            d["onnx"] = self.export
         return d

@@ -1,0 +1,307 @@
+"""ONNX export with proven parity.
+
+Every export proves itself before it is written: the ONNX graph must pass
+``onnx.checker.check_model(full_check=True)``, contain only standard ONNX ops
+(tf2onnx's Python API continues on errors and may leave TF ops behind), and
+its onnxruntime outputs must equal TensorFlow's on the same inputs within a
+tolerance. Otherwise nothing is written.
+
+Invariants: the model is only read; the output file appears (atomically) only
+after every check passed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from .errors import ConversionError, UserError
+from .paths import check_output_onnx
+
+
+class ExportCheckError(ConversionError):
+    """An export that failed a check; ``report`` holds what was measured."""
+
+    def __init__(self, message: str, report: "ExportReport | None" = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+DEFAULT_TOL = 1e-5  # relative to the output's largest magnitude: float32 noise, no more
+UNKNOWN_DIM = 2  # what an unknown (batch) dimension becomes in the random sample
+
+
+@dataclass
+class Parity:
+    """ONNX-vs-TF comparison on the same inputs."""
+
+    max_abs: float | None
+    max_rel: float | None
+    tol: float
+    samples: int
+    nonfinite: str = ""  # which side produced NaN/Inf, if any
+
+    @property
+    def ok(self) -> bool:
+        return not self.nonfinite and self.max_rel is not None and self.max_rel <= self.tol
+
+    def describe(self) -> str:
+        if self.nonfinite:
+            return f"not comparable: {self.nonfinite}"
+        return f"max abs error {self.max_abs:.3g}, max relative error {self.max_rel:.3g} (tolerance {self.tol:g})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "max_abs": self.max_abs, "max_rel": self.max_rel, "tol": self.tol,
+            "samples": self.samples, "nonfinite": self.nonfinite or None, "ok": self.ok,
+        }
+
+
+@dataclass
+class ExportReport:
+    output: str | None
+    opset: int
+    op_counts: dict[str, int]
+    parity: Parity
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "output": self.output,
+            "opset": self.opset,
+            "op_counts": dict(sorted(self.op_counts.items())),
+            "relu_nodes": self.op_counts.get("Relu", 0),
+            "pow_nodes": self.op_counts.get("Pow", 0),
+            "mul_nodes": self.op_counts.get("Mul", 0),
+            "parity": self.parity.to_dict(),
+            "notes": list(self.notes),
+        }
+
+
+@dataclass
+class _Callable:
+    function: Any  # tf.function over flat tensors, input_signature set
+    specs: list[tf.TensorSpec]
+    output_names: list[str]
+
+
+def _keras_callable(model: Any) -> _Callable:
+    import keras
+
+    inputs = keras.tree.flatten(model.inputs)
+    specs = [tf.TensorSpec((None,) + tuple(t.shape[1:]), t.dtype, name=t.name) for t in inputs]
+    single = len(specs) == 1
+
+    def run(*xs: Any) -> list[Any]:
+        out = model(xs[0] if single else list(xs), training=False)
+        return keras.tree.flatten(out)
+
+    names = [t._keras_history[0].name for t in keras.tree.flatten(model.outputs)]
+    return _Callable(tf.function(run, input_signature=specs, autograph=False), specs, names)
+
+
+def _signature_callable(fn: Any) -> _Callable:
+    kw = fn.structured_input_signature[1]
+    names = sorted(kw)
+    specs = [tf.TensorSpec(kw[n].shape, kw[n].dtype, name=n) for n in names]
+    out_names = sorted(fn.structured_outputs)
+
+    def run(*xs: Any) -> list[Any]:
+        out = fn(**dict(zip(names, xs)))
+        return [out[k] for k in out_names]
+
+    return _Callable(tf.function(run, input_signature=specs, autograph=False), specs, out_names)
+
+
+def tf_callable(obj: Any, signature: str | None = None) -> tuple[_Callable, Any]:
+    """A flat tf.function for a Keras model, a converted SavedModel module, or a
+    loaded SavedModel; also returns what must stay referenced while it is used."""
+    import keras
+
+    if isinstance(obj, keras.Model):
+        return _keras_callable(obj), obj
+    sigs = getattr(obj, "actswap_signatures", None) or dict(getattr(obj, "signatures", {}) or {})
+    if not sigs:
+        raise UserError(f"cannot export a {type(obj).__name__}: it has no signatures")
+    name = signature or ("serving_default" if "serving_default" in sigs else sorted(sigs)[0])
+    if name not in sigs:
+        raise UserError(f"--signature '{name}' not found; the model has: {', '.join(sorted(sigs))}")
+    return _signature_callable(sigs[name]), obj
+
+
+def sample_inputs(specs: list[tf.TensorSpec], sample: str | os.PathLike[str] | None, seed: int = 0) -> list[np.ndarray]:
+    """The inputs parity is checked on: user data from an .npz/.npy, or seeded random."""
+    if sample is not None:
+        path = Path(sample)
+        try:
+            data = np.load(path)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read sample data '{path}': {e}") from None
+        if isinstance(data, np.ndarray):
+            arrays = {"x": data}
+        else:
+            arrays = {k: data[k] for k in data.files}
+        out = []
+        for i, spec in enumerate(specs):
+            key = spec.name if spec.name in arrays else ("x" if "x" in arrays and len(specs) == 1 else f"x{i}")
+            if key not in arrays:
+                raise UserError(
+                    f"sample data '{path}' has arrays {sorted(arrays)}, but input '{spec.name}' needs one "
+                    f"named '{spec.name}' (or 'x' for a single input)"
+                )
+            out.append(np.asarray(arrays[key]).astype(spec.dtype.as_numpy_dtype))
+        return out
+    rng = np.random.default_rng(seed)
+    out = []
+    for spec in specs:
+        shape = [UNKNOWN_DIM if d is None else d for d in spec.shape.as_list()]
+        if spec.dtype.is_floating:
+            out.append(rng.uniform(0.0, 1.0, shape).astype(spec.dtype.as_numpy_dtype))
+        elif spec.dtype.is_integer:
+            out.append(rng.integers(0, 2, shape).astype(spec.dtype.as_numpy_dtype))
+        else:
+            raise UserError(f"input '{spec.name}' has dtype {spec.dtype.name}; pass --sample data")
+    return out
+
+
+def compare(tf_out: list[np.ndarray], onnx_out: list[np.ndarray], tol: float, samples: int) -> Parity:
+    """Max absolute and relative (to each output's largest |value|) differences."""
+    bad = []
+    for i, (a, b) in enumerate(zip(tf_out, onnx_out)):
+        for side, arr in (("TensorFlow", a), ("onnxruntime", b)):
+            if not np.all(np.isfinite(arr)):
+                n = int(np.size(arr) - np.isfinite(arr).sum())
+                bad.append(f"{side} output {i} has {n} NaN/Inf value(s)")
+    if bad:
+        return Parity(None, None, tol, samples, "; ".join(bad) + " (x² overflows in deep networks: use real data with --sample, or fine-tune)")
+    max_abs = max_rel = 0.0
+    for a, b in zip(tf_out, onnx_out):
+        if a.shape != b.shape:
+            return Parity(None, None, tol, samples, f"shapes differ: TensorFlow {a.shape}, onnxruntime {b.shape}")
+        diff = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
+        scale = float(np.max(np.abs(a))) if a.size else 0.0
+        max_abs = max(max_abs, diff)
+        max_rel = max(max_rel, diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf")))
+    return Parity(max_abs, max_rel, tol, samples)
+
+
+def non_standard_ops(model: Any) -> list[str]:
+    """Nodes (at any depth) whose op is not a standard ONNX op; tf2onnx leaves TF ops it
+    could not convert in the graph when it continues on errors."""
+    import onnx
+
+    found = []
+
+    def walk(graph: Any) -> None:
+        for node in graph.node:
+            if node.domain not in ("", "ai.onnx") or not onnx.defs.has(node.op_type):
+                found.append(f"{node.op_type} (node '{node.name}', domain '{node.domain or 'ai.onnx'}')")
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    walk(attr.g)
+                for g in attr.graphs:
+                    walk(g)
+
+    walk(model.graph)
+    return found
+
+
+def op_counts(model: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def run_onnx(proto: Any, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    """Outputs of ``proto`` in onnxruntime (CPU) for ``inputs``, in graph order."""
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        feed = {i.name: x for i, x in zip(session.get_inputs(), inputs)}
+        return [np.asarray(o) for o in session.run(None, feed)]
+    except Exception as e:  # noqa: BLE001
+        raise ConversionError(f"onnxruntime cannot run the ONNX graph: {str(e).splitlines()[0]}") from e
+
+
+def check_parity(call: _Callable, proto: Any, sample: Any, tol: float) -> Parity:
+    """Run TF and onnxruntime on the same inputs and compare."""
+    inputs = sample_inputs(call.specs, sample)
+    onnx_out = run_onnx(proto, inputs)
+    tf_out = [np.asarray(t) for t in call.function(*[tf.constant(x) for x in inputs])]
+    return compare(tf_out, onnx_out, tol, int(inputs[0].shape[0]) if inputs and inputs[0].ndim else 1)
+
+
+def to_onnx(call: _Callable, opset: int | None = None) -> Any:
+    """Convert with tf2onnx (its transpose optimizer fixed), then refuse any
+    non-standard op and anything ``onnx.checker`` (full check) rejects."""
+    import onnx
+    import tf2onnx
+
+    from .tf2onnx_fixes import patched
+
+    opset = opset or tf2onnx.constants.PREFERRED_OPSET
+    try:
+        with patched():
+            proto, _ = tf2onnx.convert.from_function(call.function, input_signature=call.specs, opset=opset)
+    except Exception as e:  # noqa: BLE001 - the converter's failure, reported as ours
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConversionError(f"tf2onnx could not convert the model: {first}") from e
+    foreign = non_standard_ops(proto)
+    if foreign:
+        raise ConversionError(
+            f"the ONNX graph keeps {len(foreign)} op(s) that are not standard ONNX, first {foreign[0]}; "
+            "the model uses a TF op tf2onnx cannot convert"
+        )
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as e:  # noqa: BLE001
+        raise ConversionError(f"the exported ONNX graph is invalid: {str(e).splitlines()[0]}") from e
+    return proto
+
+
+def export_onnx(
+    obj: Any,
+    out: str | os.PathLike[str],
+    *,
+    opset: int | None = None,
+    sample: str | os.PathLike[str] | None = None,
+    tol: float = DEFAULT_TOL,
+    signature: str | None = None,
+    overwrite: bool = False,
+) -> ExportReport:
+    """Export ``obj`` (Keras model or SavedModel module) to ONNX at ``out``, proven equal.
+
+    Raises ConversionError (exit 1), writing nothing, if the graph has
+    non-standard ops, fails the checker, or differs from TF beyond ``tol``.
+    """
+    dest = check_output_onnx(out, overwrite=overwrite)
+    if not (tol > 0):
+        raise UserError(f"--tol must be positive, got {tol}")
+    call, keep = tf_callable(obj, signature)
+    proto = to_onnx(call, opset)
+    opset = proto.opset_import[0].version
+    parity = check_parity(call, proto, sample, tol)
+    del keep
+    report = ExportReport(None, opset, op_counts(proto), parity)
+    if not parity.ok:
+        raise ExportCheckError(
+            f"ONNX output differs from TensorFlow: {parity.describe()}; nothing written", report
+        )
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(proto.SerializeToString())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    report.output = str(dest)
+    return report
