@@ -23,6 +23,7 @@ from rich.table import Table
 from . import __version__, gradients, registry
 from .errors import ActswapError, UserError
 from .formats import Format, detect
+from .policy import PARITY_TOL as DEFAULT_TOL
 
 app = typer.Typer(
     name="actswap",
@@ -214,7 +215,7 @@ def convert(
     sample: Optional[Path] = typer.Option(
         None, "--sample", help="Parity inputs: .npz (arrays named like the inputs, or x) or .npy."
     ),
-    tol: float = typer.Option(1e-5, "--tol", help="Parity tolerance, relative to the output's largest value."),
+    tol: float = typer.Option(DEFAULT_TOL, "--tol", help="Parity tolerance, relative to the output's largest value."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
 ) -> None:
@@ -359,7 +360,7 @@ def export(
     sample: Optional[Path] = typer.Option(
         None, "--sample", help="Parity inputs: .npz (arrays named like the inputs, or x) or .npy."
     ),
-    tol: float = typer.Option(1e-5, "--tol", help="Parity tolerance, relative to the output's largest value."),
+    tol: float = typer.Option(DEFAULT_TOL, "--tol", help="Parity tolerance, relative to the output's largest value."),
     signature: Optional[str] = typer.Option(None, "--signature", help="SavedModel signature to export."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
@@ -411,7 +412,7 @@ def verify(
     converted: Path = typer.Argument(..., help="The converted model (.keras)."),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="Also check this ONNX export against CONVERTED."),
     sample: Optional[Path] = typer.Option(None, "--sample", help="Inputs: .npz or .npy [default: seeded random]."),
-    tol: float = typer.Option(1e-5, "--tol", help="Tolerance, relative to the output's largest value."),
+    tol: float = typer.Option(DEFAULT_TOL, "--tol", help="Tolerance, relative to the output's largest value."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
 ) -> None:

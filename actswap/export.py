@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from .errors import ConversionError, UserError
 from .paths import check_output_onnx
+from .policy import PARITY_TOL
 
 
 class ExportCheckError(ConversionError):
@@ -32,7 +33,7 @@ class ExportCheckError(ConversionError):
         super().__init__(message)
         self.report = report
 
-DEFAULT_TOL = 1e-5  # relative to the output's largest magnitude: float32 noise, no more
+DEFAULT_TOL = PARITY_TOL
 UNKNOWN_DIM = 2  # what an unknown (batch) dimension becomes in the random sample
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UserError
+from .policy import PARITY_TOL
 
 
 @dataclass
@@ -146,7 +147,7 @@ def verify(
     *,
     onnx_path: str | os.PathLike[str] | None = None,
     sample: str | os.PathLike[str] | None = None,
-    tol: float = 1e-5,
+    tol: float = PARITY_TOL,
 ) -> VerifyReport:
     """Run the checks; see the module docstring. Models or paths to Keras files."""
     from .io import load
