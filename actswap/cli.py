@@ -20,9 +20,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__, gradients, registry
+from . import __version__, registry
 from .errors import ActswapError, UserError
 from .formats import Format, detect
+from .paths import check_output_onnx
+from .pipeline import legacy_kind, plan_convert, run_convert
 from .policy import PARITY_TOL as DEFAULT_TOL
 
 app = typer.Typer(
@@ -125,66 +127,12 @@ def _sites_table(title: str, sites: list[dict[str, Any]], columns: list[str]) ->
     return table
 
 
-def _legacy_kind(model: Path, fmt: Format) -> str | None:
-    """"h5"/"savedmodel" for Keras 2 files that go to tf_keras, else None (TF-free)."""
-    from . import legacy
-
-    if fmt is Format.SAVEDMODEL and legacy.is_keras2_savedmodel(model):
-        return "savedmodel"
-    if fmt is Format.H5 and legacy.h5_needs_legacy(model):
-        return "h5"
-    return None
-
-
-def _default_output(model: Path, target: str, fmt: Format, legacy_kind: str | None = None) -> Path:
-    if fmt is Format.SAVEDMODEL:  # SavedModel in, SavedModel (a directory) out
-        return model.with_name(f"{model.name}.{target}")
-    stem = model.name[: -len(model.suffix)] if model.suffix else model.name
-    ext = {Format.GRAPHDEF: ".pb", Format.H5: ".h5" if legacy_kind else ".keras"}.get(fmt, ".keras")
-    return model.with_name(f"{stem}.{target}{ext}")
-
-
 def _warn_trust_code() -> None:
     typer.echo(
         "WARNING: --trust-code: code stored in the model file (e.g. Lambda layers) WILL RUN "
         "with your permissions; use it only for files whose author you trust",
         err=True,
     )
-
-
-def _check_onnx_output(out: Path, force: bool) -> None:
-    from .paths import check_output_onnx
-
-    check_output_onnx(out, overwrite=force)
-
-
-def _check_output(out: Path, fmt: Format, force: bool) -> None:
-    if fmt is Format.SAVEDMODEL:
-        if out.suffix == ".keras":
-            raise UserError(
-                f"-o '{out}': a SavedModel converts to a SavedModel directory, not a .keras file "
-                "(its graph has no Keras layers to rebuild); give a directory path"
-            )
-        from .paths import check_output_dir
-
-        check_output_dir(out, overwrite=force)
-    elif fmt is Format.GRAPHDEF:
-        from .paths import check_output_pb
-
-        check_output_pb(out, overwrite=force)
-    else:
-        from .paths import check_output_path
-
-        check_output_path(out, overwrite=force)
-
-
-def _same_path(a: Path, b: Path) -> bool:
-    try:
-        if b.exists() and os.path.samefile(a, b):
-            return True
-    except OSError:
-        pass
-    return a.resolve() == b.resolve()
 
 
 @app.command()
@@ -222,50 +170,15 @@ def convert(
     """Replace every plain ReLU in MODEL and write a model that loads and trains."""
 
     def body() -> int:
-        grad_mode = gradients.normalize(grad)
-        registry.get_target(to)
-        fmt = detect(model)
-        if signature is not None and fmt is not Format.SAVEDMODEL:
-            raise UserError(f"--signature applies to SavedModel input; '{model}' is a {fmt.value} file")
-        legacy_kind = _legacy_kind(model, fmt)
-        out = output if output is not None else _default_output(model, to, fmt, legacy_kind)
-        if _same_path(model, out):
-            raise UserError(f"output '{out}' is the input; choose another -o path")
-        if legacy_kind is None:
-            _check_output(out, fmt, force)
-        if onnx_out is not None:
-            _check_onnx_output(onnx_out, force)
-            if legacy_kind is not None or fmt is Format.GRAPHDEF:
-                raise UserError("--onnx is supported for Keras 3 models and SavedModels")
+        plan = plan_convert(
+            model, to=to, output=output, grad=grad, signature=signature, force=force, onnx_out=onnx_out
+        )
         if trust_code:
             _warn_trust_code()
         _import_tensorflow_quietly(debug or _state["debug"])
-        if legacy_kind is not None:
-            from . import legacy  # Keras 2 family in, Keras 2 family out
-
-            report = legacy.convert_legacy(
-                model, out, grad_mode, overwrite=force, trust_code=trust_code, strict=strict
-            )
-            failed = strict and report.skipped_relu_like > 0
-        else:
-            from . import api
-
-            new_model, report = api.convert(
-                model, to=to, grad=grad_mode, signature=signature, trust_code=trust_code
-            )
-            failed = strict and report.skipped_relu_like > 0
-            if not failed:
-                exported = None
-                if onnx_out is not None:  # proven before anything is written
-                    from .export import export_onnx
-
-                    exported = export_onnx(
-                        new_model, onnx_out, opset=opset, sample=sample, tol=tol, overwrite=force
-                    )
-                report.output = str(api.save(new_model, out, overwrite=force))
-                if exported is not None:
-                    report.notes.append(f"ONNX: wrote {exported.output}; parity: {exported.parity.describe()}")
-                    report.export = exported.to_dict()
+        report, failed = run_convert(
+            plan, strict=strict, trust_code=trust_code, opset=opset, sample=sample, tol=tol
+        )
         data = report.to_dict()
         if as_json:
             if failed:
@@ -315,14 +228,14 @@ def inspect(
     def body() -> int:
         registry.get_target(to)
         fmt = detect(model)
-        legacy_kind = _legacy_kind(model, fmt)
+        legacy = legacy_kind(model, fmt)
         if trust_code:
             _warn_trust_code()
         _import_tensorflow_quietly(debug or _state["debug"])
-        if legacy_kind is not None:
-            from . import legacy
+        if legacy is not None:
+            from .legacy import inspect_legacy
 
-            report = legacy.inspect_legacy(model, trust_code=trust_code)
+            report = inspect_legacy(model, trust_code=trust_code)
         else:
             from . import api
 
@@ -371,7 +284,7 @@ def export(
 
     def body() -> int:
         fmt = detect(model)
-        _check_onnx_output(out, force)
+        check_output_onnx(out, overwrite=force)
         if fmt is Format.GRAPHDEF:
             raise UserError("export takes a Keras file or a SavedModel directory, not a frozen graph")
         _import_tensorflow_quietly(debug or _state["debug"])

@@ -13,7 +13,6 @@ after every check passed.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from .errors import ConversionError, UserError
-from .paths import check_output_onnx
+from .paths import check_output_onnx, write_atomically
 from .policy import PARITY_TOL
 
 
@@ -295,14 +294,5 @@ def export_onnx(
         raise ExportCheckError(
             f"ONNX output differs from TensorFlow: {parity.describe()}; nothing written", report
         )
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(proto.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    report.output = str(dest)
+    report.output = str(write_atomically(dest, proto.SerializeToString()))
     return report

@@ -41,6 +41,16 @@ from typing import Any
 import wrapt
 
 from . import gradients, registry
+from .classify import (  # the tables and forms are re-exported under their old names here
+    ACTIVATION_LAYER_FORM,  # noqa: F401
+    LEGACY_PACKAGE,
+    RELU_LAYER_FORM,  # noqa: F401
+    TF_KERAS,
+    TF_OP_ACTIVATIONS,  # noqa: F401
+    TF_OP_FORM,
+    layer_sites,
+)
+from .classify import TF_KERAS_ACTIVATION_LAYERS as ACTIVATION_LAYERS  # noqa: F401
 from .errors import (
     ConversionError,
     InvariantError,
@@ -53,44 +63,12 @@ from .errors import (
 )
 from .report import REPLACED, SKIPPED, Report, Site
 
-PACKAGE = "actswap_legacy"
+PACKAGE = LEGACY_PACKAGE
 MAX_CONFIG_BYTES = 64 * 1024 * 1024
 TRUSTED_MODULE_ROOTS = ("keras", "tf_keras", "actswap")
 H5_SUFFIXES = (".h5", ".hdf5")
 TARGET = "square"
 
-# tf_keras layer classes that are an activation in themselves (besides
-# Activation and ReLU, which carry their activation in their config).
-ACTIVATION_LAYERS = {
-    "LeakyReLU": "leaky_relu",
-    "ELU": "elu",
-    "PReLU": "prelu",
-    "Softmax": "softmax",
-    "ThresholdedReLU": "relu_variant",
-}
-# ``tf.nn.relu(x)`` on a Keras 2 symbolic tensor becomes a TFOpLambda layer
-# whose config names the TensorFlow symbol (so do tf_keras.activations.relu(x)
-# and tf_keras.backend.relu(x), which dispatch to it).
-TF_OP_ACTIVATIONS = {
-    "nn.relu": "relu",
-    "nn.relu6": "relu6",
-    "nn.leaky_relu": "leaky_relu",
-    "nn.elu": "elu",
-    "nn.selu": "selu",
-    "nn.gelu": "gelu",
-    "nn.silu": "silu",
-    "nn.swish": "silu",
-    "math.sigmoid": "sigmoid",
-    "nn.sigmoid": "sigmoid",
-    "sigmoid": "sigmoid",
-    "math.tanh": "tanh",
-    "nn.tanh": "tanh",
-    "tanh": "tanh",
-    "nn.softmax": "softmax",
-    "math.softmax": "softmax",
-    "math.softplus": "softplus",
-    "nn.softplus": "softplus",
-}
 TF_OP_CLASSES = frozenset({"TFOpLambda", "SlicingOpLambda"})
 # TensorFlow symbols a TFOpLambda may name that touch files, processes or
 # Python: refused like Lambda (the config names them; loading wires them in).
@@ -103,10 +81,6 @@ _TF_OP_DENIED_NAMES = frozenset({
     "print", "py_function", "numpy_function", "load_op_library", "load_library",
     "function", "init_scope", "Module", "Variable", "write_file", "read_file",
 })
-
-ACTIVATION_LAYER_FORM = "Activation layer"
-RELU_LAYER_FORM = "ReLU layer"
-TF_OP_FORM = "tf op call"
 
 
 # --- reading, without loading -------------------------------------------------
@@ -487,108 +461,6 @@ def _first_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-def _classify_value(value: Any) -> str | None:
-    """The activation named by an ``activation=`` config value (None: none)."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        name = registry.canonical(value)
-        return None if name == "linear" else name
-    if isinstance(value, dict):
-        reg = value.get("registered_name") or value.get("class_name")
-        if isinstance(reg, str) and reg.startswith(f"{PACKAGE}>"):
-            return "square"
-        module = str(value.get("module") or "")
-        if value.get("class_name") == "function" and isinstance(value.get("config"), str):
-            if module.split(".")[0] in ("keras", "tf_keras"):
-                return _classify_value(value["config"])
-        return f"custom:{reg}"
-    return "custom"
-
-
-def _relu_variant(config: dict[str, Any]) -> tuple[str, str]:
-    max_value = config.get("max_value")
-    slope = float(config.get("negative_slope") or 0.0)
-    threshold = float(config.get("threshold") or 0.0)
-    parts = []
-    if max_value is not None:
-        parts.append(f"max_value={float(max_value):g}")
-    if slope:
-        parts.append(f"negative_slope={slope:g}")
-    if threshold:
-        parts.append(f"threshold={threshold:g}")
-    detail = ", ".join(parts)
-    if not parts:
-        return "relu", ""
-    if parts == [f"max_value={float(max_value):g}"] and float(max_value) == 6.0:
-        return "relu6", detail
-    if parts == [f"negative_slope={slope:g}"]:
-        return "leaky_relu", detail
-    return "relu_variant", detail
-
-
-def _classify_layer(cls: str, config: dict[str, Any]) -> tuple[str, str, str] | None:
-    """(activation, detail, form) if a layer is itself an activation."""
-    if cls == "Activation":
-        act = _classify_value(config.get("activation"))
-        return (act, "", ACTIVATION_LAYER_FORM) if act else None
-    if cls == "ReLU":
-        return (*_relu_variant(config), RELU_LAYER_FORM)
-    if cls in ACTIVATION_LAYERS:
-        detail = ""
-        if cls == "LeakyReLU" and "alpha" in config:
-            detail = f"alpha={float(config['alpha']):g}"
-        if cls == "ThresholdedReLU" and "theta" in config:
-            detail = f"theta={float(config['theta']):g}"
-        return ACTIVATION_LAYERS[cls], detail, f"{cls} layer"
-    if cls == "TFOpLambda":
-        symbol = str(config.get("function"))
-        if symbol in TF_OP_ACTIVATIONS:
-            return TF_OP_ACTIVATIONS[symbol], "", TF_OP_FORM
-        return None
-    if cls == "Square":
-        return "square", "", "actswap layer"
-    return None
-
-
-def _config_sites(
-    cls: str, config: dict[str, Any], path: str, pointer: tuple[Any, ...]
-) -> Iterator[Site]:
-    found = _classify_layer(cls, config)
-    if found:
-        act, detail, form = found
-        yield Site(path, cls, form, act, detail, pointer=pointer)
-        return
-    for key, value in config.items():
-        if isinstance(key, str) and key.endswith("activation"):
-            act = _classify_value(value)
-            if act:
-                yield Site(path, cls, f"{key}=", act, pointer=pointer + (key,))
-        elif isinstance(value, (dict, list)):
-            yield from _nested_sites(value, path + "/", pointer + (key,))
-
-
-def _nested_sites(node: Any, prefix: str, pointer: tuple[Any, ...]) -> Iterator[Site]:
-    # Layers inside a wrapper's config (TimeDistributed, Bidirectional, RNN cells).
-    if (
-        isinstance(node, dict)
-        and isinstance(node.get("class_name"), str)
-        and isinstance(node.get("config"), dict)
-        and isinstance(node["config"].get("name"), str)
-    ):
-        cfg = node["config"]
-        yield from _config_sites(
-            node["class_name"], cfg, prefix + cfg["name"], pointer + ("config",)
-        )
-    elif isinstance(node, dict):
-        for key, value in node.items():
-            if isinstance(value, (dict, list)):
-                yield from _nested_sites(value, prefix, pointer + (key,))
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            yield from _nested_sites(value, prefix, pointer + (i,))
-
-
 def _is_graph_model(obj: Any) -> bool:
     import tf_keras
     from tf_keras.src.engine import functional
@@ -653,7 +525,7 @@ def find_legacy_sites(model: Any) -> list[Site]:
                 visit(child, path + "/")
                 first[id(child)] = (path, sites[before:])
                 continue
-            found = list(_config_sites(type(child).__name__, child.get_config(), path, ()))
+            found = list(layer_sites(type(child).__name__, child.get_config(), path, TF_KERAS))
             for s in found:
                 s.leaf_id = id(child)
             first[id(child)] = (path, found)

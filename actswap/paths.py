@@ -7,6 +7,7 @@ what was received and what to do. None of them writes anything.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from .errors import UserError
@@ -68,4 +69,19 @@ def check_output_onnx(path: str | os.PathLike[str], *, overwrite: bool = False) 
     if dest.is_dir():
         raise UserError(f"output '{dest}' is a directory; give a file name ending in .onnx")
     _common(dest, overwrite)
+    return dest
+
+
+def write_atomically(dest: Path, data: bytes) -> Path:
+    """Write ``data`` to ``dest`` via a flushed temporary sibling and ``os.replace``:
+    an interrupted write leaves no partial file and never damages an existing one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     return dest

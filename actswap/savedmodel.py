@@ -21,8 +21,8 @@ from typing import Any
 import tensorflow as tf
 
 from . import graph, registry
-from .errors import InvariantError, LoadError, UnsupportedModelError, UserError
-from .paths import check_output_dir, check_output_pb
+from .errors import InvariantError, LoadError, UserError
+from .paths import check_output_dir, check_output_pb, write_atomically
 from .policy import decide
 from .report import REPLACED, SKIPPED, Report, Site
 
@@ -260,16 +260,7 @@ def convert_graphdef(
 
 def save_graphdef(graph_def: Any, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
     dest = check_output_pb(path, overwrite=overwrite)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(graph_def.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return dest
+    return write_atomically(dest, graph_def.SerializeToString())
 
 
 __all__ = [

@@ -18,7 +18,7 @@ from typing import Any
 
 import keras
 
-from . import registry
+from . import classify
 from .errors import UnsupportedModelError
 from .report import Site
 
@@ -56,102 +56,12 @@ def subclassed_models(model: Any) -> list[str]:
 
 def classify_value(value: Any) -> str | None:
     """The source activation named by an ``activation=`` config value (None: none)."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        name = registry.canonical(value)
-        return None if name == "linear" else name
-    if isinstance(value, dict):
-        reg = value.get("registered_name")
-        if isinstance(reg, str) and reg in registry.OWN_OBJECTS:
-            return registry.OWN_OBJECTS[reg]
-        module = str(value.get("module") or "")
-        if value.get("class_name") == "function" and isinstance(value.get("config"), str):
-            if module.split(".")[0] == "keras":
-                return classify_value(value["config"])
-            return f"custom:{reg or value['config']}"
-        return f"custom:{reg or value.get('class_name')}"
-    return "custom"
-
-
-def _relu_variant(config: dict[str, Any]) -> tuple[str, str]:
-    max_value = config.get("max_value")
-    slope = float(config.get("negative_slope") or 0.0)
-    threshold = float(config.get("threshold") or 0.0)
-    parts = []
-    if max_value is not None:
-        parts.append(f"max_value={max_value:g}")
-    if slope:
-        parts.append(f"negative_slope={slope:g}")
-    if threshold:
-        parts.append(f"threshold={threshold:g}")
-    detail = ", ".join(parts)
-    if not parts:
-        return "relu", ""
-    if parts == [f"max_value={max_value:g}"] and float(max_value) == 6.0:
-        return "relu6", detail
-    if parts == [f"negative_slope={slope:g}"]:
-        return "leaky_relu", detail
-    return "relu_variant", detail
-
-
-def _classify_node(module: str, cls: str, config: dict[str, Any]) -> tuple[str, str, str] | None:
-    """(activation, detail, form) if this serialized layer/op is itself an activation."""
-    root = module.split(".")[0]
-    if module in ("keras.layers",) or module.startswith("keras.src.layers"):
-        if cls == "Activation":
-            act = classify_value(config.get("activation"))
-            return (act, "", "Activation layer") if act else None
-        if cls == "ReLU":
-            return (*_relu_variant(config), "ReLU layer")
-        if cls in registry.ACTIVATION_LAYERS:
-            return registry.ACTIVATION_LAYERS[cls], "", f"{cls} layer"
-        return None
-    if module.startswith("keras.src.ops") and cls in registry.OP_ACTIVATIONS:
-        return registry.OP_ACTIVATIONS[cls], "", "keras.ops call"
-    if module == "keras.src.activations.activations" and cls == "ReLU":
-        return (*_relu_variant(config), "keras.activations call")
-    if root == "actswap":
-        return ("square", "", "actswap layer") if cls == "Square" else None
-    return None
-
-
-def _is_layer_node(node: Any) -> bool:
-    return (
-        isinstance(node, dict)
-        and isinstance(node.get("class_name"), str)
-        and isinstance(node.get("config"), dict)
-        and isinstance(node["config"].get("name"), str)
-    )
+    return classify.classify_value(value, classify.KERAS3)
 
 
 def sites_in_config(node: Any, prefix: str, pointer: tuple[Any, ...] = ()) -> Iterator[Site]:
     """Sites in a serialized layer tree; ``pointer`` locates each in ``node``."""
-    if _is_layer_node(node):
-        cfg = node["config"]
-        path = f"{prefix}{cfg['name']}"
-        found = _classify_node(str(node.get("module") or ""), node["class_name"], cfg)
-        if found:
-            act, detail, form = found
-            yield Site(path, node["class_name"], form, act, detail, pointer=pointer)
-            return
-        for key, value in cfg.items():
-            if isinstance(key, str) and key.endswith("activation"):
-                act = classify_value(value)
-                if act:
-                    yield Site(
-                        path, node["class_name"], f"{key}=", act,
-                        pointer=pointer + ("config", key),
-                    )
-            elif isinstance(value, (dict, list)):
-                yield from sites_in_config(value, path + "/", pointer + ("config", key))
-    elif isinstance(node, dict):
-        for key, value in node.items():
-            if isinstance(value, (dict, list)):
-                yield from sites_in_config(value, prefix, pointer + (key,))
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            yield from sites_in_config(value, prefix, pointer + (i,))
+    return classify.node_sites(node, prefix, classify.KERAS3, pointer)
 
 
 def leaf_sites(leaf: Any, prefix: str) -> list[Site]:

@@ -17,7 +17,6 @@ from typer.testing import CliRunner
 
 import actswap
 from actswap.cli import app
-from cases import CASES
 
 runner = CliRunner()
 

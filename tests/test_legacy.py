@@ -84,12 +84,7 @@ def relu_as_square(model, grad: str = "exact"):
         yield
 
 
-def _close(actual, expected, rtol=1e-6):
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.shape == expected.shape
-    assert np.all(np.isfinite(expected)), "reference is not finite: the check would be void"
-    scale = max(1.0, float(np.abs(expected).max()))
-    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)
+from conftest import assert_close as _close  # noqa: E402
 
 
 def _output_and_grad(model, x, w, ctx=None):

@@ -287,3 +287,21 @@ def test_user_gradient_function_is_used_and_must_be_registered():
 
     assert np.all(input_grad(converted) == 0.0)
     assert np.any(input_grad(actswap.convert(model)[0]) != 0.0)
+
+
+@pytest.mark.parametrize(
+    "layer, activation, detail",
+    [
+        (keras.layers.ReLU(negative_slope=0.1), "leaky_relu", "negative_slope=0.1"),
+        (keras.layers.ReLU(threshold=0.5), "relu_variant", "threshold=0.5"),
+        (keras.layers.ReLU(max_value=4.0), "relu_variant", "max_value=4"),
+        (keras.layers.ReLU(max_value=6.0, negative_slope=0.2), "relu_variant", "max_value=6, negative_slope=0.2"),
+    ],
+)
+def test_relu_variants_are_skipped_with_their_arguments(layer, activation, detail):
+    inp = keras.Input((3,))
+    model = keras.Model(inp, layer(keras.layers.Dense(3)(inp)))
+    converted, report = actswap.convert(model)
+    (site,) = report.sites
+    assert (site.activation, site.detail, site.action) == (activation, detail, "skipped")
+    assert "is not plain ReLU" in site.reason and report.skipped_relu_like == 1

@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -100,7 +99,7 @@ def test_tf_module_with_control_flow_and_two_signatures(module_dir, tmp_path, gr
             key = f"{sig}/grad/{var}"
             if key in got:
                 assert_close(got[key], ref_grads[sig][var].numpy(), rtol=1e-5)
-    assert f"serving_default/grad/w2" in got and "second/grad/w1" in got
+    assert "serving_default/grad/w2" in got and "second/grad/w1" in got
 
     # The else-branch, in this process: reload and compare once more.
     x_neg = -np.abs(x)
