@@ -1,8 +1,9 @@
 """Fresh-process check of a converted SavedModel, with actswap made unimportable.
 
 argv: SAVEDMODEL_DIR INPUTS_NPZ OUT_NPZ
-For every signature: outputs, gradients of sum(outputs * w) with respect to the
-signature's trainable variables (by variable name), then one SGD step; writes
+For every signature: outputs, gradients of sum(outputs * w) with respect to every
+variable of the signature (by variable name), then one SGD step on the trainable
+ones; writes
 them to OUT_NPZ and prints a JSON summary.
 """
 
@@ -33,15 +34,16 @@ result, summary, steps = {}, {}, []
 for name, fn in loaded.signatures.items():
     kwargs = {k.split("/", 1)[1]: tf.constant(inputs[k]) for k in inputs.files if k.startswith(name + "/")}
     with tf.GradientTape() as tape:
+        tape.watch(fn.variables)  # every variable, the non-trainable ones too
         out = fn(**kwargs)
         loss = tf.add_n([tf.reduce_sum(v * inputs[f"w:{name}/{k}"]) for k, v in sorted(out.items())])
+    grads = dict(zip([v.name for v in fn.variables], tape.gradient(loss, fn.variables)))
     variables = fn.trainable_variables
-    grads = tape.gradient(loss, variables)
     for k, v in out.items():
         result[f"{name}/out/{k}"] = v.numpy()
-    for var, g in zip(variables, grads):
-        result[f"{name}/grad/{var.name.split(':')[0]}"] = g.numpy()
-    steps.append((name, list(zip(variables, grads))))
+    for vname, g in grads.items():
+        result[f"{name}/grad/{vname.split(':')[0]}"] = g.numpy()
+    steps.append((name, [(v, grads[v.name]) for v in variables]))
     summary[name] = {
         "trainable": sorted(v.name for v in variables),
         "all": sorted((v.name, v.trainable) for v in fn.variables),

@@ -305,3 +305,22 @@ def test_relu_variants_are_skipped_with_their_arguments(layer, activation, detai
     (site,) = report.sites
     assert (site.activation, site.detail, site.action) == (activation, detail, "skipped")
     assert "is not plain ReLU" in site.reason and report.skipped_relu_like == 1
+
+
+def test_mixed_precision_policies_are_kept():
+    keras.utils.set_random_seed(0)
+    policy = keras.mixed_precision.DTypePolicy("mixed_float16")
+    inp = keras.Input((6,), name="x")
+    x = keras.layers.Dense(8, activation="relu", dtype=policy, name="d")(inp)
+    x = keras.layers.ReLU(dtype=policy, name="r")(x)
+    x = keras.ops.relu(x)  # an op: computes in its input's dtype (float16 here)
+    out = keras.layers.Dense(2, dtype="float32", name="out")(x)
+    model = keras.Model(inp, out)
+    converted, report = actswap.convert(model)
+    assert report.replaced == 3
+    assert converted.get_layer("r").dtype_policy.name == "mixed_float16"
+    assert [t.dtype for t in converted.outputs] == [t.dtype for t in model.outputs]
+    x = sample_inputs(model)
+    with relu_as_square():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(converted(x).numpy(), ref, rtol=1e-6)  # same float16 ops on both sides

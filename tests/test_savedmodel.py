@@ -56,11 +56,12 @@ def reference(grad: str, x: np.ndarray, weights: dict[str, np.ndarray]):
         for name, fn in ref.signatures().items():
             kw = {"x": x} if name == "serving_default" else {"a": x}
             with tf.GradientTape() as tape:
+                tape.watch(ref.bias)  # non-trainable: watched explicitly, as the child does
                 res = fn(**{k: tf.constant(v) for k, v in kw.items()})
                 loss = tf.add_n([tf.reduce_sum(v * weights[f"w:{name}/{k}"]) for k, v in sorted(res.items())])
-            g = tape.gradient(loss, [ref.w1, ref.w2])
+            g = tape.gradient(loss, [ref.w1, ref.w2, ref.bias])
             out[name] = {k: v.numpy() for k, v in res.items()}
-            grads[name] = {"w1": g[0], "w2": g[1]}
+            grads[name] = {"w1": g[0], "w2": g[1], "bias": g[2]}
     return out, grads
 
 
@@ -95,11 +96,14 @@ def test_tf_module_with_control_flow_and_two_signatures(module_dir, tmp_path, gr
         assert summary[sig]["step_changed"]
         for k, v in ref_out[sig].items():
             assert_close(got[f"{sig}/out/{k}"], v)
-        for var in ("w1", "w2"):
+        for var in ("w1", "w2", "bias"):
             key = f"{sig}/grad/{var}"
             if key in got:
                 assert_close(got[key], ref_grads[sig][var].numpy(), rtol=1e-5)
-    assert "serving_default/grad/w2" in got and "second/grad/w1" in got
+    # Every variable each signature uses has its gradient checked.
+    assert {k for k in got if "/grad/" in k} == {
+        "serving_default/grad/w1", "serving_default/grad/w2", "serving_default/grad/bias", "second/grad/w1",
+    }
 
     # The else-branch, in this process: reload and compare once more.
     x_neg = -np.abs(x)
