@@ -143,10 +143,14 @@ def test_inspect_lists_relu_nodes_per_signature(module_dir):
     assert sum(s["replaceable"] for s in data["sites"]) == 5
 
 
-def test_keras_export_savedmodel(tmp_path):
+@pytest.mark.parametrize("writer", ["model.export", "tf.saved_model.save"])
+def test_keras_model_savedmodel(tmp_path, writer):
     model, expected = CASES["functional_forms"]()
     export_dir = tmp_path / "exported"
-    model.export(str(export_dir), verbose=False)
+    if writer == "model.export":
+        model.export(str(export_dir), verbose=False)
+    else:
+        tf.saved_model.save(model, str(export_dir))
     converted, report = actswap.convert(export_dir, grad="clip:1")
     sigs = {s.path.split("/")[0] for s in report.sites if s.action == "replaced"}
     assert report.replaced == expected["replaced"] * len(sigs)
