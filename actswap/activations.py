@@ -87,6 +87,139 @@ def square_op_without_custom_gradient(x: Any, grad: str = "exact") -> tf.Tensor:
     return tf.stop_gradient(tf.math.square(x)) + (linear - tf.stop_gradient(linear))
 
 
+# --- polynomials -----------------------------------------------------------
+
+
+def _coefficients(coeffs: Any) -> tuple[float, ...]:
+    c = tuple(float(v) for v in coeffs)
+    while len(c) > 1 and c[-1] == 0.0:
+        c = c[:-1]
+    if len(c) < 2:
+        raise ValueError(f"a polynomial activation needs degree >= 1, got coefficients {coeffs!r}")
+    return c
+
+
+def horner(x: tf.Tensor, coeffs: tuple[float, ...]) -> tf.Tensor:
+    """sum(c_k x^k) in Horner form: degree-many multiplications by x, and only
+    the additions and coefficient multiplications that are not by 0 or 1, so
+    an exporter sees Mul/Add only (x² is exactly ``Mul(x, x)``)."""
+    y = x if coeffs[-1] == 1.0 else x * tf.cast(coeffs[-1], x.dtype)
+    for c in reversed(coeffs[1:-1]):
+        if c != 0.0:
+            y = y + tf.cast(c, x.dtype)
+        y = y * x
+    if coeffs[0] != 0.0:
+        y = y + tf.cast(coeffs[0], x.dtype)
+    return y
+
+
+def _derivative(coeffs: tuple[float, ...]) -> tuple[float, ...]:
+    d = tuple(k * c for k, c in enumerate(coeffs))[1:]
+    return d if len(d) > 1 else d + (0.0,)
+
+
+def _poly_grad(coeffs: tuple[float, ...], grad: Grad) -> GradFn:
+    if callable(grad):
+        return grad
+    bound = gradients.clip_bound(gradients.normalize(grad))
+    slope_coeffs = _derivative(coeffs)
+
+    def backward(x: tf.Tensor, dy: tf.Tensor) -> tf.Tensor:
+        slope = _horner_any(x, slope_coeffs)
+        if bound is not None:
+            c = tf.cast(bound, x.dtype)
+            slope = tf.clip_by_value(slope, -c, c)
+        return dy * slope
+
+    return backward
+
+
+def _horner_any(x: tf.Tensor, coeffs: tuple[float, ...]) -> tf.Tensor:
+    # Derivatives may be constant (degree 0): broadcast that constant.
+    if len(coeffs) == 2 and coeffs[1] == 0.0:
+        return tf.zeros_like(x) + tf.cast(coeffs[0], x.dtype)
+    return horner(x, coeffs)
+
+
+def poly_op(x: Any, coeffs: Any, grad: Grad = "exact") -> tf.Tensor:
+    """p(x) = sum(coeffs[k] * x**k), Horner form, backward p'(x)*dy (or clipped, or ``grad``)."""
+    c = _coefficients(coeffs)
+    backward = _poly_grad(c, grad)
+
+    @tf.custom_gradient
+    def _poly(t: tf.Tensor) -> tuple[tf.Tensor, Callable[[tf.Tensor], tf.Tensor]]:
+        def _grad(dy: tf.Tensor) -> tf.Tensor:
+            return backward(t, dy)
+
+        return horner(t, c), _grad
+
+    return _poly(tf.convert_to_tensor(x))
+
+
+def poly_op_without_custom_gradient(x: Any, coeffs: Any, grad: str = "exact") -> tf.Tensor:
+    """:func:`poly_op` written with stop_gradient, for tf.cond/while bodies of SavedModels."""
+    c = _coefficients(coeffs)
+    x = tf.convert_to_tensor(x)
+    mode = gradients.normalize(grad)
+    if gradients.clip_bound(mode) is None:
+        return horner(x, c)
+    slope = tf.stop_gradient(_poly_grad(c, mode)(x, tf.ones_like(x)))
+    linear = slope * x
+    return tf.stop_gradient(horner(x, c)) + (linear - tf.stop_gradient(linear))
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE, name="PolynomialActivation")
+class PolynomialActivation:
+    """A fixed polynomial (ascending coefficients) as an ``activation=`` object."""
+
+    def __init__(self, coefficients: Any, grad: Grad = "exact") -> None:
+        self.coefficients = _coefficients(coefficients)
+        self.grad = gradients.normalize(grad) if isinstance(grad, str) else grad
+        self.__name__ = "polynomial"
+
+    def __call__(self, x: Any) -> tf.Tensor:
+        return poly_op(x, self.coefficients, self.grad)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"coefficients": list(self.coefficients), "grad": _serialize_grad(self.grad)}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> PolynomialActivation:
+        return cls(config["coefficients"], _deserialize_grad(config.get("grad", "exact")))
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE, name="Polynomial")
+class Polynomial(keras.layers.Layer):
+    """Layer computing a fixed polynomial of its input (see :class:`PolynomialActivation`)."""
+
+    def __init__(self, coefficients: Any, grad: Grad = "exact", cast_inputs: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.supports_masking = True
+        self.coefficients = _coefficients(coefficients)
+        self.grad = gradients.normalize(grad) if isinstance(grad, str) else grad
+        self.cast_inputs = bool(cast_inputs)
+        self._convert_input_args = self.cast_inputs
+
+    def call(self, inputs: Any, mask: Any = None) -> tf.Tensor:
+        return poly_op(inputs, self.coefficients, self.grad)
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update(
+            coefficients=list(self.coefficients), grad=_serialize_grad(self.grad), cast_inputs=self.cast_inputs
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Polynomial:
+        config = dict(config)
+        config["grad"] = _deserialize_grad(config.get("grad", "exact"))
+        return cls(**config)
+
+
 def _serialize_grad(grad: Grad) -> Any:
     if isinstance(grad, str):
         return gradients.normalize(grad)

@@ -121,6 +121,8 @@ def inspect(
     to: str = "square",
     sources: Iterable[str] = ("relu",),
     trust_code: bool = False,
+    degree: int | None = None,
+    interval: tuple[float, float] | None = None,
 ) -> Report:
     """List every activation site of a model; ``replaceable`` says whether
     ``convert(..., to=to)`` would replace it. Writes nothing, modifies nothing.
@@ -128,6 +130,7 @@ def inspect(
     Takes a Keras model, or a path to a ``.keras``/``.h5`` file, a SavedModel
     directory (sites per signature, nested functions and control flow
     included) or a frozen GraphDef."""
+    to = registry.get_target(to, degree=degree, interval=interval)
     graph_fmt = _graph_format(model_or_path)
     if graph_fmt is Format.SAVEDMODEL:
         from .savedmodel import inspect_savedmodel
@@ -162,14 +165,20 @@ def convert(
     sources: Iterable[str] = ("relu",),
     signature: str | None = None,
     trust_code: bool = False,
+    degree: int | None = None,
+    interval: tuple[float, float] | None = None,
 ) -> tuple[Any, Report]:
     """Return a copy of the model with every plain ReLU site replaced by ``to``.
 
     ``grad`` is the backward pass of the new activation: ``"exact"``,
     ``"clip:C"``, or a function ``grad(x, dy) -> dx`` (register it with
     ``keras.saving.register_keras_serializable`` if the model is to be saved).
-    ``sources`` names the activations to replace (default: plain ReLU; other
-    members of the ReLU family are reported as skipped with a reason).
+    ``to`` is ``"square"``, ``"poly:c0,c1,...,cn"`` (a fixed polynomial,
+    ascending coefficients) or ``"approx"`` (each site's source activation
+    fitted on ``interval`` with a degree-``degree`` Chebyshev least-squares
+    polynomial; defaults in :mod:`actswap.registry`). ``sources`` names the
+    activations to replace (default: plain ReLU; other members of the ReLU
+    family are reported as skipped with a reason).
 
     The input is never modified; weights are copied bit-identically (checked);
     input/output names, shapes and dtypes are unchanged (checked).
@@ -188,6 +197,7 @@ def convert(
     ``trust_code`` lets a file's stored code (Lambda layers) load: dangerous.
     """
     grad_mode = gradients.normalize(grad) if isinstance(grad, str) else grad
+    to = registry.get_target(to, degree=degree, interval=interval)
     graph_fmt = _graph_format(model_or_path)
     if graph_fmt is Format.SAVEDMODEL:
         from .savedmodel import convert_savedmodel
@@ -209,7 +219,7 @@ def convert(
         reason = decide(s, target, chosen)
         s.replaceable = reason is None
         s.action = REPLACED if reason is None else SKIPPED
-        s.reason = reason or f"{s.activation} -> {to}"
+        s.reason = reason or f"{s.activation} -> {target.name}"
 
     def make_layer(site: Site, old_node: dict[str, Any]) -> Any:
         cfg = old_node["config"]
@@ -218,10 +228,10 @@ def convert(
             kwargs["dtype"] = cfg["dtype"]
         else:  # an op: it computed in its input's dtype, so must the layer
             kwargs["cast_inputs"] = False
-        return target.layer(grad_mode, **kwargs)
+        return target.layer(grad_mode, site, **kwargs)
 
     def make_activation(site: Site) -> Any:
-        return target.activation(grad_mode)
+        return target.activation(grad_mode, site)
 
     def check_subclassed(path: str, new_leaf: Any) -> None:
         _check_no_hidden_sources(path or new_leaf.name, new_leaf, target, chosen)
@@ -236,7 +246,7 @@ def convert(
         notes.append("optimizer state (e.g. Adam moments) is not carried over; it starts fresh")
     report = Report(
         sites=sites,
-        target=to,
+        target=target.name,
         grad=grad_mode if isinstance(grad_mode, str) else getattr(grad_mode, "__name__", "custom"),
         notes=notes,
         source=source,

@@ -138,6 +138,8 @@ def classify_node(
         return found
     if cls == "Square" and dialect.is_own_module(module):
         return "square", "", OWN_LAYER_FORM
+    if cls == "Polynomial" and dialect.is_own_module(module):
+        return "poly", "", OWN_LAYER_FORM
     return None
 
 
@@ -236,6 +238,7 @@ KERAS3 = Dialect(
     custom_function_by_config=True,
     is_layer_module=_keras3_layer_module,
     activation_layers=registry.ACTIVATION_LAYERS,
+    layer_detail_keys={"LeakyReLU": "negative_slope"},
     is_own_module=lambda module: module.split(".")[0] == "actswap",
     other_node=_keras3_op,
 )

@@ -140,7 +140,14 @@ def convert(
     model: Path = typer.Argument(
         ..., help="Model: .keras, legacy .h5, SavedModel directory or frozen .pb (detected from content)."
     ),
-    to: str = typer.Option(..., "--to", help=f"Target activation: {', '.join(registry.TARGETS)}."),
+    to: str = typer.Option(
+        ..., "--to", help=f"Target: {', '.join(registry.target_names())} (poly:c0,c1,... ascending)."
+    ),
+    sources: str = typer.Option(
+        "relu", "--from", help="Source activations to replace, comma-separated, or 'all'."
+    ),
+    degree: Optional[int] = typer.Option(None, "--degree", help="approx: polynomial degree [default: 2]."),
+    fit_range: Optional[str] = typer.Option(None, "--range", help="approx: fit interval LO,HI [default: -4,4]."),
     output: Optional[Path] = typer.Option(
         None, "-o", "--output",
         help="Output path, same family as MODEL [default: <stem>.<target>.keras|.pb, or <dir>.<target>/ beside MODEL].",
@@ -171,7 +178,8 @@ def convert(
 
     def body() -> int:
         plan = plan_convert(
-            model, to=to, output=output, grad=grad, signature=signature, force=force, onnx_out=onnx_out
+            model, to=to, output=output, grad=grad, signature=signature, force=force, onnx_out=onnx_out,
+            sources=sources, degree=degree, interval=fit_range,
         )
         if trust_code:
             _warn_trust_code()
@@ -217,6 +225,7 @@ def inspect(
         ..., help="Model: .keras, legacy .h5, SavedModel directory or frozen .pb (detected from content)."
     ),
     to: str = typer.Option("square", "--to", help="Target used to judge 'replaceable'."),
+    sources: str = typer.Option("relu", "--from", help="Source activations, comma-separated, or 'all'."),
     trust_code: bool = typer.Option(
         False, "--trust-code", help="DANGEROUS: load Keras 2 files whose config carries code (Lambda)."
     ),
@@ -226,7 +235,8 @@ def inspect(
     """List every activation site in MODEL and whether it can be replaced. Writes nothing."""
 
     def body() -> int:
-        registry.get_target(to)
+        target = registry.get_target(to)
+        chosen = registry.resolve_sources(sources)
         fmt = detect(model)
         legacy = legacy_kind(model, fmt)
         if trust_code:
@@ -239,7 +249,7 @@ def inspect(
         else:
             from . import api
 
-            report = api.inspect(model, to=to, trust_code=trust_code)
+            report = api.inspect(model, to=target, sources=chosen, trust_code=trust_code)
         data = report.to_dict()
         if as_json:
             typer.echo(json.dumps(data))
@@ -252,7 +262,9 @@ def inspect(
             console.print(f"note: {note}")
         counts = ", ".join(f"{k}: {v}" for k, v in data["counts"].items()) or "none"
         replaceable = sum(s.replaceable for s in report.sites)
-        console.print(f"{len(report.sites)} activation sites ({counts}); {replaceable} replaceable by {to}")
+        console.print(
+            f"{len(report.sites)} activation sites ({counts}); {replaceable} replaceable by {target.name}"
+        )
         return 0
 
     _run(debug, body)

@@ -33,6 +33,9 @@ class ConvertPlan:
     signature: str | None
     force: bool
     onnx_out: Path | None
+    sources: frozenset[str]
+    degree: int | None
+    interval: tuple[float, float] | None
 
 
 def legacy_kind(model: Path, fmt: Format) -> str | None:
@@ -48,6 +51,7 @@ def legacy_kind(model: Path, fmt: Format) -> str | None:
 
 def default_output(model: Path, target: str, fmt: Format, legacy: str | None = None) -> Path:
     """Beside the input, same family: x.keras -> x.square.keras, dir -> dir.square/, x.pb -> x.square.pb."""
+    target = target.split(":")[0]  # poly:0,0.5,0.25 -> poly
     if fmt is Format.SAVEDMODEL:
         return model.with_name(f"{model.name}.{target}")
     stem = model.name[: -len(model.suffix)] if model.suffix else model.name
@@ -89,13 +93,20 @@ def plan_convert(
     signature: str | None = None,
     force: bool = False,
     onnx_out: str | os.PathLike[str] | None = None,
+    sources: str = "relu",
+    degree: int | None = None,
+    interval: str | None = None,
 ) -> ConvertPlan:
     """Validate everything that can be validated without loading the model."""
     from . import paths
 
     model = Path(model)
     grad_mode = gradients.normalize(grad)
-    registry.get_target(to)
+    bounds = parse_interval(interval)
+    target = registry.get_target(to, degree=degree, interval=bounds)
+    chosen = registry.resolve_sources(sources)
+    if sources.strip() != "all":
+        registry.check_pairs(chosen, target)
     fmt = detect(model)
     if signature is not None and fmt is not Format.SAVEDMODEL:
         raise UserError(f"--signature applies to SavedModel input; '{model}' is a {fmt.value} file")
@@ -110,7 +121,22 @@ def plan_convert(
         if legacy is not None or fmt is Format.GRAPHDEF:
             raise UserError("--onnx is supported for Keras 3 models and SavedModels")
         paths.check_output_onnx(onnx_path, overwrite=force)
-    return ConvertPlan(model, fmt, legacy, out, to, grad_mode, signature, force, onnx_path)
+    if legacy is not None and (to != "square" or chosen != frozenset({"relu"})):
+        raise UserError("Keras 2 (tf_keras) files convert with --to square --from relu only, for now")
+    return ConvertPlan(model, fmt, legacy, out, to, grad_mode, signature, force, onnx_path, chosen, degree, bounds)
+
+
+def parse_interval(text: str | None) -> tuple[float, float] | None:
+    """``"-4,4"`` -> (-4.0, 4.0); None stays None (the target's default)."""
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"--range must be LO,HI (e.g. -4,4), got '{text}'") from None
+    if not lo < hi:
+        raise UserError(f"--range must have LO < HI, got '{text}'")
+    return lo, hi
 
 
 def run_convert(
@@ -133,7 +159,8 @@ def run_convert(
     from . import api
 
     converted, report = api.convert(
-        plan.model, to=plan.to, grad=plan.grad, signature=plan.signature, trust_code=trust_code
+        plan.model, to=plan.to, grad=plan.grad, signature=plan.signature, trust_code=trust_code,
+        sources=plan.sources, degree=plan.degree, interval=plan.interval,
     )
     if strict and report.skipped_relu_like > 0:
         return report, True

@@ -23,6 +23,11 @@ def decide(site: Site, target: registry.Target, sources: frozenset[str]) -> str 
         return "unrecognised custom activation"
     if fam == "polynomial":
         return f"already {site.activation}"
-    if site.activation not in sources and fam not in sources:
-        return f"not selected (converting {', '.join(sorted(sources))})"
-    return target.refuses(site.activation, site.detail)
+    refusal = target.refuses(site.activation, site.detail)
+    if site.activation not in sources:
+        # A member of a selected family (relu6 when converting relu) is reported
+        # with the target's own reason when it has one: that is the real why.
+        if refusal and fam in sources:
+            return refusal
+        return f"not selected (converting {', '.join(sorted(sources))}; --from adds others)"
+    return refusal

@@ -10,6 +10,7 @@ objects only when asked to.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,7 @@ for _name in (
 # Activations actswap itself puts in; recognised so that re-converting a
 # converted model reports them instead of ignoring them.
 register_source("square", "polynomial")
+register_source("poly", "polynomial")
 
 # Keras layer classes (module keras.layers) that are an activation in themselves.
 ACTIVATION_LAYERS: dict[str, str] = {
@@ -96,24 +98,29 @@ class Target:
     """What a replaced site becomes.
 
     ``refuses(activation, detail)`` returns None when the target can stand in for
-    that source activation, else the reason it cannot. ``layer(grad, **kw)``
-    builds the layer that replaces a whole activation layer or op;
-    ``activation(grad)`` builds the object that replaces an ``activation=``
-    argument. Both are called lazily, so registering a target costs nothing.
+    that source activation, else the reason it cannot. The builders get the
+    site (a fitted target depends on the activation it replaces):
+    ``layer(grad, site, **kw)`` builds the layer that replaces a whole
+    activation layer or op, ``activation(grad, site)`` the object that replaces
+    an ``activation=`` argument, ``tensor(x, grad, custom_gradient_ok, site)``
+    the target applied to a graph tensor. All are called lazily, so
+    registering a target costs nothing.
     """
 
     name: str
     description: str
     refuses: Callable[[str, str], str | None]
     layer: Callable[..., Any]
-    activation: Callable[[Any], Any]
-    # tensor(x, grad, custom_gradient_ok) -> the target applied to a graph tensor.
-    tensor: Callable[[Any, Any, bool], Any]
-    # The single TF op type that computes the target, for frozen GraphDefs.
-    graph_op: str
+    activation: Callable[..., Any]
+    tensor: Callable[..., Any]
+    # The single TF op type that computes the target, for frozen GraphDefs
+    # (None: the target needs more than one op there).
+    graph_op: str | None
 
 
 TARGETS: dict[str, Target] = {}
+# Parameterised targets: "name:args" -> factory(args, options) -> Target.
+TARGET_FACTORIES: dict[str, Callable[[str, dict[str, Any]], Target]] = {}
 
 
 def register_target(target: Target) -> Target:
@@ -121,13 +128,29 @@ def register_target(target: Target) -> Target:
     return target
 
 
-def get_target(name: str) -> Target:
-    try:
-        return TARGETS[name]
-    except KeyError:
+def target_names() -> list[str]:
+    return sorted(TARGETS) + [f"{n}:..." if n == "poly" else n for n in sorted(TARGET_FACTORIES)]
+
+
+def get_target(spec: "str | Target", **options: Any) -> Target:
+    """A target by its CLI spelling: ``square``, ``poly:c0,c1,...``, ``approx``
+    (options ``degree``, ``interval``); a Target is returned as it is."""
+    if isinstance(spec, Target):
+        return spec
+    if spec in TARGETS:
+        return TARGETS[spec]
+    name, _, args = spec.partition(":")
+    if name in TARGET_FACTORIES:
+        return TARGET_FACTORIES[name](args, options)
+    raise UserError(f"unknown target '{spec}'; available targets: {', '.join(target_names())}")
+
+
+def _no_custom_gradient_function(grad: Any) -> None:
+    if not isinstance(grad, str):
         raise UserError(
-            f"unknown target '{name}'; available targets: {', '.join(sorted(TARGETS))}"
-        ) from None
+            "a user gradient function needs tf.custom_gradient, which TF cannot reload inside "
+            "tf.cond/tf.while_loop; use --grad exact or clip:C for this model"
+        )
 
 
 def _square_refuses(activation: str, detail: str) -> str | None:
@@ -136,31 +159,27 @@ def _square_refuses(activation: str, detail: str) -> str | None:
     shown = f"{activation} ({detail})" if detail else activation
     if family(activation) == "relu":
         return f"{shown} is not plain ReLU"
-    return f"{shown} is not ReLU-like"
+    return f"{shown} is not ReLU-like (x² fits only ReLU; use --to approx)"
 
 
-def _square_layer(grad: Any, **kwargs: Any) -> Any:
+def _square_layer(grad: Any, site: Any = None, **kwargs: Any) -> Any:
     from .activations import Square
 
     return Square(grad=grad, **kwargs)
 
 
-def _square_activation(grad: Any) -> Any:
+def _square_activation(grad: Any, site: Any = None) -> Any:
     from .activations import SquareActivation
 
     return SquareActivation(grad=grad)
 
 
-def _square_tensor(x: Any, grad: Any, custom_gradient_ok: bool) -> Any:
+def _square_tensor(x: Any, grad: Any, custom_gradient_ok: bool, site: Any = None) -> Any:
     from . import activations
 
     if custom_gradient_ok:
         return activations.square_op(x, grad)
-    if not isinstance(grad, str):
-        raise UserError(
-            "a user gradient function needs tf.custom_gradient, which TF cannot reload inside "
-            "tf.cond/tf.while_loop; use --grad exact or clip:C for this model"
-        )
+    _no_custom_gradient_function(grad)
     return activations.square_op_without_custom_gradient(x, grad)
 
 
@@ -176,9 +195,165 @@ register_target(
     )
 )
 
+
+def polynomial_target(name: str, description: str, coefficients_for: Callable[[Any], tuple[float, ...]],
+                      refuses: Callable[[str, str], str | None]) -> Target:
+    """A target that puts a fixed polynomial at each site; ``coefficients_for(site)``."""
+
+    def layer(grad: Any, site: Any = None, **kwargs: Any) -> Any:
+        from .activations import Polynomial
+
+        return Polynomial(coefficients_for(site), grad=grad, **kwargs)
+
+    def activation(grad: Any, site: Any = None) -> Any:
+        from .activations import PolynomialActivation
+
+        return PolynomialActivation(coefficients_for(site), grad=grad)
+
+    def tensor(x: Any, grad: Any, custom_gradient_ok: bool, site: Any = None) -> Any:
+        from . import activations
+
+        if custom_gradient_ok:
+            return activations.poly_op(x, coefficients_for(site), grad)
+        _no_custom_gradient_function(grad)
+        return activations.poly_op_without_custom_gradient(x, coefficients_for(site), grad)
+
+    return Target(name, description, refuses, layer, activation, tensor, None)
+
+
+# Activations a per-element polynomial cannot stand in for: they mix elements
+# (softmax), split their input (glu) or carry weights (prelu).
+NOT_ELEMENTWISE = frozenset({"softmax", "log_softmax", "sparsemax", "glu", "prelu"})
+
+
+def _known(activation: str, detail: str) -> str | None:
+    if activation.startswith("custom"):
+        return "unrecognised custom activation"
+    if activation in NOT_ELEMENTWISE:
+        return f"{activation} is not an element-wise function"
+    return None
+
+
+def _poly_factory(args: str, options: dict[str, Any]) -> Target:
+    try:
+        coeffs = tuple(float(a) for a in args.split(",")) if args else ()
+    except ValueError:
+        coeffs = ()
+    if len(coeffs) < 2 or not all(math.isfinite(c) for c in coeffs) or all(c == 0 for c in coeffs[1:]):
+        raise UserError(
+            f"'poly:{args}' needs coefficients c0,c1,...,cn in ascending degree, n >= 1, "
+            "e.g. --to poly:0,0.5,0.25"
+        )
+    return polynomial_target(
+        f"poly:{args}", "a fixed polynomial (ascending coefficients)", lambda site: coeffs, _known
+    )
+
+
+# NumPy reference implementations of source activations, for fitting.
+def _source_function(activation: str, detail: str) -> Callable[[Any], Any] | None:
+    import numpy as np
+
+    params = dict(p.split("=") for p in detail.split(", ") if "=" in p) if detail else {}
+    erf = np.vectorize(math.erf)
+    table: dict[str, Callable[[Any], Any]] = {
+        "relu": lambda x: np.maximum(x, 0.0),
+        "relu6": lambda x: np.clip(x, 0.0, 6.0),
+        "leaky_relu": lambda x: np.where(
+            x > 0, x, x * float(params.get("negative_slope", params.get("alpha", 0.2)))
+        ),
+        "elu": lambda x: np.where(x > 0, x, np.expm1(x)),
+        "selu": lambda x: 1.0507009873554805 * np.where(x > 0, x, 1.6732632423543772 * np.expm1(x)),
+        "gelu": lambda x: 0.5 * x * (1.0 + erf(x / math.sqrt(2.0))),
+        "silu": lambda x: x / (1.0 + np.exp(-x)),
+        "sigmoid": lambda x: 1.0 / (1.0 + np.exp(-x)),
+        "hard_sigmoid": lambda x: np.clip(x / 6.0 + 0.5, 0.0, 1.0),
+        "hard_silu": lambda x: x * np.clip(x / 6.0 + 0.5, 0.0, 1.0),
+        "tanh": np.tanh,
+        "softplus": lambda x: np.logaddexp(0.0, x),
+        "softsign": lambda x: x / (1.0 + np.abs(x)),
+    }
+    return table.get(activation)
+
+
+APPROX_DEFAULT_INTERVAL = (-4.0, 4.0)
+APPROX_DEFAULT_DEGREE = 2
+
+
+def fit_coefficients(activation: str, detail: str, degree: int, interval: tuple[float, float]) -> tuple[float, ...]:
+    """Least-squares Chebyshev fit of a source activation on ``interval``,
+    returned as ascending power-basis coefficients (numpy.polynomial)."""
+    import numpy as np
+
+    f = _source_function(activation, detail)
+    if f is None:
+        raise UserError(f"no reference function to fit for '{activation}'")
+    lo, hi = interval
+    # Chebyshev nodes: the fit is well conditioned and has no Runge wiggle.
+    k = np.arange(max(256, 8 * (degree + 1)))
+    xs = 0.5 * (lo + hi) + 0.5 * (hi - lo) * np.cos(np.pi * (k + 0.5) / len(k))
+    fit = np.polynomial.Chebyshev.fit(xs, f(xs), degree, domain=[lo, hi])
+    coef = fit.convert(kind=np.polynomial.Polynomial).coef
+    return tuple(float(c) for c in coef)
+
+
+def _approx_factory(args: str, options: dict[str, Any]) -> Target:
+    degree = options.get("degree")
+    degree = APPROX_DEFAULT_DEGREE if degree is None else int(degree)
+    interval = tuple(options.get("interval") or APPROX_DEFAULT_INTERVAL)
+    if degree < 1 or degree > 32:
+        raise UserError(f"--degree must be between 1 and 32, got {degree}")
+    if len(interval) != 2 or not interval[0] < interval[1]:
+        raise UserError(f"--range must be LO,HI with LO < HI, got {interval}")
+    cache: dict[tuple[str, str], tuple[float, ...]] = {}
+
+    def coefficients_for(site: Any) -> tuple[float, ...]:
+        key = (site.activation, site.detail)
+        if key not in cache:
+            cache[key] = fit_coefficients(site.activation, site.detail, degree, interval)  # type: ignore[arg-type]
+        return cache[key]
+
+    def refuses(activation: str, detail: str) -> str | None:
+        if _source_function(activation, detail) is None:
+            return _known(activation, detail) or f"{activation} has no reference function to fit"
+        return None
+
+    return polynomial_target(
+        "approx", f"degree-{degree} Chebyshev least-squares fit on [{interval[0]:g}, {interval[1]:g}]",
+        coefficients_for, refuses,
+    )
+
+
+TARGET_FACTORIES["poly"] = _poly_factory
+TARGET_FACTORIES["approx"] = _approx_factory
+
+
+def check_pairs(sources: frozenset[str], target: Target) -> None:
+    """Refuse (UserError) explicitly chosen sources the target can never replace."""
+    for name in sorted(sources):
+        reason = target.refuses(name, "")
+        if reason is not None:
+            raise UserError(f"--from {name} --to {target.name}: {reason}")
+
+
+def resolve_sources(spec: str) -> frozenset[str]:
+    """``--from`` names (comma-separated) or ``all`` (every non-polynomial source)."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if names == ["all"]:
+        return frozenset(n for n, fam in SOURCES.items() if fam != "polynomial")
+    unknown = [n for n in names if canonical(n) not in SOURCES or SOURCES[canonical(n)] == "polynomial"]
+    if unknown or not names:
+        raise UserError(
+            f"unknown source activation(s) {', '.join(unknown) or repr(spec)} for --from; "
+            f"use 'all' or names from: {', '.join(n for n, f in SOURCES.items() if f != 'polynomial')}"
+        )
+    return frozenset(canonical(n) for n in names)
+
+
 # Registered Keras names of actswap's own objects -> the source name they report as.
 OWN_OBJECTS: dict[str, str] = {
     "actswap>square": "square",
     "actswap>SquareActivation": "square",
     "actswap>Square": "square",
+    "actswap>PolynomialActivation": "poly",
+    "actswap>Polynomial": "poly",
 }

@@ -84,7 +84,7 @@ class _Sites:
         if in_control_flow:
             self.in_control_flow += 1
             site.detail = "in tf.cond/tf.while_loop"
-        return [self.target.tensor(inputs[0], self.grad, not in_control_flow)]
+        return [self.target.tensor(inputs[0], self.grad, not in_control_flow, site)]
 
 
 def _specs_of(fn: Any) -> tuple[Any, Any]:
@@ -137,7 +137,7 @@ def rewrite_savedmodel(
     return module, concretes, notes
 
 
-def inspect_savedmodel(path: Path, sources: Iterable[str] = ("relu",), to: str = "square") -> Report:
+def inspect_savedmodel(path: Path, sources: Iterable[str] = ("relu",), to: Any = "square") -> Report:
     """Every activation op of every signature (nested functions and control flow included)."""
     target = registry.get_target(to)
     recorder = _Sites(None, None, frozenset(sources), None)
@@ -153,7 +153,7 @@ def inspect_savedmodel(path: Path, sources: Iterable[str] = ("relu",), to: str =
 
 def convert_savedmodel(
     path: Path,
-    to: str = "square",
+    to: Any = "square",
     grad: Any = "exact",
     *,
     sources: Iterable[str] = ("relu",),
@@ -165,7 +165,7 @@ def convert_savedmodel(
     module, concretes, notes = rewrite_savedmodel(path, hook)
     module.actswap_signatures = concretes  # what save_savedmodel writes
     return module, Report(
-        sites=hook.sites, target=to, grad=grad if isinstance(grad, str) else "custom",
+        sites=hook.sites, target=target.name, grad=grad if isinstance(grad, str) else "custom",
         notes=notes, source=str(path),
     )
 
@@ -213,7 +213,7 @@ def _graphdef_nodes(graph_def: Any) -> Iterable[tuple[str, Any]]:
             yield f"{fn.signature.name}/{node.name}", node
 
 
-def inspect_graphdef(path: Path, sources: Iterable[str] = ("relu",), to: str = "square") -> Report:
+def inspect_graphdef(path: Path, sources: Iterable[str] = ("relu",), to: Any = "square") -> Report:
     target = registry.get_target(to)
     sites = []
     for where, node in _graphdef_nodes(read_graphdef(path)):
@@ -226,7 +226,7 @@ def inspect_graphdef(path: Path, sources: Iterable[str] = ("relu",), to: str = "
 
 
 def convert_graphdef(
-    path: Path, to: str = "square", *, sources: Iterable[str] = ("relu",)
+    path: Path, to: Any = "square", *, sources: Iterable[str] = ("relu",)
 ) -> tuple[Any, Report]:
     """A copy of the frozen GraphDef with each selected activation node's op swapped.
 
@@ -235,6 +235,11 @@ def convert_graphdef(
     inference (and export), not training, and the report says so.
     """
     target = registry.get_target(to)
+    if target.graph_op is None:
+        raise UserError(
+            f"--to {target.name} needs several ops per site; a frozen graph converts only to "
+            "single-op targets (square)"
+        )
     chosen = frozenset(sources)
     graph_def = read_graphdef(path)
     new = tf.compat.v1.GraphDef()
@@ -248,12 +253,12 @@ def convert_graphdef(
         reason = decide(site, target, chosen)
         site.replaceable = reason is None
         site.action = REPLACED if reason is None else SKIPPED
-        site.reason = reason or f"{act} -> {to}"
+        site.reason = reason or f"{act} -> {target.name}"
         if reason is None:
             node.op = target.graph_op  # same T attribute, same single output
         sites.append(site)
     return new, Report(
-        sites=sites, target=to, grad="n/a", source=str(path),
+        sites=sites, target=target.name, grad="n/a", source=str(path),
         notes=["frozen graph: not trainable (no variables); the gradient mode does not apply"],
     )
 

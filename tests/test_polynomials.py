@@ -1,0 +1,170 @@
+"""Polynomial targets (poly:..., approx), other source activations (--from)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+import actswap
+from actswap import registry
+from actswap.activations import poly_op
+from actswap.cli import app
+
+runner = CliRunner()
+coefficients = st.lists(st.floats(-3, 3, allow_nan=False), min_size=2, max_size=5).filter(
+    lambda c: any(abs(v) > 1e-3 for v in c[1:])
+)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(coefficients, st.lists(st.floats(-2, 2), min_size=1, max_size=8))
+def test_poly_op_values_and_gradients_match_numpy(coeffs, xs):
+    x = tf.constant(np.array(xs, "float32"))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = poly_op(x, coeffs)
+    g = tape.gradient(y, x).numpy()
+    p = np.polynomial.Polynomial(np.trim_zeros(np.array(coeffs, "float64"), "b"))
+    np.testing.assert_allclose(y.numpy(), p(np.array(xs)), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(g, p.deriv()(np.array(xs)), rtol=1e-4, atol=1e-4)
+
+
+def test_clip_mode_clips_the_polynomial_derivative():
+    x = tf.constant([-3.0, 0.1, 3.0])
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = poly_op(x, [0.0, 1.0, 1.0], "clip:2")  # p' = 1 + 2x: -5, 1.2, 7
+    np.testing.assert_allclose(tape.gradient(y, x).numpy(), [-2.0, 1.2, 2.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "activation, fn, interval, degree, bound",
+    [
+        ("tanh", np.tanh, (-2.0, 2.0), 3, 0.06),
+        ("sigmoid", lambda x: 1 / (1 + np.exp(-x)), (-4.0, 4.0), 3, 0.03),
+        ("relu", lambda x: np.maximum(x, 0), (-4.0, 4.0), 2, 0.45),
+    ],
+)
+def test_approx_fits_are_close_on_their_interval(activation, fn, interval, degree, bound):
+    coef = registry.fit_coefficients(activation, "", degree, interval)
+    xs = np.linspace(*interval, 1001)
+    err = np.max(np.abs(np.polynomial.Polynomial(coef)(xs) - fn(xs)))
+    assert err < bound, err
+    assert len(coef) == degree + 1
+
+
+def acts_model():
+    keras.utils.set_random_seed(0)
+    i = keras.Input((6,), name="x")
+    h = keras.layers.Dense(8, activation="gelu", name="g")(i)
+    h = keras.layers.Dense(8, activation="silu", name="s")(h)
+    h = keras.layers.Activation("tanh", name="t")(h)
+    h = keras.ops.sigmoid(keras.layers.Dense(4, name="d")(h))
+    return keras.Model(i, keras.layers.Dense(3, activation="softmax", name="out")(h))
+
+
+def test_approx_from_all_replaces_every_elementwise_activation_with_parity(tmp_path):
+    model = acts_model()
+    converted, report = actswap.convert(model, to="approx", sources=registry.resolve_sources("all"), degree=3)
+    actions = {s.path: (s.activation, s.action) for s in report.sites}
+    assert actions == {
+        "g": ("gelu", "replaced"), "s": ("silu", "replaced"), "t": ("tanh", "replaced"),
+        "sigmoid": ("sigmoid", "replaced"), "out": ("softmax", "skipped"),
+    }
+    left = {s.activation for s in actswap.inspect(converted).sites}
+    assert left == {"poly", "softmax"}
+    # Independent reference: a NumPy forward pass with numpy.polynomial fits.
+    def fit(f):
+        xs = np.cos(np.pi * (np.arange(256) + 0.5) / 256) * 4.0
+        return np.polynomial.Chebyshev.fit(xs, f(xs), 3, domain=[-4, 4]).convert(kind=np.polynomial.Polynomial)
+
+    from math import erf, sqrt
+
+    gelu = fit(lambda x: 0.5 * x * (1 + np.vectorize(erf)(x / sqrt(2))))
+    silu = fit(lambda x: x / (1 + np.exp(-x)))
+    tanh = fit(np.tanh)
+    sigm = fit(lambda x: 1 / (1 + np.exp(-x)))
+    w = {layer.name: [v.numpy().astype("float64") for v in layer.weights] for layer in model.layers}
+    x = np.random.default_rng(0).uniform(-1, 1, (5, 6))
+    h = gelu(x @ w["g"][0] + w["g"][1])
+    h = tanh(silu(h @ w["s"][0] + w["s"][1]))
+    h = sigm(h @ w["d"][0] + w["d"][1])
+    logits = h @ w["out"][0] + w["out"][1]
+    ref = np.exp(logits - logits.max(1, keepdims=True))
+    ref /= ref.sum(1, keepdims=True)
+    np.testing.assert_allclose(converted(x.astype("float32")).numpy(), ref, rtol=1e-4, atol=1e-5)
+    # Saved and reloaded in a fresh process after `import actswap` only.
+    path = actswap.save(converted, tmp_path / "approx.keras")
+    code = (
+        "import sys, numpy as np, actswap, keras; m = keras.models.load_model(sys.argv[1]);"
+        "print(np.asarray(m(np.asarray(sys.argv[2].split(','), 'float32').reshape(1, 6))).tolist())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(path), ",".join(map(str, x[0].astype("float32")))],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    np.testing.assert_allclose(json.loads(out.stdout.strip().splitlines()[-1])[0], ref[0], rtol=1e-4, atol=1e-5)
+
+
+def test_polynomials_export_as_mul_and_add_only(tmp_path):
+    from actswap.export import export_onnx
+
+    converted, _ = actswap.convert(acts_model(), to="approx", sources={"gelu", "silu", "tanh", "sigmoid"})
+    r = export_onnx(converted, tmp_path / "p.onnx")
+    assert set(r.op_counts) <= {"MatMul", "Add", "Mul", "Softmax"} and r.parity.ok
+
+
+def test_fixed_poly_on_relu_equals_square_when_it_is_x_squared():
+    from cases import CASES, sample_inputs
+
+    model, expected = CASES["functional_forms"]()
+    sq, _ = actswap.convert(model, to="square")
+    poly, report = actswap.convert(model, to="poly:0,0,1")
+    assert report.replaced == expected["replaced"]
+    x = sample_inputs(model)
+    np.testing.assert_array_equal(poly(x).numpy(), sq(x).numpy())
+
+
+def test_poly_in_a_savedmodel_graph(tmp_path):
+    from conftest import assert_close, relu_as_square
+    from tf_cases import ControlFlowModule
+
+    m = ControlFlowModule()
+    src = tmp_path / "sm"
+    tf.saved_model.save(m, str(src), signatures=m.signatures())
+    converted, report = actswap.convert(src, to="poly:0,0,1", grad="clip:0.5")
+    assert report.replaced == 5
+    out = actswap.save(converted, tmp_path / "sm.poly")
+    loaded = tf.saved_model.load(str(out))
+    x = np.random.default_rng(0).uniform(-0.2, 1.0, (3, 4)).astype("float32")
+    ref_module = ControlFlowModule()
+    with relu_as_square("clip:0.5"):
+        ref = ref_module.main(tf.constant(x))
+    assert_close(loaded.signatures["serving_default"](x=tf.constant(x))["y"], ref["y"])
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--to", "square", "--from", "sigmoid"], "use --to approx"),
+        (["--to", "poly:1"], "needs coefficients"),
+        (["--to", "poly:a,b"], "needs coefficients"),
+        (["--to", "approx", "--degree", "0"], "--degree"),
+        (["--to", "approx", "--range", "3,1"], "LO < HI"),
+        (["--to", "square", "--from", "nosuch"], "unknown source"),
+    ],
+)
+def test_bad_target_and_source_options_are_exit_2(fixtures_dir, tmp_path, args, fragment):
+    r = runner.invoke(app, ["convert", str(fixtures_dir / "no_relu.keras"), "-o", str(tmp_path / "o.keras"), *args])
+    assert r.exit_code == 2 and fragment in r.stderr, (r.stdout, r.stderr)
+    assert not (tmp_path / "o.keras").exists()
