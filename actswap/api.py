@@ -66,6 +66,21 @@ def save(converted: Any, path: str | os.PathLike[str], *, overwrite: bool = Fals
     raise UserError(f"cannot save a {type(converted).__name__}; pass what actswap.convert returned")
 
 
+def _calibrate_sites(model: Any, sites: list[Site], data: Any, margin: float) -> None:
+    from .calibrate import calibrate
+
+    if not margin >= 0:
+        raise UserError(f"--margin must be >= 0, got {margin}")
+    ranges = calibrate(model, sites, data)
+    for s in sites:
+        r = ranges.get(s.path)
+        if r is None:
+            continue
+        s.input_range = r.to_dict()
+        width = max(r.max - r.min, 1e-6)
+        s.fit_interval = (r.min - margin * width, r.max + margin * width)
+
+
 def _check_grad_function(fn: Any) -> None:
     # The converted model is rebuilt from its config and must reload from a
     # file, so a gradient function must be findable by its registered name.
@@ -167,6 +182,8 @@ def convert(
     trust_code: bool = False,
     degree: int | None = None,
     interval: tuple[float, float] | None = None,
+    calibrate: Any = None,
+    margin: float = 0.1,
 ) -> tuple[Any, Report]:
     """Return a copy of the model with every plain ReLU site replaced by ``to``.
 
@@ -194,6 +211,10 @@ def convert(
     level (see :mod:`actswap.savedmodel`); the result is a ``tf.Module`` or a
     ``GraphDef``, which :func:`save` writes in the same family.
     ``signature`` restricts a SavedModel rewrite to one signature.
+    ``calibrate`` (arrays, a ``tf.data.Dataset`` or an .npz/.npy path) runs the
+    original model on samples and records each site's input range (in the
+    report); fitted targets then use that range widened by ``margin`` (a
+    fraction of its width on each side).
     ``trust_code`` lets a file's stored code (Lambda layers) load: dangerous.
     """
     grad_mode = gradients.normalize(grad) if isinstance(grad, str) else grad
@@ -215,11 +236,15 @@ def convert(
         _check_grad_function(grad_mode)
     chosen = frozenset(sources)
     sites = find_sites(model)
+    if calibrate is not None:
+        _calibrate_sites(model, sites, calibrate, margin)
     for s in sites:
         reason = decide(s, target, chosen)
         s.replaceable = reason is None
         s.action = REPLACED if reason is None else SKIPPED
         s.reason = reason or f"{s.activation} -> {target.name}"
+        if reason is None and target.coefficients is not None:
+            s.coefficients = target.coefficients(s)
 
     def make_layer(site: Site, old_node: dict[str, Any]) -> Any:
         cfg = old_node["config"]

@@ -148,6 +148,10 @@ def convert(
     ),
     degree: Optional[int] = typer.Option(None, "--degree", help="approx: polynomial degree [default: 2]."),
     fit_range: Optional[str] = typer.Option(None, "--range", help="approx: fit interval LO,HI [default: -4,4]."),
+    calibrate: Optional[Path] = typer.Option(
+        None, "--calibrate", help="Sample inputs (.npz with x, or .npy): measure each site's input range."
+    ),
+    margin: float = typer.Option(0.1, "--margin", help="Widen calibrated ranges by this fraction per side."),
     output: Optional[Path] = typer.Option(
         None, "-o", "--output",
         help="Output path, same family as MODEL [default: <stem>.<target>.keras|.pb, or <dir>.<target>/ beside MODEL].",
@@ -179,7 +183,7 @@ def convert(
     def body() -> int:
         plan = plan_convert(
             model, to=to, output=output, grad=grad, signature=signature, force=force, onnx_out=onnx_out,
-            sources=sources, degree=degree, interval=fit_range,
+            sources=sources, degree=degree, interval=fit_range, calibrate=calibrate, margin=margin,
         )
         if trust_code:
             _warn_trust_code()

@@ -36,6 +36,8 @@ class ConvertPlan:
     sources: frozenset[str]
     degree: int | None
     interval: tuple[float, float] | None
+    calibrate: Path | None = None
+    margin: float = 0.1
 
 
 def legacy_kind(model: Path, fmt: Format) -> str | None:
@@ -96,6 +98,8 @@ def plan_convert(
     sources: str = "relu",
     degree: int | None = None,
     interval: str | None = None,
+    calibrate: str | os.PathLike[str] | None = None,
+    margin: float = 0.1,
 ) -> ConvertPlan:
     """Validate everything that can be validated without loading the model."""
     from . import paths
@@ -123,7 +127,18 @@ def plan_convert(
         paths.check_output_onnx(onnx_path, overwrite=force)
     if legacy is not None and (to != "square" or chosen != frozenset({"relu"})):
         raise UserError("Keras 2 (tf_keras) files convert with --to square --from relu only, for now")
-    return ConvertPlan(model, fmt, legacy, out, to, grad_mode, signature, force, onnx_path, chosen, degree, bounds)
+    calib = Path(calibrate) if calibrate is not None else None
+    if calib is not None:
+        if fmt not in (Format.KERAS, Format.H5) or legacy is not None:
+            raise UserError("--calibrate is supported for Keras 3 models (.keras/.h5) only, for now")
+        if not calib.is_file():
+            raise UserError(f"calibration data '{calib}' is not a file; pass an .npz (array x) or .npy")
+        if not margin >= 0:
+            raise UserError(f"--margin must be >= 0, got {margin}")
+    return ConvertPlan(
+        model, fmt, legacy, out, to, grad_mode, signature, force, onnx_path, chosen, degree, bounds,
+        calib, margin,
+    )
 
 
 def parse_interval(text: str | None) -> tuple[float, float] | None:
@@ -161,6 +176,7 @@ def run_convert(
     converted, report = api.convert(
         plan.model, to=plan.to, grad=plan.grad, signature=plan.signature, trust_code=trust_code,
         sources=plan.sources, degree=plan.degree, interval=plan.interval,
+        calibrate=plan.calibrate, margin=plan.margin,
     )
     if strict and report.skipped_relu_like > 0:
         return report, True

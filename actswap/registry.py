@@ -116,6 +116,9 @@ class Target:
     # The single TF op type that computes the target, for frozen GraphDefs
     # (None: the target needs more than one op there).
     graph_op: str | None
+    # coefficients(site) -> ascending polynomial coefficients put at the site
+    # (reported); None for targets that are not fixed polynomials.
+    coefficients: Callable[[Any], tuple[float, ...]] | None = None
 
 
 TARGETS: dict[str, Target] = {}
@@ -218,7 +221,7 @@ def polynomial_target(name: str, description: str, coefficients_for: Callable[[A
         _no_custom_gradient_function(grad)
         return activations.poly_op_without_custom_gradient(x, coefficients_for(site), grad)
 
-    return Target(name, description, refuses, layer, activation, tensor, None)
+    return Target(name, description, refuses, layer, activation, tensor, None, coefficients_for)
 
 
 # Activations a per-element polynomial cannot stand in for: they mix elements
@@ -280,20 +283,33 @@ APPROX_DEFAULT_DEGREE = 2
 
 
 def fit_coefficients(activation: str, detail: str, degree: int, interval: tuple[float, float]) -> tuple[float, ...]:
-    """Least-squares Chebyshev fit of a source activation on ``interval``,
-    returned as ascending power-basis coefficients (numpy.polynomial)."""
+    """Least-squares fit (numpy.polynomial) of a source activation on ``interval``,
+    as ascending power-basis coefficients.
+
+    Two least-squares fits are made, on Chebyshev nodes (near-minimax for
+    smooth functions, no Runge wiggle) and on a uniform grid (numpy's plain
+    fit), and the one with the smaller maximum error on a dense grid is kept,
+    so the result is never worse than the plain fit."""
     import numpy as np
 
     f = _source_function(activation, detail)
     if f is None:
         raise UserError(f"no reference function to fit for '{activation}'")
     lo, hi = interval
-    # Chebyshev nodes: the fit is well conditioned and has no Runge wiggle.
-    k = np.arange(max(256, 8 * (degree + 1)))
-    xs = 0.5 * (lo + hi) + 0.5 * (hi - lo) * np.cos(np.pi * (k + 0.5) / len(k))
-    fit = np.polynomial.Chebyshev.fit(xs, f(xs), degree, domain=[lo, hi])
-    coef = fit.convert(kind=np.polynomial.Polynomial).coef
-    return tuple(float(c) for c in coef)
+    n = max(2001, 8 * (degree + 1))
+    k = np.arange(n)
+    nodes = 0.5 * (lo + hi) + 0.5 * (hi - lo) * np.cos(np.pi * (k + 0.5) / n)
+    uniform = np.linspace(lo, hi, n)
+    dense = np.linspace(lo, hi, 10 * n)
+    target = f(dense)
+    best = None
+    for xs in (nodes, uniform):
+        fit = np.polynomial.Chebyshev.fit(xs, f(xs), degree, domain=[lo, hi])
+        poly = fit.convert(kind=np.polynomial.Polynomial)
+        err = float(np.max(np.abs(poly(dense) - target)))
+        if best is None or err < best[0]:
+            best = (err, poly)
+    return tuple(float(c) for c in best[1].coef)
 
 
 def _approx_factory(args: str, options: dict[str, Any]) -> Target:
@@ -307,9 +323,11 @@ def _approx_factory(args: str, options: dict[str, Any]) -> Target:
     cache: dict[tuple[str, str], tuple[float, ...]] = {}
 
     def coefficients_for(site: Any) -> tuple[float, ...]:
-        key = (site.activation, site.detail)
+        # A calibrated site is fitted on its own measured interval.
+        bounds = tuple(getattr(site, "fit_interval", None) or interval)
+        key = (site.activation, site.detail, bounds)
         if key not in cache:
-            cache[key] = fit_coefficients(site.activation, site.detail, degree, interval)  # type: ignore[arg-type]
+            cache[key] = fit_coefficients(site.activation, site.detail, degree, bounds)  # type: ignore[arg-type]
         return cache[key]
 
     def refuses(activation: str, detail: str) -> str | None:

@@ -35,6 +35,12 @@ class Site:
     action: str | None = None
     reason: str = ""
     also_at: list[str] = field(default_factory=list)
+    # Calibration: the measured input range (min, max, percentiles) and the
+    # interval a fitted target used (the range widened by the margin).
+    input_range: dict[str, Any] | None = None
+    fit_interval: tuple[float, float] | None = None
+    # The polynomial put at a replaced site, ascending coefficients.
+    coefficients: tuple[float, ...] | None = None
     # Where the site lives, for the engine: the leaf layer object's id and a
     # key path into that leaf's serialized config. Not part of the report.
     leaf_id: int = field(default=0, repr=False, compare=False)
@@ -58,6 +64,12 @@ class Site:
             d["reason"] = self.reason
         if self.also_at:
             d["also_at"] = list(self.also_at)
+        if self.input_range is not None:
+            d["input_range"] = dict(self.input_range)
+        if self.fit_interval is not None:
+            d["fit_interval"] = list(self.fit_interval)
+        if self.coefficients is not None:
+            d["coefficients"] = list(self.coefficients)
         return d
 
 

@@ -75,24 +75,17 @@ def acts_model():
 def test_approx_from_all_replaces_every_elementwise_activation_with_parity(tmp_path):
     model = acts_model()
     converted, report = actswap.convert(model, to="approx", sources=registry.resolve_sources("all"), degree=3)
-    actions = {s.path: (s.activation, s.action) for s in report.sites}
+    # keras.ops.sigmoid's op gets an automatic name (sigmoid, sigmoid_1, ...): keyed by activation.
+    actions = {s.activation: (s.path if s.activation != "sigmoid" else "op", s.action) for s in report.sites}
     assert actions == {
-        "g": ("gelu", "replaced"), "s": ("silu", "replaced"), "t": ("tanh", "replaced"),
-        "sigmoid": ("sigmoid", "replaced"), "out": ("softmax", "skipped"),
+        "gelu": ("g", "replaced"), "silu": ("s", "replaced"), "tanh": ("t", "replaced"),
+        "sigmoid": ("op", "replaced"), "softmax": ("out", "skipped"),
     }
     left = {s.activation for s in actswap.inspect(converted).sites}
     assert left == {"poly", "softmax"}
-    # Independent reference: a NumPy forward pass with numpy.polynomial fits.
-    def fit(f):
-        xs = np.cos(np.pi * (np.arange(256) + 0.5) / 256) * 4.0
-        return np.polynomial.Chebyshev.fit(xs, f(xs), 3, domain=[-4, 4]).convert(kind=np.polynomial.Polynomial)
-
-    from math import erf, sqrt
-
-    gelu = fit(lambda x: 0.5 * x * (1 + np.vectorize(erf)(x / sqrt(2))))
-    silu = fit(lambda x: x / (1 + np.exp(-x)))
-    tanh = fit(np.tanh)
-    sigm = fit(lambda x: 1 / (1 + np.exp(-x)))
+    # Independent reference: a NumPy forward pass evaluating the reported polynomials.
+    coef = {s.activation: np.polynomial.Polynomial(s.coefficients) for s in report.sites if s.action == "replaced"}
+    gelu, silu, tanh, sigm = coef["gelu"], coef["silu"], coef["tanh"], coef["sigmoid"]
     w = {layer.name: [v.numpy().astype("float64") for v in layer.weights] for layer in model.layers}
     x = np.random.default_rng(0).uniform(-1, 1, (5, 6))
     h = gelu(x @ w["g"][0] + w["g"][1])
@@ -168,3 +161,100 @@ def test_bad_target_and_source_options_are_exit_2(fixtures_dir, tmp_path, args, 
     r = runner.invoke(app, ["convert", str(fixtures_dir / "no_relu.keras"), "-o", str(tmp_path / "o.keras"), *args])
     assert r.exit_code == 2 and fragment in r.stderr, (r.stdout, r.stderr)
     assert not (tmp_path / "o.keras").exists()
+
+
+# --- calibration ----------------------------------------------------------------
+
+
+def test_calibrated_ranges_are_the_pre_activation_ranges():
+    model = acts_model()
+    x = np.random.default_rng(0).uniform(-1, 1, (100, 6)).astype("float32")
+    _, report = actswap.convert(model, to="approx", sources={"gelu"}, calibrate=x, margin=0.25)
+    site = next(s for s in report.sites if s.path == "g")
+    w, b = (v.numpy().astype("float64") for v in model.get_layer("g").weights)
+    pre = x.astype("float64") @ w + b  # independent: the Dense before its activation
+    assert site.input_range["min"] == pytest.approx(pre.min(), rel=1e-5)
+    assert site.input_range["max"] == pytest.approx(pre.max(), rel=1e-5)
+    assert site.input_range["count"] == pre.size
+    width = pre.max() - pre.min()
+    assert site.fit_interval == pytest.approx((pre.min() - 0.25 * width, pre.max() + 0.25 * width), rel=1e-5)
+    assert report.to_dict()["sites"][0]["input_range"]["min"] == site.input_range["min"]
+
+
+REFERENCE = {
+    "relu": lambda x: np.maximum(x, 0.0),
+    "relu6": lambda x: np.clip(x, 0.0, 6.0),
+    "leaky_relu": lambda x: np.where(x > 0, x, 0.2 * x),
+    "elu": lambda x: np.where(x > 0, x, np.exp(x) - 1.0),
+    "gelu": lambda x: 0.5 * x * (1.0 + np.vectorize(__import__("math").erf)(x / np.sqrt(2.0))),
+    "silu": lambda x: x / (1.0 + np.exp(-x)),
+    "sigmoid": lambda x: 1.0 / (1.0 + np.exp(-x)),
+    "tanh": np.tanh,
+    "softplus": lambda x: np.log1p(np.exp(x)),
+}
+
+
+@pytest.mark.parametrize("degree", [2, 3, 4, 8])
+@pytest.mark.parametrize("activation", sorted(REFERENCE))
+def test_fit_is_no_worse_than_numpys_least_squares(activation, degree):
+    lo, hi = -3.0, 7.0  # a calibrated-style, asymmetric range reaching relu6's cap
+    ours = np.polynomial.Polynomial(registry.fit_coefficients(activation, "", degree, (lo, hi)))
+    grid = np.linspace(lo, hi, 2001)
+    f = REFERENCE[activation]
+    theirs = np.polynomial.Polynomial.fit(grid, f(grid), degree)
+    dense = np.linspace(lo, hi, 20001)
+    err_ours = np.max(np.abs(ours(dense) - f(dense)))
+    err_numpy = np.max(np.abs(theirs(dense) - f(dense)))
+    assert err_ours <= 1.01 * err_numpy, (err_ours, err_numpy)
+
+
+def test_calibrated_conversion_equals_numpy_evaluation_of_the_fits():
+    model = acts_model()
+    x = np.random.default_rng(1).uniform(-1, 1, (50, 6)).astype("float32")
+    sources = {"gelu", "silu", "tanh", "sigmoid"}
+    converted, report = actswap.convert(model, to="approx", sources=sources, degree=4, calibrate=x)
+    intervals = {s.activation: s.fit_interval for s in report.sites if s.action == "replaced"}
+    assert set(intervals) == sources
+
+    coef = {s.activation: s.coefficients for s in report.sites if s.action == "replaced"}
+    for name in sources:
+        # The reported polynomial is the fit of that activation on that site's range.
+        assert coef[name] == registry.fit_coefficients(name, "", 4, intervals[name])
+
+    def fit(name, _path):
+        return np.polynomial.Polynomial(coef[name])
+
+    w = {layer.name: [v.numpy().astype("float64") for v in layer.weights] for layer in model.layers}
+    h = fit("gelu", "g")(x @ w["g"][0] + w["g"][1])
+    h = fit("tanh", "t")(fit("silu", "s")(h @ w["s"][0] + w["s"][1]))
+    h = fit("sigmoid", "sigmoid")(h @ w["d"][0] + w["d"][1])
+    logits = h @ w["out"][0] + w["out"][1]
+    ref = np.exp(logits - logits.max(1, keepdims=True))
+    ref /= ref.sum(1, keepdims=True)
+    np.testing.assert_allclose(converted(x).numpy(), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, scale", [("MobileNetV2", 1.0), ("EfficientNetB0", 255.0)])
+def test_mobilenetv2_and_efficientnet_become_polynomial(name, scale):
+    keras.utils.set_random_seed(0)
+    model = getattr(keras.applications, name)(weights=None, input_shape=(32, 32, 3), include_top=False, pooling="avg")
+    x = np.random.default_rng(0).uniform(0, scale, (4, 32, 32, 3)).astype("float32")
+    converted, report = actswap.convert(
+        model, to="approx", sources=registry.resolve_sources("all"), calibrate=x
+    )
+    assert report.replaced > 0 and report.skipped == 0
+    assert set(actswap.inspect(converted).counts()) == {"poly"}
+    assert np.all(np.isfinite(converted(x).numpy()))
+
+
+def test_cli_calibrate_puts_ranges_in_the_json(tmp_path, fixtures_dir):
+    x = np.random.default_rng(0).uniform(0, 1, (16, 28, 28, 1)).astype("float32")
+    np.savez(tmp_path / "cal.npz", x=x)
+    r = runner.invoke(app, [
+        "convert", str(fixtures_dir / "mnist_cnn.keras"), "--to", "approx", "--calibrate", str(tmp_path / "cal.npz"),
+        "-o", str(tmp_path / "a.keras"), "--json",
+    ])
+    assert r.exit_code == 0, r.stderr
+    sites = json.loads(r.stdout)["sites"]
+    assert all("input_range" in s and "fit_interval" in s for s in sites if s["action"] == "replaced")
