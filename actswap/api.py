@@ -138,13 +138,16 @@ def inspect(
     trust_code: bool = False,
     degree: int | None = None,
     interval: tuple[float, float] | None = None,
+    he: bool = False,
 ) -> Report:
     """List every activation site of a model; ``replaceable`` says whether
     ``convert(..., to=to)`` would replace it. Writes nothing, modifies nothing.
 
     Takes a Keras model, or a path to a ``.keras``/``.h5`` file, a SavedModel
     directory (sites per signature, nested functions and control flow
-    included) or a frozen GraphDef."""
+    included) or a frozen GraphDef. ``he=True`` adds the HE-readiness report
+    (remaining non-polynomial operations, multiplicative depth; see
+    :mod:`actswap.he`) for Keras models."""
     to = registry.get_target(to, degree=degree, interval=interval)
     graph_fmt = _graph_format(model_or_path)
     if graph_fmt is Format.SAVEDMODEL:
@@ -169,7 +172,12 @@ def inspect(
             convert(model, to=to, sources=chosen)
         except UnsupportedModelError as e:
             notes.append(f"convert would refuse this model: {e}")
-    return Report(sites=sites, notes=notes, source=source)
+    he_data = None
+    if he:
+        from .he import he_report
+
+        he_data = he_report(model).to_dict()
+    return Report(sites=sites, notes=notes, source=source, he=he_data)
 
 
 def convert(

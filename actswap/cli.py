@@ -230,6 +230,7 @@ def inspect(
     ),
     to: str = typer.Option("square", "--to", help="Target used to judge 'replaceable'."),
     sources: str = typer.Option("relu", "--from", help="Source activations, comma-separated, or 'all'."),
+    he: bool = typer.Option(False, "--he", help="Add the HE-readiness report: non-polynomial ops, multiplicative depth."),
     trust_code: bool = typer.Option(
         False, "--trust-code", help="DANGEROUS: load Keras 2 files whose config carries code (Lambda)."
     ),
@@ -243,6 +244,8 @@ def inspect(
         chosen = registry.resolve_sources(sources)
         fmt = detect(model)
         legacy = legacy_kind(model, fmt)
+        if he and (legacy is not None or fmt in (Format.SAVEDMODEL, Format.GRAPHDEF)):
+            raise UserError("--he reports on Keras 3 models (.keras/.h5) only, for now")
         if trust_code:
             _warn_trust_code()
         _import_tensorflow_quietly(debug or _state["debug"])
@@ -253,7 +256,7 @@ def inspect(
         else:
             from . import api
 
-            report = api.inspect(model, to=target, sources=chosen, trust_code=trust_code)
+            report = api.inspect(model, to=target, sources=chosen, trust_code=trust_code, he=he)
         data = report.to_dict()
         if as_json:
             typer.echo(json.dumps(data))
@@ -269,6 +272,15 @@ def inspect(
         console.print(
             f"{len(report.sites)} activation sites ({counts}); {replaceable} replaceable by {target.name}"
         )
+        if report.he is not None:
+            for item in report.he["non_polynomial"]:
+                console.print(f"not polynomial: {item['path']}: {item['op']} ({item['why']})")
+            d = report.he["multiplicative_depth"]
+            console.print(
+                f"multiplicative depth {d['depth']}: {d['ct_ct']} ciphertext x ciphertext, "
+                f"{d['ct_pt']} ciphertext x plaintext; "
+                + ("HE-ready" if report.he["he_ready"] else "not HE-ready")
+            )
         return 0
 
     _run(debug, body)

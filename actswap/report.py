@@ -84,6 +84,7 @@ class Report:
     source: str | None = None
     output: str | None = None
     export: dict[str, Any] | None = None  # ONNX export figures, when one was made
+    he: dict[str, Any] | None = None  # HE-readiness (inspect --he)
 
     @property
     def replaced(self) -> int:
@@ -121,4 +122,6 @@ class Report:
             )
         if self.export is not None:
             d["onnx"] = self.export
+        if self.he is not None:
+            d["he"] = self.he
         return d

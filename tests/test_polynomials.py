@@ -258,3 +258,34 @@ def test_cli_calibrate_puts_ranges_in_the_json(tmp_path, fixtures_dir):
     assert r.exit_code == 0, r.stderr
     sites = json.loads(r.stdout)["sites"]
     assert all("input_range" in s and "fit_interval" in s for s in sites if s["action"] == "replaced")
+
+
+# --- HE-readiness ---------------------------------------------------------------
+
+
+def test_inspect_he_on_the_fixture_before_and_after_matches_a_hand_count(tmp_path, fixtures_dir):
+    # mnist_cnn: conv1(relu) pool1 conv2 relu2 pool2 flatten fc1 relu3 probs(softmax).
+    # Before: 3 ReLUs, softmax and 2 MaxPools are not polynomial; multiplications:
+    # conv1, conv2, fc1, probs = 4 ciphertext x plaintext, no ciphertext x ciphertext.
+    # After --to square: 3 squares (1 ct x ct each) on the one path -> depth 3 + 4 = 7.
+    def he(path):
+        r = runner.invoke(app, ["inspect", str(path), "--he", "--json"])
+        assert r.exit_code == 0, r.stderr
+        return json.loads(r.stdout)["he"]
+
+    before = he(fixtures_dir / "mnist_cnn.keras")
+    assert sorted(i["path"] for i in before["non_polynomial"]) == [
+        "conv1", "pool1", "pool2", "probs", "relu2", "relu3",
+    ]
+    assert before["multiplicative_depth"] == {"depth": 4, "ct_ct": 0, "ct_pt": 4}
+    out = tmp_path / "sq.keras"
+    assert runner.invoke(app, ["convert", str(fixtures_dir / "mnist_cnn.keras"), "--to", "square", "-o", str(out)]).exit_code == 0
+    after = he(out)
+    assert sorted(i["path"] for i in after["non_polynomial"]) == ["pool1", "pool2", "probs"]
+    assert after["multiplicative_depth"] == {"depth": 7, "ct_ct": 3, "ct_pt": 4}
+    assert after["he_ready"] is False
+    # Degree 4 fits: ceil(log2 4) = 2 ct x ct each, and their coefficients scale (+1 ct x pt each).
+    approx, _ = actswap.convert(fixtures_dir / "mnist_cnn.keras", to="approx", degree=4)
+    from actswap.he import he_report
+
+    assert he_report(approx).to_dict()["multiplicative_depth"] == {"depth": 13, "ct_ct": 6, "ct_pt": 7}

@@ -1,0 +1,168 @@
+"""HE-readiness: what a CKKS engineer needs to know before encrypting a model.
+
+Two findings, for Sequential/Functional Keras models (nested ones included):
+
+* every operation that is not a polynomial of its inputs (MaxPooling, Softmax,
+  sigmoid/tanh/... activations, LayerNormalization, layers actswap does not
+  know), with its path;
+* the multiplicative depth: the longest chain of multiplications along any
+  path from input to output, as two counts.
+
+Counting rule (stated in the README too):
+
+* ciphertext x plaintext (``ct_pt``): 1 for each Dense, Conv*, Depthwise*,
+  BatchNormalization (its scale), Rescaling/Normalization, AveragePooling and
+  GlobalAveragePooling (a sum times a constant); SeparableConv is 2.
+* ciphertext x ciphertext (``ct_ct``): a polynomial activation of degree d
+  costs ceil(log2 d) (x² is 1, degree 3 or 4 is 2, degree 8 is 3: one level
+  per doubling of the degree, as in Paterson-Stockmeyer/tree evaluation);
+  coefficients other than 0/1 add 1 ct_pt; a Multiply of two tensors is 1.
+* Flatten, Reshape, Add, Concatenate, padding, cropping, dropout and the
+  input cost nothing.
+
+The chain reported is the one with the most multiplications in all; its two
+counts are given (``ct_ct``, ``ct_pt``), and ``depth`` is their sum.
+
+Invariant: reads the model, changes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+
+from .sites import find_sites, is_graph_model
+
+CT_PT_LAYERS = {
+    "Dense": 1, "EinsumDense": 1, "Conv1D": 1, "Conv2D": 1, "Conv3D": 1, "Conv1DTranspose": 1,
+    "Conv2DTranspose": 1, "Conv3DTranspose": 1, "DepthwiseConv1D": 1, "DepthwiseConv2D": 1,
+    "SeparableConv1D": 2, "SeparableConv2D": 2, "BatchNormalization": 1, "Rescaling": 1,
+    "Normalization": 1, "AveragePooling1D": 1, "AveragePooling2D": 1, "AveragePooling3D": 1,
+    "GlobalAveragePooling1D": 1, "GlobalAveragePooling2D": 1, "GlobalAveragePooling3D": 1,
+}
+FREE_LAYERS = {
+    "InputLayer", "Flatten", "Reshape", "Permute", "Dropout", "SpatialDropout1D", "SpatialDropout2D",
+    "SpatialDropout3D", "GaussianNoise", "GaussianDropout", "AlphaDropout", "ZeroPadding1D",
+    "ZeroPadding2D", "ZeroPadding3D", "Cropping1D", "Cropping2D", "Cropping3D", "Concatenate", "Add",
+    "Subtract", "Identity", "RepeatVector", "Activation", "ReLU", "Square", "Polynomial",
+}
+CT_CT_LAYERS = {"Multiply": 1, "Dot": 1}
+NON_POLYNOMIAL_LAYERS = {
+    "MaxPooling1D", "MaxPooling2D", "MaxPooling3D", "GlobalMaxPooling1D", "GlobalMaxPooling2D",
+    "GlobalMaxPooling3D", "Softmax", "LayerNormalization", "GroupNormalization", "UnitNormalization",
+    "Maximum", "Minimum", "MultiHeadAttention", "Attention", "AdditiveAttention", "Lambda",
+}
+POLYNOMIAL_SOURCES = {"square", "poly"}
+
+
+@dataclass(frozen=True, order=True)
+class Depth:
+    total: int = 0
+    ct_ct: int = 0
+    ct_pt: int = 0
+
+    def plus(self, ct_ct: int = 0, ct_pt: int = 0) -> Depth:
+        return Depth(self.total + ct_ct + ct_pt, self.ct_ct + ct_ct, self.ct_pt + ct_pt)
+
+
+@dataclass
+class HEReport:
+    non_polynomial: list[dict[str, str]] = field(default_factory=list)
+    depth: Depth = Depth()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "non_polynomial": list(self.non_polynomial),
+            "multiplicative_depth": {
+                "depth": self.depth.total, "ct_ct": self.depth.ct_ct, "ct_pt": self.depth.ct_pt,
+            },
+            "he_ready": not self.non_polynomial,
+        }
+
+
+def _poly_cost(coefficients: tuple[float, ...]) -> tuple[int, int]:
+    degree = len(coefficients) - 1
+    ct_ct = math.ceil(math.log2(degree)) if degree > 1 else 0
+    scaled = any(c not in (0.0, 1.0) for c in coefficients)
+    return ct_ct, 1 if scaled else 0
+
+
+def _activation_cost(value: Any) -> tuple[int, int]:
+    """Cost of an actswap polynomial activation object or config."""
+    from .activations import PolynomialActivation, SquareActivation, square
+
+    if value is square or isinstance(value, SquareActivation):
+        return 1, 0
+    if isinstance(value, PolynomialActivation):
+        return _poly_cost(value.coefficients)
+    return 0, 0
+
+
+def _leaf_cost(leaf: Any) -> tuple[int, int]:
+    from .activations import Polynomial, Square
+
+    if isinstance(leaf, Square):
+        return 1, 0
+    if isinstance(leaf, Polynomial):
+        return _poly_cost(leaf.coefficients)
+    name = type(leaf).__name__
+    ct_ct, ct_pt = CT_CT_LAYERS.get(name, 0), CT_PT_LAYERS.get(name, 0)
+    if name == "Rescaling" and getattr(leaf, "scale", 1.0) == 1.0:
+        ct_pt = 0
+    act = getattr(leaf, "activation", None)
+    a_ct, a_pt = _activation_cost(act)
+    return ct_ct + a_ct, ct_pt + a_pt
+
+
+def _walk(model: Any, inputs: list[Depth]) -> list[Depth]:
+    """Depth of each output of ``model`` given the depths of its inputs."""
+    if isinstance(model, keras.Sequential):
+        d = max(inputs) if inputs else Depth()
+        for layer in model.layers:
+            d = _walk(layer, [d])[0] if is_graph_model(layer) else d.plus(*_leaf_cost(layer))
+        return [d]
+
+    def call(op: Any, *args: Any, **kwargs: Any) -> list[Depth]:
+        found = [x for x in keras.tree.flatten((args, kwargs)) if isinstance(x, Depth)]
+        if is_graph_model(op):
+            outs = _walk(op, found)
+            return outs + [outs[-1]] * 16
+        d = max(found) if found else Depth()
+        return [d.plus(*_leaf_cost(op))] * 16  # zipped against the node's outputs
+
+    outs = model._run_through_graph(inputs, operation_fn=lambda op: op, call_fn=call)
+    return [o for o in keras.tree.flatten(outs) if isinstance(o, Depth)]
+
+
+def _non_polynomial(model: Any) -> list[dict[str, str]]:
+    from .sites import iter_nodes
+
+    found: list[dict[str, str]] = []
+    activation_sites = {s.path: s for s in find_sites(model)}
+    for s in activation_sites.values():
+        if s.activation not in POLYNOMIAL_SOURCES:
+            found.append({"path": s.path, "op": f"{s.activation} ({s.form})", "why": "not a polynomial"})
+    nodes = list(iter_nodes(model)) if is_graph_model(model) else []
+    for path, obj in nodes:
+        if is_graph_model(obj) or path in activation_sites:
+            continue
+        name = type(obj).__name__
+        if name in NON_POLYNOMIAL_LAYERS:
+            found.append({"path": path, "op": name, "why": "not a polynomial"})
+        elif not (name in FREE_LAYERS or name in CT_PT_LAYERS or name in CT_CT_LAYERS):
+            found.append({"path": path, "op": name, "why": "unknown to actswap: check it by hand"})
+    return found
+
+
+def he_report(model: Any) -> HEReport:
+    """Remaining non-polynomial operations and the multiplicative depth of ``model``."""
+    if not is_graph_model(model):
+        from .errors import UnsupportedModelError
+
+        raise UnsupportedModelError("the HE report needs a Sequential or Functional model")
+    n_inputs = len(keras.tree.flatten(model.inputs))
+    outs = _walk(model, [Depth()] * n_inputs)
+    return HEReport(_non_polynomial(model), max(outs) if outs else Depth())
