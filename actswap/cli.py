@@ -388,6 +388,44 @@ def verify(
     _run(debug, body)
 
 
+@app.command()
+def fit(
+    source: str = typer.Argument(..., help="Source activation to fit, e.g. relu, gelu, silu, sigmoid."),
+    degree: int = typer.Option(2, "--degree", help="Polynomial degree."),
+    fit_range: str = typer.Option("-4,4", "--range", help="Fit interval LO,HI."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of the fit (needs matplotlib)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+) -> None:
+    """Fit SOURCE with a polynomial (what --to approx puts in) and show how good it is."""
+
+    def body() -> int:
+        from .fitplot import fit_summary, plot_fit
+        from .pipeline import parse_interval
+
+        name = registry.canonical(source)
+        interval = parse_interval(fit_range)
+        if not 1 <= degree <= 32:
+            raise UserError(f"--degree must be between 1 and 32, got {degree}")
+        summary = fit_summary(name, degree, interval)
+        if plot is not None:
+            summary["plot"] = str(plot_fit(plot, name, summary["coefficients"], interval))
+        if as_json:
+            typer.echo(json.dumps(summary))
+            return 0
+        coeffs = ", ".join(f"{c:.6g}" for c in summary["coefficients"])
+        typer.echo(f"{name} on [{interval[0]:g}, {interval[1]:g}], degree {degree}: coefficients {coeffs}")
+        typer.echo(
+            f"max error {summary['max_error']:.4g} (numpy's plain least squares: "
+            f"{summary['numpy_lstsq_max_error']:.4g})"
+        )
+        if plot is not None:
+            typer.echo(f"wrote {plot}")
+        return 0
+
+    _run(debug, body)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console-script entry point; usage errors become one line and exit code 2."""
     try:

@@ -289,3 +289,14 @@ def test_inspect_he_on_the_fixture_before_and_after_matches_a_hand_count(tmp_pat
     from actswap.he import he_report
 
     assert he_report(approx).to_dict()["multiplicative_depth"] == {"depth": 13, "ct_ct": 6, "ct_pt": 7}
+
+
+def test_fit_command_reports_errors_and_plots(tmp_path):
+    png = tmp_path / "fit.png"
+    r = runner.invoke(app, ["fit", "gelu", "--degree", "4", "--range", "-4,4", "--plot", str(png), "--json"])
+    assert r.exit_code == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["coefficients"] == list(registry.fit_coefficients("gelu", "", 4, (-4.0, 4.0)))
+    assert data["max_error"] <= 1.01 * data["numpy_lstsq_max_error"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert runner.invoke(app, ["fit", "softmax"]).exit_code == 2
