@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any, Union
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from . import gradients
@@ -188,19 +189,100 @@ class PolynomialActivation:
         return cls(config["coefficients"], _deserialize_grad(config.get("grad", "exact")))
 
 
+def trainable_poly_op(x: tf.Tensor, coeffs: tf.Tensor, grad: Grad = "exact") -> tf.Tensor:
+    """p(x) with coefficient *tensors* (ascending; shape (n,) or (n, channels)).
+
+    Backward: the gradient mode applies to x (p'(x), exact or clipped); the
+    coefficients get their exact gradient, sum(dy * x**k) over every axis they
+    are broadcast along.
+    """
+    clip = None if callable(grad) else gradients.clip_bound(gradients.normalize(grad))
+    n = int(coeffs.shape[0])
+
+    @tf.custom_gradient
+    def _poly(t: tf.Tensor, c: tf.Tensor) -> tuple[tf.Tensor, Callable[..., Any]]:
+        def value(v: tf.Tensor) -> tf.Tensor:
+            y = v * c[n - 1]
+            for k in range(n - 2, 0, -1):
+                y = (y + c[k]) * v
+            return y + c[0]
+
+        def _grad(dy: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            slope = tf.zeros_like(t) + c[n - 1] * (n - 1)
+            for k in range(n - 2, 0, -1):
+                slope = slope * t + c[k] * k
+            if callable(grad):
+                dx = grad(t, dy)
+            else:
+                if clip is not None:
+                    bound = tf.cast(clip, t.dtype)
+                    slope = tf.clip_by_value(slope, -bound, bound)
+                dx = dy * slope
+            axes = list(range(len(t.shape) - (len(c.shape) - 1)))
+            powers = [tf.ones_like(t)]
+            for _ in range(1, n):
+                powers.append(powers[-1] * t)
+            dc = tf.stack([tf.reduce_sum(dy * p, axis=axes) for p in powers])
+            return dx, dc
+
+        return value(t), _grad
+
+    return _poly(tf.convert_to_tensor(x), tf.convert_to_tensor(coeffs))
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE, name="Polynomial")
 class Polynomial(keras.layers.Layer):
-    """Layer computing a fixed polynomial of its input (see :class:`PolynomialActivation`)."""
+    """Layer computing a polynomial of its input, ascending ``coefficients``.
 
-    def __init__(self, coefficients: Any, grad: Grad = "exact", cast_inputs: bool = True, **kwargs: Any) -> None:
+    Fixed by default. ``trainable_coefficients=True`` makes the coefficients a
+    weight (initialised to ``coefficients``; per channel of the last axis with
+    ``per_channel=True``) that a ``fit`` trains; ``Dense(activation=Polynomial(...))``
+    works too, the weight then belonging to the Dense layer's activation.
+    """
+
+    # Weights a target layer creates are its own, not copies of the original
+    # model's; the rewriting engine leaves them out of its copy and checks.
+    actswap_target = True
+
+    def __init__(
+        self,
+        coefficients: Any,
+        grad: Grad = "exact",
+        cast_inputs: bool = True,
+        trainable_coefficients: bool = False,
+        per_channel: bool = False,
+        channels: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.supports_masking = True
         self.coefficients = _coefficients(coefficients)
         self.grad = gradients.normalize(grad) if isinstance(grad, str) else grad
         self.cast_inputs = bool(cast_inputs)
         self._convert_input_args = self.cast_inputs
+        self.trainable_coefficients = bool(trainable_coefficients)
+        self.per_channel = bool(per_channel)
+        self.coefficient_weights = None
+        self.channels = channels
+        if self.trainable_coefficients and (not self.per_channel or channels):
+            # Built now: as another layer's activation= it must own its weight
+            # before that layer is built and locks its state.
+            self.build((None, channels or 1))
+
+    def build(self, input_shape: Any) -> None:
+        if self.trainable_coefficients and self.coefficient_weights is None:
+            n = len(self.coefficients)
+            shape = (n, int(input_shape[-1])) if self.per_channel else (n,)
+            init = np.broadcast_to(np.asarray(self.coefficients, "float32").reshape((n,) + (1,) * (len(shape) - 1)), shape)
+            self.coefficient_weights = self.add_weight(
+                name="coefficients", shape=shape, initializer=keras.initializers.Constant(init.copy()),
+                trainable=True,
+            )
 
     def call(self, inputs: Any, mask: Any = None) -> tf.Tensor:
+        if self.coefficient_weights is not None:
+            c = tf.cast(self.coefficient_weights, inputs.dtype)
+            return trainable_poly_op(inputs, c, self.grad)
         return poly_op(inputs, self.coefficients, self.grad)
 
     def compute_output_shape(self, input_shape: Any) -> Any:
@@ -209,7 +291,9 @@ class Polynomial(keras.layers.Layer):
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(
-            coefficients=list(self.coefficients), grad=_serialize_grad(self.grad), cast_inputs=self.cast_inputs
+            coefficients=list(self.coefficients), grad=_serialize_grad(self.grad), cast_inputs=self.cast_inputs,
+            trainable_coefficients=self.trainable_coefficients, per_channel=self.per_channel,
+            channels=self.channels,
         )
         return config
 

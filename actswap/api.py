@@ -192,6 +192,8 @@ def convert(
     interval: tuple[float, float] | None = None,
     calibrate: Any = None,
     margin: float = 0.1,
+    trainable: bool = False,
+    per_channel: bool = False,
 ) -> tuple[Any, Report]:
     """Return a copy of the model with every plain ReLU site replaced by ``to``.
 
@@ -222,11 +224,15 @@ def convert(
     ``calibrate`` (arrays, a ``tf.data.Dataset`` or an .npz/.npy path) runs the
     original model on samples and records each site's input range (in the
     report); fitted targets then use that range widened by ``margin`` (a
-    fraction of its width on each side).
+    fraction of its width on each side). ``"quad"`` (a·x²+b·x+c) and
+    ``trainable=True`` make the fitted coefficients weights that train, one
+    set per site or, with ``per_channel``, per channel of the last axis.
     ``trust_code`` lets a file's stored code (Lambda layers) load: dangerous.
     """
     grad_mode = gradients.normalize(grad) if isinstance(grad, str) else grad
-    to = registry.get_target(to, degree=degree, interval=interval)
+    to = registry.get_target(
+        to, degree=degree, interval=interval, trainable=trainable, per_channel=per_channel
+    )
     graph_fmt = _graph_format(model_or_path)
     if graph_fmt is Format.SAVEDMODEL:
         from .savedmodel import convert_savedmodel
@@ -263,8 +269,8 @@ def convert(
             kwargs["cast_inputs"] = False
         return target.layer(grad_mode, site, **kwargs)
 
-    def make_activation(site: Site) -> Any:
-        return target.activation(grad_mode, site)
+    def make_activation(site: Site, owner: dict[str, Any]) -> Any:
+        return target.activation(grad_mode, site, channels=owner.get("units") or owner.get("filters"))
 
     def check_subclassed(path: str, new_leaf: Any) -> None:
         _check_no_hidden_sources(path or new_leaf.name, new_leaf, target, chosen)

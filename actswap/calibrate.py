@@ -172,7 +172,7 @@ def calibrate(model: Any, sites: list[Site], data: Any, *, batch_size: int = 64)
     def make_layer(site: Site, old_node: dict[str, Any]) -> Any:
         return CalibrationProbe(run, site.path, old_node, name=old_node["config"]["name"])
 
-    def make_activation(site: Site) -> Any:
+    def make_activation(site: Site, owner: dict[str, Any]) -> Any:
         # The pointer ends at the activation key; the engine passes only the site,
         # so the original value is read from the live config by the caller below.
         return CalibrationActivation(run, site.path, _original_values[site.path])

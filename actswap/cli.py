@@ -152,6 +152,8 @@ def convert(
         None, "--calibrate", help="Sample inputs (.npz with x, or .npy): measure each site's input range."
     ),
     margin: float = typer.Option(0.1, "--margin", help="Widen calibrated ranges by this fraction per side."),
+    trainable: bool = typer.Option(False, "--trainable", help="approx: make the fitted coefficients trainable."),
+    per_channel: bool = typer.Option(False, "--per-channel", help="quad/--trainable: coefficients per channel."),
     output: Optional[Path] = typer.Option(
         None, "-o", "--output",
         help="Output path, same family as MODEL [default: <stem>.<target>.keras|.pb, or <dir>.<target>/ beside MODEL].",
@@ -184,6 +186,7 @@ def convert(
         plan = plan_convert(
             model, to=to, output=output, grad=grad, signature=signature, force=force, onnx_out=onnx_out,
             sources=sources, degree=degree, interval=fit_range, calibrate=calibrate, margin=margin,
+            trainable=trainable, per_channel=per_channel,
         )
         if trust_code:
             _warn_trust_code()

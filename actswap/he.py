@@ -92,11 +92,11 @@ def _poly_cost(coefficients: tuple[float, ...]) -> tuple[int, int]:
 
 def _activation_cost(value: Any) -> tuple[int, int]:
     """Cost of an actswap polynomial activation object or config."""
-    from .activations import PolynomialActivation, SquareActivation, square
+    from .activations import Polynomial, PolynomialActivation, SquareActivation, square
 
     if value is square or isinstance(value, SquareActivation):
         return 1, 0
-    if isinstance(value, PolynomialActivation):
+    if isinstance(value, (PolynomialActivation, Polynomial)):
         return _poly_cost(value.coefficients)
     return 0, 0
 

@@ -38,6 +38,8 @@ class ConvertPlan:
     interval: tuple[float, float] | None
     calibrate: Path | None = None
     margin: float = 0.1
+    trainable: bool = False
+    per_channel: bool = False
 
 
 def legacy_kind(model: Path, fmt: Format) -> str | None:
@@ -100,6 +102,8 @@ def plan_convert(
     interval: str | None = None,
     calibrate: str | os.PathLike[str] | None = None,
     margin: float = 0.1,
+    trainable: bool = False,
+    per_channel: bool = False,
 ) -> ConvertPlan:
     """Validate everything that can be validated without loading the model."""
     from . import paths
@@ -107,7 +111,11 @@ def plan_convert(
     model = Path(model)
     grad_mode = gradients.normalize(grad)
     bounds = parse_interval(interval)
-    target = registry.get_target(to, degree=degree, interval=bounds)
+    target = registry.get_target(
+        to, degree=degree, interval=bounds, trainable=trainable, per_channel=per_channel
+    )
+    if (trainable or per_channel) and target.coefficients is None:
+        raise UserError(f"--trainable/--per-channel apply to fitted targets (approx, quad), not {to}")
     chosen = registry.resolve_sources(sources)
     if sources.strip() != "all":
         registry.check_pairs(chosen, target)
@@ -137,7 +145,7 @@ def plan_convert(
             raise UserError(f"--margin must be >= 0, got {margin}")
     return ConvertPlan(
         model, fmt, legacy, out, to, grad_mode, signature, force, onnx_path, chosen, degree, bounds,
-        calib, margin,
+        calib, margin, trainable, per_channel,
     )
 
 
@@ -176,7 +184,7 @@ def run_convert(
     converted, report = api.convert(
         plan.model, to=plan.to, grad=plan.grad, signature=plan.signature, trust_code=trust_code,
         sources=plan.sources, degree=plan.degree, interval=plan.interval,
-        calibrate=plan.calibrate, margin=plan.margin,
+        calibrate=plan.calibrate, margin=plan.margin, trainable=plan.trainable, per_channel=plan.per_channel,
     )
     if strict and report.skipped_relu_like > 0:
         return report, True

@@ -171,7 +171,7 @@ def _square_layer(grad: Any, site: Any = None, **kwargs: Any) -> Any:
     return Square(grad=grad, **kwargs)
 
 
-def _square_activation(grad: Any, site: Any = None) -> Any:
+def _square_activation(grad: Any, site: Any = None, **_: Any) -> Any:
     from .activations import SquareActivation
 
     return SquareActivation(grad=grad)
@@ -200,22 +200,41 @@ register_target(
 
 
 def polynomial_target(name: str, description: str, coefficients_for: Callable[[Any], tuple[float, ...]],
-                      refuses: Callable[[str, str], str | None]) -> Target:
-    """A target that puts a fixed polynomial at each site; ``coefficients_for(site)``."""
+                      refuses: Callable[[str, str], str | None], *, trainable: bool = False,
+                      per_channel: bool = False) -> Target:
+    """A target that puts a polynomial at each site, ``coefficients_for(site)``;
+    with ``trainable`` those are its initial values, a weight of the model
+    (one set per site, or per channel of the last axis with ``per_channel``)."""
 
     def layer(grad: Any, site: Any = None, **kwargs: Any) -> Any:
         from .activations import Polynomial
 
-        return Polynomial(coefficients_for(site), grad=grad, **kwargs)
+        return Polynomial(
+            coefficients_for(site), grad=grad, trainable_coefficients=trainable, per_channel=per_channel,
+            **kwargs,
+        )
 
-    def activation(grad: Any, site: Any = None) -> Any:
-        from .activations import PolynomialActivation
+    def activation(grad: Any, site: Any = None, channels: int | None = None) -> Any:
+        from .activations import Polynomial, PolynomialActivation
 
-        return PolynomialActivation(coefficients_for(site), grad=grad)
+        if not trainable:
+            return PolynomialActivation(coefficients_for(site), grad=grad)
+        if per_channel and not channels:
+            raise UserError(f"--per-channel: cannot tell the channel count at '{getattr(site, 'path', '?')}'")
+        # A layer as the activation, so that the coefficients are weights of the model.
+        return Polynomial(
+            coefficients_for(site), grad=grad, trainable_coefficients=True, per_channel=per_channel,
+            channels=channels if per_channel else None,
+        )
 
     def tensor(x: Any, grad: Any, custom_gradient_ok: bool, site: Any = None) -> Any:
         from . import activations
 
+        if trainable:
+            raise UserError(
+                f"--to {name} with trainable coefficients needs a Keras model; a graph has no "
+                "place for new variables"
+            )
         if custom_gradient_ok:
             return activations.poly_op(x, coefficients_for(site), grad)
         _no_custom_gradient_function(grad)
@@ -335,14 +354,25 @@ def _approx_factory(args: str, options: dict[str, Any]) -> Target:
             return _known(activation, detail) or f"{activation} has no reference function to fit"
         return None
 
+    trainable = bool(options.get("trainable")) or args == "quad"
     return polynomial_target(
-        "approx", f"degree-{degree} Chebyshev least-squares fit on [{interval[0]:g}, {interval[1]:g}]",
-        coefficients_for, refuses,
+        "quad" if args == "quad" else "approx",
+        f"degree-{degree} least-squares fit on [{interval[0]:g}, {interval[1]:g}]"
+        + (", trainable" if trainable else ""),
+        coefficients_for, refuses, trainable=trainable, per_channel=bool(options.get("per_channel")),
     )
+
+
+def _quad_factory(args: str, options: dict[str, Any]) -> Target:
+    """a·x² + b·x + c, trainable, initialised to the fit of the source activation."""
+    if options.get("degree") not in (None, 2):
+        raise UserError("--to quad is degree 2 (a·x² + b·x + c); use --to approx --degree D --trainable")
+    return _approx_factory("quad", {**options, "degree": 2, "trainable": True})
 
 
 TARGET_FACTORIES["poly"] = _poly_factory
 TARGET_FACTORIES["approx"] = _approx_factory
+TARGET_FACTORIES["quad"] = _quad_factory
 
 
 def check_pairs(sources: frozenset[str], target: Target) -> None:

@@ -12,8 +12,10 @@ creates fresh weights, so afterwards every variable is assigned from its
 original, and the result is checked.
 
 Invariants (checked, an :class:`InvariantError` otherwise): the input model is
-not modified; every weight of the result is bit-identical to the input's, in
-the same order; input and output names, shapes and dtypes are unchanged.
+not modified; every weight of the input is in the result, bit-identical, in
+the same order (a target may add weights of its own, e.g. trainable
+coefficients, which are not copies); input and output names, shapes and
+dtypes are unchanged.
 """
 
 from __future__ import annotations
@@ -30,7 +32,25 @@ from .report import REPLACED, Site
 from .sites import is_graph_model, iter_nodes
 
 LayerBuilder = Callable[[Site, dict[str, Any]], Any]
-ActivationBuilder = Callable[[Site], Any]
+# (site, config of the layer that holds the activation= argument) -> activation
+ActivationBuilder = Callable[[Site, dict[str, Any]], Any]
+
+
+def target_owned(layer: Any) -> set[int]:
+    """ids of the weights that target-created layers inside ``layer`` own (e.g.
+    trainable polynomial coefficients): new weights, not copies of old ones.
+    A target layer says so with a class attribute ``actswap_target = True``."""
+    owned: set[int] = set()
+    for sub in layer._flatten_layers(include_self=True, recursive=True):
+        if getattr(sub, "actswap_target", False):
+            owned.update(id(v) for v in sub.weights)
+    return owned
+
+
+def copied_weights(layer: Any) -> list[Any]:
+    """The weights of ``layer`` that correspond to the original's, in order."""
+    owned = target_owned(layer) if hasattr(layer, "_flatten_layers") else set()
+    return [v for v in getattr(layer, "weights", []) if id(v) not in owned]
 
 
 def _get(tree: Any, pointer: tuple[Any, ...]) -> Any:
@@ -58,13 +78,14 @@ def _edited_leaf(
         if isinstance(old, dict) and "class_name" in old:
             new = keras.saving.serialize_keras_object(make_layer(site, old))
         else:
-            new = keras.activations.serialize(make_activation(site))
+            owner = _get(tree, site.pointer[:-1])
+            new = keras.activations.serialize(make_activation(site, owner))
         tree = _put(tree, site.pointer, new)
     return keras.saving.deserialize_keras_object(tree, custom_objects=own, safe_mode=True)
 
 
 def _copy_weights(old: Any, new: Any, where: str) -> None:
-    ow, nw = old.weights, getattr(new, "weights", [])
+    ow, nw = old.weights, copied_weights(new)
     if len(ow) != len(nw):
         raise InvariantError(
             f"'{where}': the rewritten layer has {len(nw)} weights, the original {len(ow)}"
@@ -79,8 +100,9 @@ def _copy_weights(old: Any, new: Any, where: str) -> None:
 
 
 def check_same_weights(old: Any, new: Any) -> None:
-    """Raise InvariantError unless ``new`` has the same weights as ``old``, bit for bit."""
-    ow, nw = old.weights, new.weights
+    """Raise InvariantError unless ``new`` has the same weights as ``old``, bit for bit
+    (weights a target added, such as trainable coefficients, aside)."""
+    ow, nw = old.weights, copied_weights(new)
     if len(ow) != len(nw):
         raise InvariantError(f"weight count changed: {len(ow)} -> {len(nw)}")
     for o, n in zip(ow, nw):

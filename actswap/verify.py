@@ -91,7 +91,9 @@ def _check_sites(original: Any, converted: Any, report: VerifyReport) -> set[str
 
 
 def _check_weights(original: Any, converted: Any, report: VerifyReport) -> None:
-    ow, cw = original.weights, converted.weights
+    from .rewrite import copied_weights
+
+    ow, cw = original.weights, copied_weights(converted)
     if len(ow) != len(cw):
         report.checks.append(Check("weights", False, f"ORIGINAL has {len(ow)} weights, CONVERTED {len(cw)}"))
         return
@@ -126,7 +128,7 @@ def _check_outputs(
     reference = rewrite(
         original, sites,
         lambda site, node: target.layer("exact", name=node["config"]["name"]),
-        lambda site: target.activation("exact"),
+        lambda site, owner: target.activation("exact"),
     )
     call_ref, keep_ref = tf_callable(reference)
     call_new, keep_new = tf_callable(converted)

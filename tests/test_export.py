@@ -240,7 +240,7 @@ def test_verify_names_a_relu_left_behind(pair, tmp_path):
     s2 = find_sites(model)
     for s in s2:
         s.action = REPLACED if (s.activation == "relu" and s.path != "act_str") else SKIPPED
-    partial = rewrite(model, s2, lambda site, node: t.layer("exact", name=node["config"]["name"]), lambda site: t.activation("exact"))
+    partial = rewrite(model, s2, lambda site, node: t.layer("exact", name=node["config"]["name"]), lambda site, owner: t.activation("exact"))
     path = actswap.save(partial, tmp / "partial.keras")
     r = runner.invoke(app, ["verify", str(original), str(path), "--json"])
     assert r.exit_code == 1

@@ -300,3 +300,57 @@ def test_fit_command_reports_errors_and_plots(tmp_path):
     assert data["max_error"] <= 1.01 * data["numpy_lstsq_max_error"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert runner.invoke(app, ["fit", "softmax"]).exit_code == 2
+
+
+# --- quad: trainable coefficients ------------------------------------------------
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_quad_coefficients_train_and_survive_reload(tmp_path, fixtures_dir, per_channel):
+    converted, report = actswap.convert(fixtures_dir / "mnist_cnn.keras", to="quad", per_channel=per_channel)
+    assert report.replaced == 3
+    coeffs = [w for w in converted.weights if w.path.endswith("coefficients")]
+    assert len(coeffs) == 3  # conv1 (activation=), relu2 (Activation), relu3 (ReLU)
+    if per_channel:
+        assert sorted(tuple(w.shape) for w in coeffs) == [(3, 8), (3, 16), (3, 32)]
+    # Initialised to the degree-2 fit of ReLU on the default range.
+    init = np.asarray(registry.fit_coefficients("relu", "", 2, registry.APPROX_DEFAULT_INTERVAL), "float32")
+    for w in coeffs:
+        values = w.numpy().reshape(3, -1)
+        np.testing.assert_allclose(values, np.broadcast_to(init[:, None], values.shape), rtol=1e-6)
+    # The original weights are all there, bit-identical (the coefficients are new).
+    original = actswap.load(fixtures_dir / "mnist_cnn.keras")
+    from actswap.rewrite import copied_weights
+
+    assert [w.numpy().tobytes() for w in copied_weights(converted)] == [w.numpy().tobytes() for w in original.weights]
+    before = [w.numpy().copy() for w in coeffs]
+    x = np.random.default_rng(0).uniform(0, 1, (32, 28, 28, 1)).astype("float32")
+    y = np.random.default_rng(1).integers(0, 10, 32)
+    converted.compile(optimizer=keras.optimizers.SGD(1e-3), loss="sparse_categorical_crossentropy")
+    converted.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    assert all(not np.array_equal(b, w.numpy()) for b, w in zip(before, coeffs))
+    path = actswap.save(converted, tmp_path / "quad.keras")
+    code = (
+        "import sys, json, numpy as np, actswap, keras; m = keras.models.load_model(sys.argv[1]);"
+        "print(json.dumps([w.numpy().tolist() for w in m.weights if w.path.endswith('coefficients')]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    reloaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(reloaded) == len(coeffs)
+    for r, w in zip(reloaded, coeffs):  # the trained values, not the initial fit
+        np.testing.assert_array_equal(np.asarray(r, "float32"), w.numpy())
+
+
+def test_quad_exports_to_onnx_as_mul_and_add(tmp_path, fixtures_dir):
+    from actswap.export import export_onnx
+
+    converted, _ = actswap.convert(fixtures_dir / "mnist_cnn.keras", to="quad")
+    r = export_onnx(converted, tmp_path / "q.onnx")
+    assert r.op_counts.get("Relu", 0) == 0 and r.op_counts.get("Pow", 0) == 0 and r.parity.ok
+
+
+def test_trainable_options_are_refused_for_fixed_targets(fixtures_dir, tmp_path):
+    r = runner.invoke(app, ["convert", str(fixtures_dir / "mnist_cnn.keras"), "--to", "square", "--trainable",
+                            "-o", str(tmp_path / "o.keras")])
+    assert r.exit_code == 2 and "--trainable" in r.stderr
