@@ -66,6 +66,27 @@ def save(converted: Any, path: str | os.PathLike[str], *, overwrite: bool = Fals
     raise UserError(f"cannot save a {type(converted).__name__}; pass what actswap.convert returned")
 
 
+def _pool_sites(model: Any) -> list[Site]:
+    """Max-pooling layers as sites, to be swapped for average pooling."""
+    from .sites import is_graph_model, iter_nodes
+
+    found = []
+    for path, obj in iter_nodes(model) if is_graph_model(model) else []:
+        name = type(obj).__name__
+        if name in registry.POOL_SWAPS:
+            s = Site(path, name, "pooling layer", registry.POOL_SOURCE, leaf_id=id(obj), pointer=())
+            s.action, s.replaceable = REPLACED, True
+            s.reason = f"{name} -> {registry.POOL_SWAPS[name]} (--pool avg)"
+            found.append(s)
+    return found
+
+
+def _average_pooling(old_node: dict[str, Any]) -> Any:
+    cls = getattr(keras.layers, registry.POOL_SWAPS[old_node["class_name"]])
+    keys = ("name", "pool_size", "strides", "padding", "data_format", "keepdims", "trainable", "dtype")
+    return cls(**{k: v for k, v in old_node["config"].items() if k in keys})
+
+
 def _calibrate_sites(model: Any, sites: list[Site], data: Any, margin: float) -> None:
     from .calibrate import calibrate
 
@@ -79,6 +100,38 @@ def _calibrate_sites(model: Any, sites: list[Site], data: Any, margin: float) ->
         s.input_range = r.to_dict()
         width = max(r.max - r.min, 1e-6)
         s.fit_interval = (r.min - margin * width, r.max + margin * width)
+
+
+# Largest finite value per float type: where a polynomial's outputs overflow.
+FLOAT_MAX = {"float16": 65504.0, "bfloat16": 3.3895314e38, "float32": 3.4028235e38}
+
+
+def _overflow_warnings(converted: Any, sites: list[Site], data: Any) -> list[str]:
+    """Run the *converted* model on the calibration data and estimate each
+    replaced site's output range (its polynomial over the inputs it now sees,
+    which the swap upstream changes); warn where a float type would overflow."""
+    import numpy as np
+
+    from .calibrate import calibrate
+
+    after = {s.path: s for s in find_sites(converted)}
+    ranges = calibrate(converted, list(after.values()), data)
+    warnings = []
+    for s in sites:
+        if s.action != REPLACED or s.path not in ranges or s.path not in after:
+            continue
+        r = ranges[s.path]
+        coefficients = s.coefficients or (0.0, 0.0, 1.0)  # square
+        xs = np.concatenate([np.linspace(r.min, r.max, 257), [r.min, r.max]])
+        peak = float(np.max(np.abs(np.polynomial.Polynomial(coefficients)(xs))))
+        s.output_max = peak
+        over = [name for name, limit in FLOAT_MAX.items() if peak > limit]
+        if over:
+            warnings.append(
+                f"'{s.path}': outputs reach {peak:.3g} after the swap on the calibration data, "
+                f"which overflows {', '.join(over)}"
+            )
+    return warnings
 
 
 def _check_grad_function(fn: Any) -> None:
@@ -194,6 +247,7 @@ def convert(
     margin: float = 0.1,
     trainable: bool = False,
     per_channel: bool = False,
+    pool: str | None = None,
 ) -> tuple[Any, Report]:
     """Return a copy of the model with every plain ReLU site replaced by ``to``.
 
@@ -227,6 +281,8 @@ def convert(
     fraction of its width on each side). ``"quad"`` (a·x²+b·x+c) and
     ``trainable=True`` make the fitted coefficients weights that train, one
     set per site or, with ``per_channel``, per channel of the last axis.
+    ``pool="avg"`` also swaps every max pooling for average pooling (same
+    window, strides and padding), each reported as a site.
     ``trust_code`` lets a file's stored code (Lambda layers) load: dangerous.
     """
     grad_mode = gradients.normalize(grad) if isinstance(grad, str) else grad
@@ -250,6 +306,8 @@ def convert(
         _check_grad_function(grad_mode)
     chosen = frozenset(sources)
     sites = find_sites(model)
+    if pool not in (None, "avg"):
+        raise UserError(f"--pool takes 'avg', got '{pool}'")
     if calibrate is not None:
         _calibrate_sites(model, sites, calibrate, margin)
     for s in sites:
@@ -259,9 +317,13 @@ def convert(
         s.reason = reason or f"{s.activation} -> {target.name}"
         if reason is None and target.coefficients is not None:
             s.coefficients = target.coefficients(s)
+    if pool == "avg":
+        sites.extend(_pool_sites(model))
 
     def make_layer(site: Site, old_node: dict[str, Any]) -> Any:
         cfg = old_node["config"]
+        if site.activation == registry.POOL_SOURCE:
+            return _average_pooling(old_node)
         kwargs: dict[str, Any] = {"name": cfg["name"], "trainable": cfg.get("trainable", True)}
         if "dtype" in cfg:
             kwargs["dtype"] = cfg["dtype"]
@@ -276,6 +338,8 @@ def convert(
         _check_no_hidden_sources(path or new_leaf.name, new_leaf, target, chosen)
 
     new_model = rewrite(model, sites, make_layer, make_activation, check_subclassed)
+    if calibrate is not None:
+        notes.extend(_overflow_warnings(new_model, sites, calibrate))
     if getattr(model, "compiled", False):
         if not getattr(new_model, "compiled", False):
             try:

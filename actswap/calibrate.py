@@ -41,6 +41,7 @@ class Range:
     p_low: float
     p_high: float
     count: int
+    samples: Any = None  # a random subset of the values seen (for plots), not reported
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -73,8 +74,9 @@ class _Stats:
     def range(self) -> Range | None:
         if not self.n:
             return None
-        lo, hi = np.percentile(np.concatenate(self.keep), PERCENTILES)
-        return Range(self.lo, self.hi, float(lo), float(hi), self.n)
+        kept = np.concatenate(self.keep)
+        lo, hi = np.percentile(kept, PERCENTILES)
+        return Range(self.lo, self.hi, float(lo), float(hi), self.n, kept)
 
 
 def _record(run: str, path: str, x: Any) -> None:

@@ -154,6 +154,7 @@ def convert(
     margin: float = typer.Option(0.1, "--margin", help="Widen calibrated ranges by this fraction per side."),
     trainable: bool = typer.Option(False, "--trainable", help="approx: make the fitted coefficients trainable."),
     per_channel: bool = typer.Option(False, "--per-channel", help="quad/--trainable: coefficients per channel."),
+    pool: Optional[str] = typer.Option(None, "--pool", help="'avg': swap max pooling for average pooling."),
     output: Optional[Path] = typer.Option(
         None, "-o", "--output",
         help="Output path, same family as MODEL [default: <stem>.<target>.keras|.pb, or <dir>.<target>/ beside MODEL].",
@@ -186,7 +187,7 @@ def convert(
         plan = plan_convert(
             model, to=to, output=output, grad=grad, signature=signature, force=force, onnx_out=onnx_out,
             sources=sources, degree=degree, interval=fit_range, calibrate=calibrate, margin=margin,
-            trainable=trainable, per_channel=per_channel,
+            trainable=trainable, per_channel=per_channel, pool=pool,
         )
         if trust_code:
             _warn_trust_code()
@@ -395,7 +396,11 @@ def verify(
 def fit(
     source: str = typer.Argument(..., help="Source activation to fit, e.g. relu, gelu, silu, sigmoid."),
     degree: int = typer.Option(2, "--degree", help="Polynomial degree."),
-    fit_range: str = typer.Option("-4,4", "--range", help="Fit interval LO,HI."),
+    fit_range: str = typer.Option("-4,4", "--range", help="Fit interval LO,HI (without --calibrate)."),
+    model: Optional[Path] = typer.Option(None, "--model", help="With --calibrate: fit a site of this model."),
+    calibrate: Optional[Path] = typer.Option(None, "--calibrate", help="Samples (.npz x / .npy) for the site's range."),
+    site: Optional[str] = typer.Option(None, "--site", help="Site path [default: the first SOURCE site]."),
+    margin: float = typer.Option(0.1, "--margin", help="Widen the calibrated range by this fraction per side."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of the fit (needs matplotlib)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
@@ -410,9 +415,19 @@ def fit(
         interval = parse_interval(fit_range)
         if not 1 <= degree <= 32:
             raise UserError(f"--degree must be between 1 and 32, got {degree}")
+        samples, title = None, None
+        if (model is None) != (calibrate is None):
+            raise UserError("--model and --calibrate go together")
+        if model is not None:
+            detect(model)
+            _import_tensorflow_quietly(debug or _state["debug"])
+            from .fitplot import calibrated_site
+
+            where, interval, samples = calibrated_site(model, calibrate, name, site, margin)
+            title = f"{name} at '{where}' on its calibrated range"
         summary = fit_summary(name, degree, interval)
         if plot is not None:
-            summary["plot"] = str(plot_fit(plot, name, summary["coefficients"], interval))
+            summary["plot"] = str(plot_fit(plot, name, summary["coefficients"], interval, samples, title))
         if as_json:
             typer.echo(json.dumps(summary))
             return 0

@@ -71,3 +71,26 @@ def plot_fit(
     fig.savefig(dest)
     plt.close(fig)
     return dest
+
+
+def calibrated_site(
+    model_path: str | os.PathLike[str], data: Any, activation: str, path: str | None, margin: float
+) -> tuple[str, tuple[float, float], np.ndarray]:
+    """The chosen site's path, calibrated fit interval and input samples."""
+    from .calibrate import calibrate
+    from .io import load
+    from .sites import find_sites
+
+    model = load(model_path)
+    sites = [s for s in find_sites(model) if (s.path == path if path else s.activation == activation)]
+    if not sites:
+        wanted = f"site '{path}'" if path else f"a {activation} site"
+        raise UserError(f"'{model_path}' has no {wanted}; see actswap inspect")
+    site = sites[0]
+    if site.activation != activation:
+        raise UserError(f"site '{site.path}' is {site.activation}, not {activation}")
+    r = calibrate(model, [site], data).get(site.path)
+    if r is None:
+        raise UserError(f"no values reached site '{site.path}' on the calibration data")
+    width = max(r.max - r.min, 1e-6)
+    return site.path, (r.min - margin * width, r.max + margin * width), r.samples

@@ -40,6 +40,7 @@ class ConvertPlan:
     margin: float = 0.1
     trainable: bool = False
     per_channel: bool = False
+    pool: str | None = None
 
 
 def legacy_kind(model: Path, fmt: Format) -> str | None:
@@ -104,6 +105,7 @@ def plan_convert(
     margin: float = 0.1,
     trainable: bool = False,
     per_channel: bool = False,
+    pool: str | None = None,
 ) -> ConvertPlan:
     """Validate everything that can be validated without loading the model."""
     from . import paths
@@ -114,6 +116,8 @@ def plan_convert(
     target = registry.get_target(
         to, degree=degree, interval=bounds, trainable=trainable, per_channel=per_channel
     )
+    if pool not in (None, "avg"):
+        raise UserError(f"--pool takes 'avg', got '{pool}'")
     if (trainable or per_channel) and target.coefficients is None:
         raise UserError(f"--trainable/--per-channel apply to fitted targets (approx, quad), not {to}")
     chosen = registry.resolve_sources(sources)
@@ -145,7 +149,7 @@ def plan_convert(
             raise UserError(f"--margin must be >= 0, got {margin}")
     return ConvertPlan(
         model, fmt, legacy, out, to, grad_mode, signature, force, onnx_path, chosen, degree, bounds,
-        calib, margin, trainable, per_channel,
+        calib, margin, trainable, per_channel, pool,
     )
 
 
@@ -185,6 +189,7 @@ def run_convert(
         plan.model, to=plan.to, grad=plan.grad, signature=plan.signature, trust_code=trust_code,
         sources=plan.sources, degree=plan.degree, interval=plan.interval,
         calibrate=plan.calibrate, margin=plan.margin, trainable=plan.trainable, per_channel=plan.per_channel,
+        pool=plan.pool,
     )
     if strict and report.skipped_relu_like > 0:
         return report, True

@@ -40,6 +40,15 @@ for _name in (
     "soft_shrink", "hard_shrink", "log_sigmoid", "sparsemax", "threshold",
 ):
     register_source(_name)
+# Max pooling is not an activation, but HE cannot compute a maximum either;
+# --pool avg swaps it for average pooling (same window, strides, padding).
+POOL_SWAPS: dict[str, str] = {
+    "MaxPooling1D": "AveragePooling1D", "MaxPooling2D": "AveragePooling2D",
+    "MaxPooling3D": "AveragePooling3D", "GlobalMaxPooling1D": "GlobalAveragePooling1D",
+    "GlobalMaxPooling2D": "GlobalAveragePooling2D", "GlobalMaxPooling3D": "GlobalAveragePooling3D",
+}
+POOL_SOURCE = "max_pool"
+register_source(POOL_SOURCE, "pool")
 # Activations actswap itself puts in; recognised so that re-converting a
 # converted model reports them instead of ignoring them.
 register_source("square", "polynomial")
@@ -387,8 +396,8 @@ def resolve_sources(spec: str) -> frozenset[str]:
     """``--from`` names (comma-separated) or ``all`` (every non-polynomial source)."""
     names = [n.strip() for n in spec.split(",") if n.strip()]
     if names == ["all"]:
-        return frozenset(n for n, fam in SOURCES.items() if fam != "polynomial")
-    unknown = [n for n in names if canonical(n) not in SOURCES or SOURCES[canonical(n)] == "polynomial"]
+        return frozenset(n for n, fam in SOURCES.items() if fam not in ("polynomial", "pool"))
+    unknown = [n for n in names if canonical(n) not in SOURCES or SOURCES[canonical(n)] in ("polynomial", "pool")]
     if unknown or not names:
         raise UserError(
             f"unknown source activation(s) {', '.join(unknown) or repr(spec)} for --from; "

@@ -41,10 +41,18 @@ class Site:
     fit_interval: tuple[float, float] | None = None
     # The polynomial put at a replaced site, ascending coefficients.
     coefficients: tuple[float, ...] | None = None
+    # With calibration: the largest |output| of the site after the swap.
+    output_max: float | None = None
     # Where the site lives, for the engine: the leaf layer object's id and a
     # key path into that leaf's serialized config. Not part of the report.
     leaf_id: int = field(default=0, repr=False, compare=False)
     pointer: tuple[Any, ...] = field(default=(), repr=False, compare=False)
+
+    @property
+    def is_argument(self) -> bool:
+        """An ``activation=``-style argument of a layer (form ``key=``), rather than
+        a whole layer or op that is the activation."""
+        return self.form.endswith("=")
 
     @property
     def relu_like(self) -> bool:
@@ -70,6 +78,8 @@ class Site:
             d["fit_interval"] = list(self.fit_interval)
         if self.coefficients is not None:
             d["coefficients"] = list(self.coefficients)
+        if self.output_max is not None:
+            d["output_max"] = self.output_max
         return d
 
 

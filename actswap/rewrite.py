@@ -75,7 +75,7 @@ def _edited_leaf(
     own = {type(leaf).__name__: type(leaf)}
     for site in sites:
         old = _get(tree, site.pointer)
-        if isinstance(old, dict) and "class_name" in old:
+        if not site.is_argument:
             new = keras.saving.serialize_keras_object(make_layer(site, old))
         else:
             owner = _get(tree, site.pointer[:-1])

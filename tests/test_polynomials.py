@@ -354,3 +354,55 @@ def test_trainable_options_are_refused_for_fixed_targets(fixtures_dir, tmp_path)
     r = runner.invoke(app, ["convert", str(fixtures_dir / "mnist_cnn.keras"), "--to", "square", "--trainable",
                             "-o", str(tmp_path / "o.keras")])
     assert r.exit_code == 2 and "--trainable" in r.stderr
+
+
+# --- --pool avg and overflow warnings --------------------------------------------
+
+
+def test_pool_avg_swaps_max_pooling_with_parity(fixtures_dir):
+    from conftest import assert_close, relu_as_square
+
+    original = actswap.load(fixtures_dir / "mnist_cnn.keras")
+    converted, report = actswap.convert(original, pool="avg")
+    pools = [(s.path, s.action) for s in report.sites if s.activation == "max_pool"]
+    assert pools == [("pool1", "replaced"), ("pool2", "replaced")]
+    assert [type(converted.get_layer(n)).__name__ for n in ("pool1", "pool2")] == ["AveragePooling2D"] * 2
+    # Independent reference: Keras rebuilds the same config with AveragePooling2D.
+    config = json.loads(json.dumps(original.get_config()).replace('"MaxPooling2D"', '"AveragePooling2D"'))
+    reference = keras.Sequential.from_config(config)
+    reference.set_weights(original.get_weights())
+    x = np.random.default_rng(0).uniform(0, 1, (4, 28, 28, 1)).astype("float32")
+    with relu_as_square():
+        ref = reference(x)
+    assert_close(converted(x), ref, rtol=1e-5)
+
+
+def test_overflow_after_the_swap_is_warned_with_calibration():
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((4,))
+    h = keras.layers.Dense(4, activation="relu", kernel_initializer=keras.initializers.Constant(100.0))(inp)
+    model = keras.Model(inp, keras.layers.Dense(1)(h))
+    x = np.ones((8, 4), "float32")  # pre-activations 400: x² = 160000 > float16's 65504
+    _, report = actswap.convert(model, calibrate=x)
+    (site,) = report.sites
+    assert site.output_max == pytest.approx(160000.0, rel=1e-5)
+    assert any("overflows float16" in n and "float32" not in n for n in report.notes)
+
+
+def test_fit_command_on_a_calibrated_site_plots_its_histogram(tmp_path, fixtures_dir):
+    x = np.random.default_rng(0).uniform(0, 1, (32, 28, 28, 1)).astype("float32")
+    np.savez(tmp_path / "cal.npz", x=x)
+    png = tmp_path / "site.png"
+    r = runner.invoke(app, [
+        "fit", "relu", "--model", str(fixtures_dir / "mnist_cnn.keras"), "--calibrate", str(tmp_path / "cal.npz"),
+        "--site", "relu3", "--margin", "0", "--plot", str(png), "--json",
+    ])
+    assert r.exit_code == 0, r.stderr
+    data = json.loads(r.stdout)
+    # The interval is relu3's measured input range (margin 0), an independent check of which:
+    model = actswap.load(fixtures_dir / "mnist_cnn.keras")
+    pre = keras.Model(model.inputs, model.get_layer("fc1").output)(x).numpy()
+    assert data["interval"] == pytest.approx([pre.min(), pre.max()], rel=1e-5)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    r = runner.invoke(app, ["fit", "relu", "--model", str(fixtures_dir / "mnist_cnn.keras")])
+    assert r.exit_code == 2 and "go together" in r.stderr
