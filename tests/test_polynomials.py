@@ -406,3 +406,27 @@ def test_fit_command_on_a_calibrated_site_plots_its_histogram(tmp_path, fixtures
     assert png.read_bytes()[:4] == b"\x89PNG"
     r = runner.invoke(app, ["fit", "relu", "--model", str(fixtures_dir / "mnist_cnn.keras")])
     assert r.exit_code == 2 and "go together" in r.stderr
+
+
+def test_calibration_takes_a_tf_data_dataset_like_arrays():
+    model = acts_model()
+    x = np.random.default_rng(2).uniform(-1, 1, (40, 6)).astype("float32")
+    y = np.zeros((40,), "int64")
+    _, from_arrays = actswap.convert(model, to="approx", sources={"gelu"}, calibrate=x)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(7)  # (inputs, labels) batches
+    _, from_dataset = actswap.convert(model, to="approx", sources={"gelu"}, calibrate=ds)
+    a = {s.path: s.input_range for s in from_arrays.sites}
+    b = {s.path: s.input_range for s in from_dataset.sites}
+    assert a["g"]["min"] == b["g"]["min"] and a["g"]["max"] == b["g"]["max"] and a["g"]["count"] == b["g"]["count"]
+
+
+def test_approx_trainable_of_higher_degree_trains():
+    model = acts_model()
+    converted, report = actswap.convert(model, to="approx", sources={"tanh", "sigmoid"}, degree=3, trainable=True)
+    coeffs = [w for w in converted.trainable_weights if w.path.endswith("coefficients")]
+    assert sorted(tuple(w.shape) for w in coeffs) == [(4,), (4,)]
+    before = [w.numpy().copy() for w in coeffs]
+    converted.compile(optimizer=keras.optimizers.SGD(0.05), loss="sparse_categorical_crossentropy")
+    x = np.random.default_rng(0).uniform(-1, 1, (16, 6)).astype("float32")
+    converted.fit(x, np.arange(16) % 3, epochs=1, batch_size=16, verbose=0)
+    assert all(not np.array_equal(b, w.numpy()) for b, w in zip(before, coeffs))
