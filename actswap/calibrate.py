@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import keras
@@ -128,19 +127,14 @@ class CalibrationActivation:
 def load_samples(data: Any) -> Any:
     """Arrays from an .npz/.npy path (``x`` or the only array), or arrays/a Dataset as given."""
     if isinstance(data, (str, os.PathLike)):
-        path = Path(data)
-        try:
-            loaded = np.load(path)
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read calibration data '{path}': {e}") from None
-        if isinstance(loaded, np.ndarray):
-            return loaded
-        keys = list(loaded.files)
-        if "x" in keys:
-            return loaded["x"]
-        if len(keys) == 1:
-            return loaded[keys[0]]
-        raise UserError(f"calibration data '{path}' has arrays {keys}; name the inputs array 'x'")
+        from .paths import read_arrays
+
+        arrays = read_arrays(data, "calibration data")
+        if "x" in arrays:
+            return arrays["x"]
+        if len(arrays) == 1:
+            return next(iter(arrays.values()))
+        raise UserError(f"calibration data '{data}' has arrays {sorted(arrays)}; name the inputs array 'x'")
     return data
 
 

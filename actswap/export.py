@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from .errors import ConversionError, UserError
-from .paths import check_output_onnx, write_atomically
+from .paths import check_output_onnx, read_arrays, write_atomically
 from .policy import PARITY_TOL
 
 
@@ -138,14 +138,7 @@ def sample_inputs(specs: list[tf.TensorSpec], sample: str | os.PathLike[str] | N
     """The inputs parity is checked on: user data from an .npz/.npy, or seeded random."""
     if sample is not None:
         path = Path(sample)
-        try:
-            data = np.load(path)
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read sample data '{path}': {e}") from None
-        if isinstance(data, np.ndarray):
-            arrays = {"x": data}
-        else:
-            arrays = {k: data[k] for k in data.files}
+        arrays = read_arrays(path, "sample data")
         out = []
         for i, spec in enumerate(specs):
             key = spec.name if spec.name in arrays else ("x" if "x" in arrays and len(specs) == 1 else f"x{i}")

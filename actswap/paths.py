@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from .errors import UserError
 
@@ -20,18 +21,19 @@ def _common(dest: Path, overwrite: bool) -> None:
         raise UserError(f"output '{dest}' already exists; pass --force to overwrite it")
 
 
-def check_output_path(path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-    """A ``.keras`` file destination."""
+def _check_file(path: str | os.PathLike[str], suffix: str, what: str, overwrite: bool) -> Path:
     dest = Path(path)
-    if dest.suffix != ".keras":
-        raise UserError(
-            f"output '{dest}' must end in .keras (Keras 3 writes only .keras archives); "
-            f"try -o {dest.with_suffix('.keras')}"
-        )
+    if dest.suffix != suffix:
+        raise UserError(f"output '{dest}' must end in {suffix} ({what}); try -o {dest.with_suffix(suffix)}")
     if dest.is_dir():
-        raise UserError(f"output '{dest}' is a directory; give a file name ending in .keras")
+        raise UserError(f"output '{dest}' is a directory; give a file name ending in {suffix}")
     _common(dest, overwrite)
     return dest
+
+
+def check_output_path(path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """A ``.keras`` file destination."""
+    return _check_file(path, ".keras", "Keras 3 writes only .keras archives", overwrite)
 
 
 def check_output_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
@@ -50,26 +52,26 @@ def check_output_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -
 
 def check_output_pb(path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
     """A frozen GraphDef (``.pb``) destination."""
-    dest = Path(path)
-    if dest.suffix != ".pb":
-        raise UserError(
-            f"output '{dest}' must end in .pb for a frozen graph; try -o {dest.with_suffix('.pb')}"
-        )
-    if dest.is_dir():
-        raise UserError(f"output '{dest}' is a directory; give a file name ending in .pb")
-    _common(dest, overwrite)
-    return dest
+    return _check_file(path, ".pb", "a frozen graph", overwrite)
 
 
 def check_output_onnx(path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
     """An ``.onnx`` file destination."""
-    dest = Path(path)
-    if dest.suffix != ".onnx":
-        raise UserError(f"ONNX output '{dest}' must end in .onnx; try {dest.with_suffix('.onnx')}")
-    if dest.is_dir():
-        raise UserError(f"output '{dest}' is a directory; give a file name ending in .onnx")
-    _common(dest, overwrite)
-    return dest
+    return _check_file(path, ".onnx", "an ONNX model", overwrite)
+
+
+def read_arrays(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
+    """The arrays of an .npz (by name) or an .npy (as ``x``); UserError naming ``what``."""
+    import numpy as np
+
+    p = Path(path)
+    try:
+        data = np.load(p)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {what} '{p}': {e}") from None
+    if isinstance(data, np.ndarray):
+        return {"x": data}
+    return {k: data[k] for k in data.files}
 
 
 def write_atomically(dest: Path, data: bytes) -> Path:
