@@ -140,6 +140,8 @@ def classify_node(
         return "square", "", OWN_LAYER_FORM
     if cls == "Polynomial" and dialect.is_own_module(module):
         return "poly", "", OWN_LAYER_FORM
+    if cls == "Blend" and dialect.is_own_module(module):
+        return "blend", "", OWN_LAYER_FORM
     return None
 
 

@@ -53,6 +53,8 @@ register_source(POOL_SOURCE, "pool")
 # converted model reports them instead of ignoring them.
 register_source("square", "polynomial")
 register_source("poly", "polynomial")
+# A site on its way from its source activation to a polynomial (actswap.recover).
+register_source("blend", "blend")
 
 # Keras layer classes (module keras.layers) that are an activation in themselves.
 ACTIVATION_LAYERS: dict[str, str] = {
@@ -396,8 +398,11 @@ def resolve_sources(spec: str) -> frozenset[str]:
     """``--from`` names (comma-separated) or ``all`` (every non-polynomial source)."""
     names = [n.strip() for n in spec.split(",") if n.strip()]
     if names == ["all"]:
-        return frozenset(n for n, fam in SOURCES.items() if fam not in ("polynomial", "pool"))
-    unknown = [n for n in names if canonical(n) not in SOURCES or SOURCES[canonical(n)] in ("polynomial", "pool")]
+        return frozenset(n for n, fam in SOURCES.items() if fam not in ("polynomial", "pool", "blend"))
+    unknown = [
+        n for n in names
+        if canonical(n) not in SOURCES or SOURCES[canonical(n)] in ("polynomial", "pool", "blend")
+    ]
     if unknown or not names:
         raise UserError(
             f"unknown source activation(s) {', '.join(unknown) or repr(spec)} for --from; "
@@ -413,4 +418,5 @@ OWN_OBJECTS: dict[str, str] = {
     "actswap>Square": "square",
     "actswap>PolynomialActivation": "poly",
     "actswap>Polynomial": "poly",
+    "actswap>Blend": "blend",
 }

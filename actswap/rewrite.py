@@ -85,7 +85,7 @@ def _edited_leaf(
 
 
 def _copy_weights(old: Any, new: Any, where: str) -> None:
-    ow, nw = old.weights, copied_weights(new)
+    ow, nw = copied_weights(old), copied_weights(new)
     if len(ow) != len(nw):
         raise InvariantError(
             f"'{where}': the rewritten layer has {len(nw)} weights, the original {len(ow)}"
@@ -102,7 +102,7 @@ def _copy_weights(old: Any, new: Any, where: str) -> None:
 def check_same_weights(old: Any, new: Any) -> None:
     """Raise InvariantError unless ``new`` has the same weights as ``old``, bit for bit
     (weights a target added, such as trainable coefficients, aside)."""
-    ow, nw = old.weights, copied_weights(new)
+    ow, nw = copied_weights(old), copied_weights(new)
     if len(ow) != len(nw):
         raise InvariantError(f"weight count changed: {len(ow)} -> {len(nw)}")
     for o, n in zip(ow, nw):

@@ -93,7 +93,7 @@ def _check_sites(original: Any, converted: Any, report: VerifyReport) -> set[str
 def _check_weights(original: Any, converted: Any, report: VerifyReport) -> None:
     from .rewrite import copied_weights
 
-    ow, cw = original.weights, copied_weights(converted)
+    ow, cw = copied_weights(original), copied_weights(converted)
     if len(ow) != len(cw):
         report.checks.append(Check("weights", False, f"ORIGINAL has {len(ow)} weights, CONVERTED {len(cw)}"))
         return
