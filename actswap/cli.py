@@ -444,6 +444,100 @@ def fit(
     _run(debug, body)
 
 
+@app.command()
+def recover(
+    original: Path = typer.Argument(..., help="The trained model before conversion (.keras/.h5)."),
+    converted: Path = typer.Argument(..., help="Its conversion (.keras): which sites, which polynomials."),
+    data: Path = typer.Option(..., "--data", help="Training data: .npz with x (inputs) and y (integer labels)."),
+    val: Optional[Path] = typer.Option(None, "--val", help="Validation data, same keys [default: --data]."),
+    epochs: int = typer.Option(2, "--epochs", help="Epochs of recovery."),
+    ramp: float = typer.Option(1.0, "--ramp", help="Epochs over which each site blends into its polynomial."),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    learning_rate: float = typer.Option(1e-4, "--lr", help="Adam learning rate (gradients clipped to norm 1)."),
+    no_distill: bool = typer.Option(False, "--no-distill", help="Train on labels only, without the original as teacher."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output .keras [default: <converted>.recovered.keras]."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+) -> None:
+    """Fine-tune ORIGINAL into CONVERTED's polynomials gradually (blend, distil, NaN guard)."""
+
+    def body() -> int:
+        from .paths import check_output_path
+
+        detect(original)
+        detect(converted)
+        stem = converted.name[: -len(converted.suffix)] if converted.suffix else converted.name
+        out = output if output is not None else converted.with_name(f"{stem}.recovered.keras")
+        check_output_path(out, overwrite=force)
+        if epochs < 1 or not 0 <= ramp <= epochs:
+            raise UserError(f"--epochs must be >= 1 and --ramp between 0 and --epochs; got {epochs}, {ramp}")
+        _import_tensorflow_quietly(debug or _state["debug"])
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        import keras
+
+        from . import io
+        from . import recover as R
+
+        x, y = R.load_xy(data, "training data")
+        vx, vy = R.load_xy(val, "validation data") if val is not None else (x, y)
+        teacher, target = io.load(original), io.load(converted)
+        before = {"original": R.accuracy(teacher, vx, vy), "converted": R.accuracy(target, vx, vy)}
+        steps = -(-len(x) // batch_size)
+
+        class Bar(keras.callbacks.Callback):
+            def __init__(self, progress: Any) -> None:
+                super().__init__()
+                self.progress, self.task = progress, None
+
+            def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+                self.task = self.progress.add_task(f"epoch {epoch + 1}/{epochs}", total=steps)
+
+            def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+                self.progress.advance(self.task)
+
+        per_epoch: list[dict[str, Any]] = []
+
+        class Record(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+                per_epoch.append({"epoch": epoch + 1, "loss": float((logs or {}).get("loss", float("nan"))),
+                                  "val_accuracy": (logs or {}).get("val_accuracy")})
+
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
+        with Progress(*columns, console=Console(stderr=True), disable=as_json) as progress:
+            model, history = R.recover(
+                teacher, target, (x, y), val=(vx, vy), epochs=epochs, ramp_epochs=ramp,
+                distill=not no_distill, learning_rate=learning_rate, batch_size=batch_size,
+                callbacks=[Bar(progress), Record()],
+            )
+        after = R.accuracy(model, vx, vy)
+        written = str(io.save(model, out, overwrite=force))
+        result = {
+            "original_accuracy": before["original"], "converted_accuracy": before["converted"],
+            "recovered_accuracy": after, "epochs": per_epoch, "nan_restores": history.nan_restores,
+            "output": written,
+        }
+        if as_json:
+            typer.echo(json.dumps(result))
+            return 0
+        table = Table(title=f"recover {converted}")
+        for col in ("epoch", "loss", "val accuracy"):
+            table.add_column(col)
+        for e in per_epoch:
+            acc = e["val_accuracy"]
+            table.add_row(str(e["epoch"]), f"{e['loss']:.4g}", "" if acc is None else f"{acc:.4f}")
+        console = _console()
+        console.print(table)
+        console.print(
+            f"accuracy: original {before['original']:.4f}, converted {before['converted']:.4f}, "
+            f"recovered {after:.4f}; NaN/Inf restores {history.nan_restores}; wrote {written}"
+        )
+        return 0
+
+    _run(debug, body)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console-script entry point; usage errors become one line and exit code 2."""
     try:

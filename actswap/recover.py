@@ -336,3 +336,23 @@ def recover(
     history.nan_restores = guard.restores
     history.blend_factors = schedule.history
     return finalize(student), history
+
+
+def accuracy(model: Any, x: Any, y: Any, batch_size: int = 256) -> float:
+    """Top-1 accuracy of ``model`` on (x, y); NaN outputs count as wrong."""
+    pred = model.predict(x, batch_size=batch_size, verbose=0)
+    ok = np.all(np.isfinite(pred), axis=-1) & (np.argmax(pred, -1) == np.asarray(y).reshape(-1))
+    return float(np.mean(ok))
+
+
+def load_xy(path: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) from an .npz with arrays named ``x`` (inputs) and ``y`` (integer labels)."""
+    from .errors import UserError
+    from .paths import read_arrays
+
+    arrays = read_arrays(path, what)
+    if "x" not in arrays or "y" not in arrays:
+        raise UserError(f"{what} '{path}' has arrays {sorted(arrays)}; it needs 'x' (inputs) and 'y' (labels)")
+    if len(arrays["x"]) != len(arrays["y"]):
+        raise UserError(f"{what} '{path}': x has {len(arrays['x'])} rows but y has {len(arrays['y'])}")
+    return arrays["x"], arrays["y"]

@@ -132,3 +132,29 @@ def test_recover_runs_under_mirrored_strategy(fixtures_dir):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "2 {'softmax': 1, 'square': 3} True"
+
+
+def test_cli_recover_json_and_output(pair, tmp_path, fixtures_dir):
+    import json
+
+    from typer.testing import CliRunner
+
+    from actswap.cli import app
+
+    original, converted = pair
+    conv_path = actswap.save(converted, tmp_path / "sq.keras")
+    x, y = data(64)
+    np.savez(tmp_path / "train.npz", x=x, y=y)
+    r = CliRunner().invoke(app, [
+        "recover", str(fixtures_dir / "mnist_cnn.keras"), str(conv_path), "--data", str(tmp_path / "train.npz"),
+        "--epochs", "1", "--batch-size", "32", "--json",
+    ])
+    assert r.exit_code == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["output"].endswith("sq.recovered.keras") and len(result["epochs"]) == 1
+    assert 0 <= result["recovered_accuracy"] <= 1 and result["nan_restores"] == 0
+    assert actswap.inspect(result["output"]).counts() == {"softmax": 1, "square": 3}
+    np.savez(tmp_path / "bad.npz", inputs=x)
+    r = CliRunner().invoke(app, ["recover", str(fixtures_dir / "mnist_cnn.keras"), str(conv_path),
+                                 "--data", str(tmp_path / "bad.npz"), "-o", str(tmp_path / "o.keras")])
+    assert r.exit_code == 2 and "needs 'x'" in r.stderr
