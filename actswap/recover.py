@@ -76,30 +76,27 @@ def blends(model: Any) -> list[Blend]:
     return list(found.values())
 
 
-def _source_value(site: Any, model: Any) -> Any:
-    # The activation a site computes, as keras.activations.get understands it.
-    if site.activation == "relu" and site.detail:
+def _source_value(site: Any) -> Any:
+    # The activation a site computes, by the name keras.activations.get knows;
+    # variants with arguments (ReLU(max_value=...)) have no such name.
+    if site.detail:
         raise ValueError(f"'{site.path}': {site.activation}({site.detail}) cannot be blended")
     return site.activation
 
 
 def polynomials_of(converted: Any) -> dict[str, tuple[float, ...]]:
-    """Path -> the polynomial a converted model has at that site (x² is (0, 0, 1))."""
+    """Layer name -> the polynomial a converted model has there (x² is (0, 0, 1)).
+    Keyed by name: Keras keeps layer names unique within a model."""
+    from .activations import SquareActivation, square
+
     out: dict[str, tuple[float, ...]] = {}
     for layer in converted._flatten_layers(include_self=False, recursive=True):
         for obj in (layer, getattr(layer, "activation", None)):
-            coeffs = getattr(obj, "coefficients", None)
-            if isinstance(obj, Square) or type(obj).__name__ in ("SquareActivation",) or obj is _square_fn():
-                coeffs = (0.0, 0.0, 1.0)
-            if coeffs is not None and obj is not None and not isinstance(obj, Blend):
-                out.setdefault(layer.name, tuple(coeffs))
+            if isinstance(obj, (Square, SquareActivation)) or obj is square:
+                out.setdefault(layer.name, (0.0, 0.0, 1.0))
+            elif isinstance(obj, Polynomial) or type(obj).__name__ == "PolynomialActivation":
+                out.setdefault(layer.name, tuple(obj.coefficients))
     return out
-
-
-def _square_fn() -> Any:
-    from .activations import square
-
-    return square
 
 
 def blend_model(
@@ -128,10 +125,10 @@ def blend_model(
         coefficients = target.coefficients
 
     def make_layer(site: Any, node: dict[str, Any]) -> Any:
-        return Blend(_source_value(site, original), coefficients(site), name=node["config"]["name"])
+        return Blend(_source_value(site), coefficients(site), name=node["config"]["name"])
 
     def make_activation(site: Any, owner: dict[str, Any]) -> Any:
-        return Blend(_source_value(site, original), coefficients(site))
+        return Blend(_source_value(site), coefficients(site))
 
     return rewrite(original, sites, make_layer, make_activation)
 
@@ -145,9 +142,8 @@ def finalize(blended: Any) -> Any:
     for s in sites:
         s.action = REPLACED if s.activation == "blend" else SKIPPED
 
-    def poly_of(config: dict[str, Any]) -> Any:
-        coeffs = tuple(config["coefficients"])
-        return coeffs
+    def poly_of(config: dict[str, Any]) -> tuple[float, ...]:
+        return tuple(config["coefficients"])
 
     def make_layer(site: Any, node: dict[str, Any]) -> Any:
         coeffs = poly_of(node["config"])
