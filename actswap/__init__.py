@@ -6,9 +6,10 @@ Keras is imported (a post-import hook), so after ``import actswap``,
 ``keras.models.load_model`` reads converted models without ``custom_objects``,
 whichever of the two was imported first.
 
-Public API: :func:`convert`, :func:`inspect`, :func:`load`, :func:`save`, and
-the :mod:`actswap.activations` module (``square``, ``SquareActivation``,
-``Square``).
+Public API: :func:`convert`, :func:`inspect`, :func:`load`, :func:`save`,
+:func:`export_onnx`, :func:`verify`; the modules :mod:`actswap.activations`
+(``square``, ``SquareActivation``, ``Square``, ``Polynomial``...) and
+:mod:`actswap.recover` (accuracy recovery).
 """
 
 from __future__ import annotations
@@ -19,10 +20,15 @@ from typing import TYPE_CHECKING, Any
 import wrapt
 
 __version__ = "0.1.0"
-__all__ = ["convert", "inspect", "load", "save", "Report", "Site", "ActswapError", "__version__"]
+__all__ = [
+    "convert", "inspect", "load", "save", "export_onnx", "verify", "Report", "Site", "ActswapError",
+    "__version__",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .api import convert, inspect, load, save  # noqa: F401
+    from .export import export_onnx  # noqa: F401
+    from .verify import verify  # noqa: F401
     from .errors import ActswapError  # noqa: F401
     from .report import Report, Site  # noqa: F401
 
@@ -31,6 +37,8 @@ _LAZY = {
     "inspect": "actswap.api",
     "load": "actswap.api",
     "save": "actswap.api",
+    "export_onnx": "actswap.export",
+    "verify": "actswap.verify",
     "Report": "actswap.report",
     "Site": "actswap.report",
     "ActswapError": "actswap.errors",
