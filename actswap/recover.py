@@ -194,6 +194,7 @@ class NaNGuard(keras.callbacks.Callback):
         super().__init__()
         self.lr_factor, self.max_restores = lr_factor, max_restores
         self.restores = 0
+        self.gave_up = False
         self._good: list[np.ndarray] | None = None
 
     def on_train_begin(self, logs: Any = None) -> None:
@@ -210,9 +211,13 @@ class NaNGuard(keras.callbacks.Callback):
         self.restores += 1
         for w, v in zip(self.model.weights, self._good or []):
             w.assign(v)
+        # The logged loss is a running mean: one NaN batch would keep it NaN
+        # for the rest of the epoch and trip the guard on every later batch.
+        self.model.reset_metrics()
         opt = self.model.optimizer
         opt.learning_rate.assign(float(opt.learning_rate.numpy()) * self.lr_factor)
         if self.restores > self.max_restores:
+            self.gave_up = True
             self.model.stop_training = True
 
 
@@ -294,6 +299,7 @@ def recover(
     batch_size: int = 128,
     callbacks: Iterable[Any] = (),
     strategy: Any = None,
+    max_restores: int = 10,
     verbose: int = 0,
 ) -> tuple[Any, Any]:
     """Fine-tune ``original`` towards ``converted``'s polynomials without the collapse.
@@ -305,7 +311,9 @@ def recover(
     blends are finalized. ``train``/``val`` are (x, y) arrays or
     ``tf.data.Dataset`` s of (x, y). Returns the recovered (polynomial) model
     and the Keras History. ``strategy`` (a ``tf.distribute`` strategy) scopes
-    model building and training.
+    model building and training. If the NaN guard has to give up (more than
+    ``max_restores`` restores), a ConversionError is raised rather than a
+    diverged model returned.
     """
     import contextlib
 
@@ -321,12 +329,20 @@ def recover(
             model = student
             model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     schedule = BlendSchedule(ramp_epochs)
-    guard = NaNGuard()
+    guard = NaNGuard(max_restores=max_restores)
     fit_kwargs: dict[str, Any] = {"epochs": epochs, "verbose": verbose, "callbacks": [schedule, guard, *callbacks]}
     if isinstance(train, tf.data.Dataset):
         history = model.fit(train, validation_data=val, **fit_kwargs)
     else:
         history = model.fit(train[0], train[1], batch_size=batch_size, validation_data=val, **fit_kwargs)
+    if guard.gave_up:
+        from .errors import ConversionError
+
+        raise ConversionError(
+            f"recovery diverged: the loss or weights became NaN/Inf {guard.restores} times and "
+            "restoring the last good weights did not help (x² activations overflow once the blend "
+            "reaches the polynomial); try a shorter --ramp, a larger --lr, more epochs, or clip:C gradients"
+        )
     for b in blends(student):
         b.factor.assign(1.0)  # the ramp has ended (ramp_epochs <= epochs), or it is forced here
     history.nan_restores = guard.restores

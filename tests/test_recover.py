@@ -158,3 +158,19 @@ def test_cli_recover_json_and_output(pair, tmp_path, fixtures_dir):
     r = CliRunner().invoke(app, ["recover", str(fixtures_dir / "mnist_cnn.keras"), str(conv_path),
                                  "--data", str(tmp_path / "bad.npz"), "-o", str(tmp_path / "o.keras")])
     assert r.exit_code == 2 and "needs 'x'" in r.stderr
+
+
+def test_recover_refuses_to_return_a_diverged_model(pair):
+    original, converted = pair
+    x, y = data(64)
+
+    class AlwaysNaN(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            w = self.model.trainable_weights[0]
+            w.assign(np.full(w.shape, np.nan, "float32"))
+
+    with pytest.raises(actswap.ActswapError, match="recovery diverged"):
+        R.recover(
+            original, converted, (x, y), epochs=1, batch_size=8, distill=False, max_restores=1,
+            callbacks=[AlwaysNaN()],
+        )
