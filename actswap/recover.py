@@ -246,7 +246,8 @@ class Distiller(keras.Model):
         super().__init__(**kwargs)
         self.student, self.teacher = student, teacher
         self.temperature, self.alpha = temperature, alpha
-        self.teacher.trainable = False
+        # The teacher is not frozen by setting teacher.trainable (that would
+        # change the user's model); only the student's variables are updated.
         self.student_probs, self.teacher_probs = _probabilities(student), _probabilities(teacher)
         # Keras reports epoch logs from tracked metrics, not from train_step's return value.
         self.loss_tracker = keras.metrics.Mean(name="loss")

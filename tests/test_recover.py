@@ -94,7 +94,10 @@ def test_distillation_loss_equals_a_hand_computation():
 def test_recover_returns_a_polynomial_model_that_reloads_and_trains(pair, tmp_path):
     original, converted = pair
     x, y = data(96)
+    before = [(w.path, w.trainable, w.numpy().tobytes()) for w in original.weights]
     recovered, history = R.recover(original, converted, (x, y), val=(x[:32], y[:32]), epochs=1, batch_size=32)
+    assert [(w.path, w.trainable, w.numpy().tobytes()) for w in original.weights] == before  # untouched
+    assert original.trainable
     assert actswap.inspect(recovered).counts() == {"softmax": 1, "square": 3}
     assert history.nan_restores == 0 and history.blend_factors[-1] == 1.0
     assert np.isfinite(history.history["loss"][-1])
