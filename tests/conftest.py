@@ -29,10 +29,9 @@ import tensorflow as tf  # noqa: E402
 import actswap  # noqa: E402,F401  (registers the Keras objects)
 
 
-@contextlib.contextmanager
-def relu_as_square(grad: str = "exact"):
-    """Inside this block every plain ReLU computes x² (the independent reference)."""
-    real = tf.nn.relu
+def fake_relu(grad: str = "exact"):
+    """x² in value; derivative 2x (exact) or clip(2x, -C, C), written with
+    stop_gradient rather than tf.custom_gradient: the independent reference."""
     bound = None if grad == "exact" else float(grad.split(":")[1])
 
     def fake(features, name=None):
@@ -42,7 +41,14 @@ def relu_as_square(grad: str = "exact"):
         d = tf.stop_gradient(tf.clip_by_value(x + x, -bound, bound))
         return tf.stop_gradient(x * x - d * x) + d * x
 
-    with mock.patch.object(tf.nn, "relu", fake):
+    return fake
+
+
+@contextlib.contextmanager
+def relu_as_square(grad: str = "exact"):
+    """Inside this block every plain ReLU computes x² (the independent reference)."""
+    real = tf.nn.relu
+    with mock.patch.object(tf.nn, "relu", fake_relu(grad)):
         yield real
 
 
