@@ -161,29 +161,45 @@ def finalize(blended: Any) -> Any:
 
 
 class BlendSchedule(keras.callbacks.Callback):
-    """Move every Blend's factor linearly from 0 to 1 over ``ramp_epochs`` epochs
-    (updated each batch; ``steps_per_epoch`` is read from the fit)."""
+    """Move every Blend's factor from 0 to 1 over ``ramp_epochs`` epochs, updated
+    each batch (``steps_per_epoch`` is read from the fit).
 
-    def __init__(self, ramp_epochs: float = 1.0) -> None:
+    ``progressive=False``: all sites move together, linearly. ``progressive=True``:
+    sites move one after another in model order (input side first), each over
+    a window of ``2 * ramp / (n + 1)`` epochs starting when the previous one is
+    halfway, so later layers adapt to each change before their own site moves;
+    the last site still reaches 1 at ``ramp_epochs``.
+    """
+
+    def __init__(self, ramp_epochs: float = 1.0, progressive: bool = False) -> None:
         super().__init__()
         self.ramp_epochs = float(ramp_epochs)
+        self.progressive = progressive
         self.epoch = 0
         self.history: list[float] = []
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
         self.epoch = epoch
 
-    def factor(self, epoch: int, batch: int, steps: int) -> float:
+    def factors(self, n: int, epoch: int, batch: int, steps: int) -> list[float]:
+        """The factor of each of ``n`` sites after batch ``batch`` of ``epoch``."""
         if self.ramp_epochs <= 0:
-            return 1.0
-        return float(min(1.0, (epoch + (batch + 1) / max(steps, 1)) / self.ramp_epochs))
+            return [1.0] * n
+        t = (epoch + (batch + 1) / max(steps, 1)) / self.ramp_epochs  # ramp progress, 1 = done
+        if not self.progressive or n <= 1:
+            return [float(min(1.0, t))] * n
+        w = 2.0 / (n + 1)
+        return [float(np.clip((t - i * w / 2) / w, 0.0, 1.0)) for i in range(n)]
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        self._blends = blends(self.model)
 
     def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
         steps = self.params.get("steps") or 1
-        a = self.factor(self.epoch, batch, steps)
-        for b in blends(self.model):
+        values = self.factors(len(self._blends), self.epoch, batch, steps)
+        for b, a in zip(self._blends, values):
             b.factor.assign(a)
-        self.history.append(a)
+        self.history.append(float(np.mean(values)) if values else 1.0)
 
 
 class NaNGuard(keras.callbacks.Callback):
@@ -291,11 +307,12 @@ def recover(
     val: Any = None,
     *,
     epochs: int = 2,
-    ramp_epochs: float = 1.0,
+    ramp_epochs: float = 0.5,
+    progressive: bool = False,
     distill: bool = True,
     temperature: float = 4.0,
     alpha: float = 0.5,
-    learning_rate: float = 1e-4,
+    learning_rate: float = 2e-3,
     clipnorm: float = 1.0,
     batch_size: int = 128,
     callbacks: Iterable[Any] = (),
@@ -329,7 +346,7 @@ def recover(
         else:
             model = student
             model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    schedule = BlendSchedule(ramp_epochs)
+    schedule = BlendSchedule(ramp_epochs, progressive)
     guard = NaNGuard(max_restores=max_restores)
     fit_kwargs: dict[str, Any] = {"epochs": epochs, "verbose": verbose, "callbacks": [schedule, guard, *callbacks]}
     if isinstance(train, tf.data.Dataset):

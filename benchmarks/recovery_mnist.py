@@ -54,17 +54,54 @@ def cnn(batchnorm: bool) -> keras.Model:
     return keras.Model(inp, L.Dense(10, activation="softmax")(x))
 
 
-def cryptonets() -> keras.Model:
+def cryptonets(filters: int = 8) -> keras.Model:
+    """CryptoNets-style (Gilad-Bachrach et al. 2016): conv 5x5 stride 2 -> x² ->
+    dense 100 -> x² -> dense 10, with the actswap square; 8 filters instead of
+    the paper's 5 (measured: 5 filters plateau at 98.8-99.0%)."""
     inp = keras.Input((28, 28, 1))
-    x = L.Conv2D(5, 5, strides=2, padding="same")(inp)
+    x = L.Conv2D(filters, 5, strides=2, padding="same")(inp)
     x = Square()(L.Flatten()(x))
     x = Square()(L.Dense(100)(x))
     return keras.Model(inp, L.Dense(10, activation="softmax")(x))
 
 
+def train_cryptonets(seed: int, data: dict, epochs: int = 30, lr: float = 3e-3) -> tuple[keras.Model, list[float]]:
+    """From scratch: Adam with a cosine-decayed learning rate, batch 128, inputs
+    randomly shifted by up to 10% (2-3 pixels); test accuracy after each epoch."""
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    model = cryptonets()
+    steps = -(-len(data["x_train"]) // 128) * epochs
+    model.compile(keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(lr, steps)),
+                  "sparse_categorical_crossentropy")
+    shift = keras.layers.RandomTranslation(0.1, 0.1, fill_mode="constant", seed=seed)
+    ds = (tf.data.Dataset.from_tensor_slices((data["x_train"], data["y_train"]))
+          .shuffle(len(data["x_train"]), seed=seed).batch(128)
+          .map(lambda x, y: (shift(x, training=True), y), num_parallel_calls=2))
+    curve = []
+    for epoch in range(epochs):
+        model.fit(ds, epochs=epoch + 1, initial_epoch=epoch, verbose=0)
+        curve.append(R.accuracy(model, data["x_test"], data["y_test"]))
+    return model, curve
+
+
 def compiled(model: keras.Model, lr: float = 1e-3) -> keras.Model:
     model.compile(keras.optimizers.Adam(lr), "sparse_categorical_crossentropy", metrics=["accuracy"])
     return model
+
+
+class LossCurve(keras.callbacks.Callback):
+    """Training loss every ``every`` batches (Keras's running mean within the epoch)."""
+
+    def __init__(self, every: int = 25) -> None:
+        super().__init__()
+        self.every, self.points, self.step = every, [], 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        if self.step % self.every == 0:
+            self.points.append((self.step, float((logs or {}).get("loss", float("nan")))))
 
 
 def run(seed: int, batchnorm: bool, data: dict, epochs: int, budget: int) -> dict:
@@ -76,86 +113,121 @@ def run(seed: int, batchnorm: bool, data: dict, epochs: int, budget: int) -> dic
     swapped, _ = actswap.convert(relu)
     row["swapped"] = R.accuracy(swapped, xte, yte)
     naive = compiled(actswap.convert(relu)[0])
-    h = naive.fit(xtr, ytr, epochs=budget, batch_size=128, verbose=0)
+    naive_curve = LossCurve()
+    naive.fit(xtr, ytr, epochs=budget, batch_size=128, verbose=0, callbacks=[naive_curve])
     row["naive"] = R.accuracy(naive, xte, yte)
-    row["naive_nan"] = bool(not np.all(np.isfinite(h.history["loss"])))
-    curve = []
-
-    class Curve(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            curve.append((logs or {}).get("loss"))
-
-    recovered, hist = R.recover(relu, swapped, (xtr, ytr), epochs=budget, learning_rate=1e-3, callbacks=[Curve()])
+    row["naive_nan"] = bool(not all(np.isfinite(v) for _, v in naive_curve.points))
+    curve = LossCurve()
+    t = time.time()
+    # actswap's defaults: this is what `actswap recover` does with --epochs budget.
+    recovered, hist = R.recover(relu, swapped, (xtr, ytr), epochs=budget, callbacks=[curve])
+    row["recover_seconds"] = time.time() - t
     row["recovered"] = R.accuracy(recovered, xte, yte)
     row["recover_nan_restores"] = hist.nan_restores
-    row["curve"] = curve
+    row["recover_nan"] = bool(hist.nan_restores or not all(np.isfinite(v) for _, v in curve.points)
+                              or not np.all(np.isfinite(recovered.predict(xte[:1000], verbose=0))))
+    row["curve"], row["naive_curve"] = curve.points, naive_curve.points
     return row
 
 
+def figure(rows: list[dict], crypto: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), dpi=110)
+    for ax, bn in zip(axes[:2], (False, True)):
+        for r in (r for r in rows if r["batchnorm"] == bn):
+            steps, loss = zip(*r["curve"]) if r["curve"] else ((), ())
+            ax.plot(steps, loss, label=f"recover, seed {r['seed']}")
+            if r["naive_curve"]:
+                steps, loss = zip(*r["naive_curve"])
+                ax.plot(steps, loss, linestyle=":", label=f"naive, seed {r['seed']}")
+        ax.set_yscale("log")
+        ax.set_title(f"6-layer CNN, {'with' if bn else 'no'} BatchNorm")
+        ax.set_xlabel("training step (batch 128)")
+        ax.set_ylabel("training loss (log)")
+        ax.legend(fontsize=6)
+    for c in crypto:
+        axes[2].plot(range(1, len(c["curve"]) + 1), c["curve"], label=f"seed {c['seed']}")
+    axes[2].axhline(0.99, color="grey", linewidth=0.8, linestyle="--")
+    axes[2].set_title("CryptoNets-style, x² from scratch")
+    axes[2].set_xlabel("epoch")
+    axes[2].set_ylabel("test accuracy")
+    axes[2].set_ylim(0.97, 0.995)
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
+
+
 def main() -> None:
+    from docsection import write_section
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--budget", type=int, default=2, help="epochs of naive fine-tuning / recovery")
-    ap.add_argument("--quick", action="store_true", help="5,000 training images: a smoke run, not the benchmark")
-    ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    ap.add_argument("--cryptonets-epochs", type=int, default=30)
+    ap.add_argument("--quick", action="store_true", help="5,000 training images, 2 CryptoNets epochs: a smoke run")
     args = ap.parse_args()
     if not mnist.available():
         sys.exit(f"MNIST not found at {mnist.DEFAULT_DIR}")
     data = mnist.load()
     if args.quick:
         data = {**data, "x_train": data["x_train"][:5000], "y_train": data["y_train"][:5000]}
-    rows = []
+        args.cryptonets_epochs = 2
+    rows, crypto = [], []
     t0 = time.time()
     for bn in (False, True):
         for seed in args.seeds:
             row = run(seed, bn, data, 1, args.budget)
             rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
-    keras.utils.set_random_seed(0)
-    cn = compiled(cryptonets())
-    cn.fit(data["x_train"], data["y_train"], epochs=5, batch_size=128, verbose=0)
-    crypto = R.accuracy(cn, data["x_test"], data["y_test"])
-    print(json.dumps({"cryptonets_square_5_epochs": crypto}), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if "curve" not in k}), flush=True)
+    for seed in args.seeds:
+        _, curve = train_cryptonets(seed, data, args.cryptonets_epochs)
+        crypto.append({"seed": seed, "accuracy": curve[-1], "curve": curve})
+        print(json.dumps({"cryptonets_seed": seed, "accuracy": curve[-1]}), flush=True)
+    command = (f"python benchmarks/recovery_mnist.py --seeds {' '.join(map(str, args.seeds))} --budget {args.budget}"
+               f"{' --quick' if args.quick else ''}")
     lines = [
-        "# Benchmarks", "", "## Recovery on MNIST (issue 6)", "",
-        f"Command: `python benchmarks/recovery_mnist.py --seeds {' '.join(map(str, args.seeds))}"
-        f" --budget {args.budget}{' --quick' if args.quick else ''}` "
-        f"({time.time() - t0:.0f} s on {os.cpu_count()} cores).", "",
-        "| BatchNorm | seed | ReLU | after swap | naive fine-tune | actswap recover | NaN (naive / recover restores) |",
-        "|---|---|---|---|---|---|---|",
+        "## Recovery on MNIST (issue 6)", "",
+        f"Command: `{command}` ({time.time() - t0:.0f} s on {os.cpu_count()} cores, "
+        f"Python {sys.version.split()[0]}, Keras {keras.__version__}).", "",
+        "Setups as in issue 6: a 6-layer 3x3 CNN trained 1 epoch with ReLU (Adam 1e-3, batch 128), every ReLU "
+        f"swapped for x², then {args.budget} epochs of either naive fine-tuning (Adam 1e-3) or "
+        "`actswap.recover` with its defaults (the same code as `actswap recover`). Test accuracy on the 10,000 "
+        "MNIST test images.", "",
+        "| BatchNorm | seed | ReLU | after swap | naive fine-tune | actswap recover | recover − ReLU | "
+        "NaN/Inf (naive / recover) | recover time |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {'yes' if r['batchnorm'] else 'no'} | {r['seed']} | {r['relu']:.4f} | {r['swapped']:.4f} | "
-            f"{r['naive']:.4f} | {r['recovered']:.4f} | {r['naive_nan']} / {r['recover_nan_restores']} |"
+            f"{r['naive']:.4f} | {r['recovered']:.4f} | {100 * (r['recovered'] - r['relu']):+.2f} pts | "
+            f"{'yes' if r['naive_nan'] else 'no'} / {'yes' if r['recover_nan'] else 'no'} | "
+            f"{r['recover_seconds']:.0f} s |"
         )
-    met = [r["recovered"] >= r["relu"] - 0.005 and r["recover_nan_restores"] == 0 for r in rows]
+    met = [r["recovered"] >= r["relu"] - 0.005 and not r["recover_nan"] for r in rows]
     lines += [
-        "", f"CryptoNets-style network with the actswap square, 5 epochs from scratch: {crypto:.4f}", "",
+        "", f"CryptoNets-style network (conv 5x5/2, 8 filters → x² → dense 100 → x² → dense 10) with the actswap "
+        f"square, trained from scratch for {args.cryptonets_epochs} epochs (Adam 3e-3, cosine decay, random shifts "
+        "≤ 10%):", "",
+        "| seed | test accuracy |", "|---|---|",
+        *[f"| {c['seed']} | {c['accuracy']:.4f} |" for c in crypto], "",
         "Targets (issue 6): recovered within 0.5 points of ReLU with at most 2 epochs, never a NaN: "
-        f"met in {sum(met)} of {len(met)} runs; CryptoNets-style >= 0.99: {'met' if crypto >= 0.99 else 'not met'}.",
-        "",
+        f"met in {sum(met)} of {len(met)} runs; CryptoNets-style ≥ 0.99: met for "
+        f"{sum(c['accuracy'] >= 0.99 for c in crypto)} of {len(crypto)} seeds.", "",
     ]
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
-        for r in rows:
-            ax.plot(range(1, len(r["curve"]) + 1), r["curve"], marker="o",
-                    label=f"{'BN' if r['batchnorm'] else 'no BN'}, seed {r['seed']}")
-        ax.set_xlabel("recovery epoch")
-        ax.set_ylabel("training loss")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(ROOT / "docs" / "recovery_mnist.png")
-        lines += ["![recovery training loss](recovery_mnist.png)", ""]
-    except ImportError:
-        pass
-    Path(args.out).write_text("\n".join(lines))
-    print(f"wrote {args.out}")
+    if figure(rows, crypto, ROOT / "docs" / "recovery_mnist.png"):
+        lines += ["![recovery training loss and CryptoNets accuracy](recovery_mnist.png)", "",
+                  "Left, middle: training loss during recovery (solid) and naive fine-tuning (dotted). "
+                  "Right: CryptoNets-style test accuracy per epoch.", ""]
+    out = write_section("recovery", "\n".join(lines))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

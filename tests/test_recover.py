@@ -46,6 +46,27 @@ def test_blend_starts_as_the_original_and_moves_on_schedule_then_finalizes(pair,
     np.testing.assert_allclose(final.predict(x, verbose=0), blended.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
 
 
+def test_progressive_schedule_moves_sites_one_after_another(pair):
+    original, converted = pair
+    blended = R.blend_model(original, polynomials=R.polynomials_of(converted))
+    order = R.blends(blended)
+    assert len(order) == 3
+    seen = []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            seen.append([float(b.factor.numpy()) for b in order])
+
+    blended.compile(keras.optimizers.SGD(1e-4), "sparse_categorical_crossentropy")
+    x, y = data()
+    # 4 steps per epoch, ramp 1 epoch, 3 sites: each site's window is 2/(3+1) = 0.5
+    # epoch, starting 0.25 epoch after the previous one (independent arithmetic).
+    blended.fit(x, y, batch_size=16, epochs=2, verbose=0,
+                callbacks=[R.BlendSchedule(ramp_epochs=1, progressive=True), Record()])
+    expected = [[0.5, 0.0, 0.0], [1.0, 0.5, 0.0], [1.0, 1.0, 0.5], [1.0, 1.0, 1.0]] + [[1.0] * 3] * 4
+    assert seen == [pytest.approx(e) for e in expected]
+
+
 def test_finalize_refuses_an_unfinished_blend(pair):
     original, converted = pair
     blended = R.blend_model(original, polynomials=R.polynomials_of(converted))
@@ -177,3 +198,17 @@ def test_recover_refuses_to_return_a_diverged_model(pair):
             original, converted, (x, y), epochs=1, batch_size=8, distill=False, max_restores=1,
             callbacks=[AlwaysNaN()],
         )
+
+
+def test_cli_recover_defaults_are_the_api_defaults():
+    # The CLI repeats the defaults (it must not import TensorFlow to show --help);
+    # the benchmark measures the API's, so they must not drift apart.
+    import inspect
+
+    from actswap import cli
+
+    api = inspect.signature(R.recover).parameters
+    options = {p.name: p.default.default for p in inspect.signature(cli.recover).parameters.values()
+               if hasattr(p.default, "default")}
+    pairs = {"epochs": "epochs", "ramp": "ramp_epochs", "batch_size": "batch_size", "learning_rate": "learning_rate"}
+    assert {k: options[k] for k in pairs} == {k: api[v].default for k, v in pairs.items()}
