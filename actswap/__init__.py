@@ -46,6 +46,8 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
+    if name == "he":  # the module, for actswap.he.run (imports Keras only when used)
+        return importlib.import_module("actswap.he")
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'actswap' has no attribute '{name}'")

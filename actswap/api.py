@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from . import gradients, io, registry
-from .errors import UnsupportedModelError, UserError
+from .errors import InvariantError, UnsupportedModelError, UserError
 from .formats import Format, detect
 from .io import load, load_with_notes
 from .keras_setup import keras
@@ -51,18 +51,59 @@ def _graph_format(model_or_path: Any) -> Format | None:
     return None
 
 
-def save(converted: Any, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+def save(
+    converted: Any,
+    path: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    verify: bool = True,
+    check: Any = None,
+    trust_code: bool = True,
+) -> Path:
     """Write what :func:`convert` returned, atomically, in its family: a Keras
     model as ``.keras``, a rewritten SavedModel as a SavedModel directory, a
-    frozen graph as ``.pb``. Refuses to overwrite unless ``overwrite``."""
+    frozen graph as ``.pb``. Refuses to overwrite unless ``overwrite``.
+
+    With ``verify`` (default), the written output is read back before it is
+    moved into place: a Keras model must reload (scanned, safe mode) with the
+    same sites and bit-identical weights; a SavedModel must pass the scan and
+    load with the same signatures; a frozen graph must parse to the same graph.
+    ``check`` adds a check of the written output (for a Keras model, the
+    list of sites read back from the file; else the path of the temporary
+    SavedModel/graph). A failed check writes nothing.
+    ``trust_code`` (default) lets the reload through the scan's code findings:
+    the model is the caller's own, in memory, so a custom class of theirs is
+    not refused when it is read back; the CLI passes False, so that what it
+    writes must pass the scan it applies to its inputs."""
     if isinstance(converted, keras.Model):
-        return io.save(converted, path, overwrite=overwrite)
+        return io.save(converted, path, overwrite=overwrite, verify=verify, check=check, trust_code=trust_code)
     from . import savedmodel
 
     if hasattr(converted, "actswap_signatures"):
-        return savedmodel.save_savedmodel(converted, path, overwrite=overwrite)
+        def check_dir(tmp: Path) -> None:
+            from .verify import read_back_savedmodel
+
+            # Read as data first (protobuf and checkpoint): a load restores and
+            # re-traces every function; it decides only what reading cannot confirm.
+            if verify and not read_back_savedmodel(converted, tmp):
+                _, sigs = savedmodel.load_signatures(tmp, trust_code)
+                if sorted(sigs) != sorted(converted.actswap_signatures):
+                    raise InvariantError(
+                        f"the written SavedModel has signatures {sorted(sigs)}, "
+                        f"expected {sorted(converted.actswap_signatures)}"
+                    )
+            if check is not None:
+                check(tmp)
+
+        return savedmodel.save_savedmodel(converted, path, overwrite=overwrite, check=check_dir)
     if type(converted).__name__ == "GraphDef":
-        return savedmodel.save_graphdef(converted, path, overwrite=overwrite)
+        def check_pb(tmp: Path) -> None:
+            if verify and tmp.read_bytes() != converted.SerializeToString():
+                raise InvariantError("the written graph differs from the converted one")
+            if check is not None:
+                check(tmp)
+
+        return savedmodel.save_graphdef(converted, path, overwrite=overwrite, check=check_pb)
     raise UserError(f"cannot save a {type(converted).__name__}; pass what actswap.convert returned")
 
 
@@ -132,6 +173,28 @@ def _overflow_warnings(converted: Any, sites: list[Site], data: Any) -> list[str
                 f"which overflows {', '.join(over)}"
             )
     return warnings
+
+
+LOW_PRECISION = ("float16", "bfloat16")
+
+
+def precision_warnings(model: Any, sites: list[Site]) -> list[str]:
+    """A warning when the model computes in float16/bfloat16 and a site was replaced:
+    x² overflows float16 above |x| ≈ 255, long before ReLU would."""
+    if not any(s.action == REPLACED for s in sites):
+        return []
+    low = [
+        (layer.name, layer.compute_dtype) for layer in model._flatten_layers(include_self=True)
+        if getattr(layer, "compute_dtype", None) in LOW_PRECISION
+    ]
+    if not low:
+        return []
+    name, dtype = low[0]
+    return [
+        f"warning: the model computes in {dtype} (layer '{name}'{' and others' if len(low) > 1 else ''}): "
+        "x² overflows float16 once |x| > 255 (65504 is its largest value) and loses precision in "
+        "bfloat16; check the outputs on real data (--calibrate reports output_max), or convert a float32 copy"
+    ]
 
 
 def _check_grad_function(fn: Any) -> None:
@@ -206,11 +269,11 @@ def inspect(
     if graph_fmt is Format.SAVEDMODEL:
         from .savedmodel import inspect_savedmodel
 
-        return inspect_savedmodel(Path(model_or_path), sources, to)
+        return inspect_savedmodel(Path(model_or_path), sources, to, trust_code)
     if graph_fmt is Format.GRAPHDEF:
         from .savedmodel import inspect_graphdef
 
-        return inspect_graphdef(Path(model_or_path), sources, to)
+        return inspect_graphdef(Path(model_or_path), sources, to, trust_code)
     model, notes, source = _resolve(model_or_path, trust_code)
     target = registry.get_target(to)
     chosen = frozenset(sources)
@@ -293,11 +356,13 @@ def convert(
     if graph_fmt is Format.SAVEDMODEL:
         from .savedmodel import convert_savedmodel
 
-        return convert_savedmodel(Path(model_or_path), to, grad_mode, sources=sources, signature=signature)
+        return convert_savedmodel(
+            Path(model_or_path), to, grad_mode, sources=sources, signature=signature, trust_code=trust_code
+        )
     if graph_fmt is Format.GRAPHDEF:
         from .savedmodel import convert_graphdef
 
-        return convert_graphdef(Path(model_or_path), to, sources=sources)
+        return convert_graphdef(Path(model_or_path), to, sources=sources, trust_code=trust_code)
     if signature is not None:
         raise UserError("--signature applies to SavedModel input only")
     model, notes, source = _resolve(model_or_path, trust_code)
@@ -337,7 +402,10 @@ def convert(
     def check_subclassed(path: str, new_leaf: Any) -> None:
         _check_no_hidden_sources(path or new_leaf.name, new_leaf, target, chosen)
 
-    new_model = rewrite(model, sites, make_layer, make_activation, check_subclassed)
+    # A model loaded here from a path is ours alone: its unchanged layers can
+    # move into the result rather than be rebuilt with copied weights.
+    new_model = rewrite(model, sites, make_layer, make_activation, check_subclassed, consume=source is not None)
+    notes.extend(precision_warnings(model, sites))
     if calibrate is not None:
         notes.extend(_overflow_warnings(new_model, sites, calibrate))
     if getattr(model, "compiled", False):

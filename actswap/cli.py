@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__, registry
+from . import scan as scanning
 from .errors import ActswapError, UserError
 from .formats import Format, detect
 from .paths import check_output_onnx
@@ -135,6 +136,24 @@ def _warn_trust_code() -> None:
     )
 
 
+def _warn_code_findings(report: scanning.ScanReport) -> None:
+    """With --trust-code: say, loudly and one line each, which code will run."""
+    code = [f for f in report.errors if f.kind == scanning.CODE]
+    for f in code[:5]:
+        typer.echo(f"WARNING: --trust-code: '{report.path}': {f.message}; this WILL RUN", err=True)
+    if len(code) > 5:
+        typer.echo(f"WARNING: --trust-code: '{report.path}': and {len(code) - 5} more (actswap scan lists them)", err=True)
+
+
+def _scan_first(path: Path, trust_code: bool = False) -> scanning.ScanReport:
+    """Scan before anything loads ``path`` (and before TensorFlow is imported);
+    refuse (exit 2) unless --trust-code lets code findings through."""
+    report = scanning.check(path, trust_code=trust_code)
+    if trust_code:
+        _warn_code_findings(report)
+    return report
+
+
 @app.command()
 def convert(
     model: Path = typer.Argument(
@@ -165,10 +184,13 @@ def convert(
     ),
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
     trust_code: bool = typer.Option(
-        False, "--trust-code", help="DANGEROUS: load Keras 2 files whose config carries code (Lambda)."
+        False, "--trust-code", help="DANGEROUS: load a file although the scan found code in it (Lambda, custom ops...)."
     ),
     strict: bool = typer.Option(
         False, "--strict", help="Exit 1, writing nothing, if any ReLU-like site was skipped."
+    ),
+    allow_nonfinite: bool = typer.Option(
+        False, "--allow-nonfinite", help="Write the output even if it computes NaN/Inf where the original does not."
     ),
     onnx_out: Optional[Path] = typer.Option(
         None, "--onnx", help="Also export the converted model to this .onnx file, checked for parity."
@@ -187,13 +209,16 @@ def convert(
         plan = plan_convert(
             model, to=to, output=output, grad=grad, signature=signature, force=force, onnx_out=onnx_out,
             sources=sources, degree=degree, interval=fit_range, calibrate=calibrate, margin=margin,
-            trainable=trainable, per_channel=per_channel, pool=pool,
+            trainable=trainable, per_channel=per_channel, pool=pool, trust_code=trust_code,
         )
         if trust_code:
             _warn_trust_code()
+            if plan.scan_report is not None:
+                _warn_code_findings(plan.scan_report)
         _import_tensorflow_quietly(debug or _state["debug"])
         report, failed = run_convert(
-            plan, strict=strict, trust_code=trust_code, opset=opset, sample=sample, tol=tol
+            plan, strict=strict, trust_code=trust_code, opset=opset, sample=sample, tol=tol,
+            allow_nonfinite=allow_nonfinite,
         )
         data = report.to_dict()
         if as_json:
@@ -210,9 +235,10 @@ def convert(
             )
             for note in report.notes:
                 console.print(f"note: {note}")
+            nothing = "nothing to replace; " if report.replaced == 0 else ""
             console.print(
                 f"replaced {report.replaced}, skipped {report.skipped} "
-                f"({report.skipped_relu_like} ReLU-like); "
+                f"({report.skipped_relu_like} ReLU-like); {nothing}"
                 + (f"wrote {report.output}" if report.output else "nothing written")
             )
         if failed:
@@ -236,7 +262,7 @@ def inspect(
     sources: str = typer.Option("relu", "--from", help="Source activations, comma-separated, or 'all'."),
     he: bool = typer.Option(False, "--he", help="Add the HE-readiness report: non-polynomial ops, multiplicative depth."),
     trust_code: bool = typer.Option(
-        False, "--trust-code", help="DANGEROUS: load Keras 2 files whose config carries code (Lambda)."
+        False, "--trust-code", help="DANGEROUS: load a file although the scan found code in it (Lambda, custom ops...)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
@@ -247,11 +273,12 @@ def inspect(
         target = registry.get_target(to)
         chosen = registry.resolve_sources(sources)
         fmt = detect(model)
+        if trust_code:
+            _warn_trust_code()
+        _scan_first(model, trust_code)
         legacy = legacy_kind(model, fmt)
         if he and (legacy is not None or fmt in (Format.SAVEDMODEL, Format.GRAPHDEF)):
             raise UserError("--he reports on Keras 3 models (.keras/.h5) only, for now")
-        if trust_code:
-            _warn_trust_code()
         _import_tensorflow_quietly(debug or _state["debug"])
         if legacy is not None:
             from .legacy import inspect_legacy
@@ -308,6 +335,9 @@ def export(
     tol: float = typer.Option(DEFAULT_TOL, "--tol", help="Parity tolerance, relative to the output's largest value."),
     signature: Optional[str] = typer.Option(None, "--signature", help="SavedModel signature to export."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
+    trust_code: bool = typer.Option(
+        False, "--trust-code", help="DANGEROUS: load a file although the scan found code in it (Lambda, custom ops...)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
 ) -> None:
@@ -319,17 +349,20 @@ def export(
         check_output_onnx(out, overwrite=force)
         if fmt is Format.GRAPHDEF:
             raise UserError("export takes a Keras file or a SavedModel directory, not a frozen graph")
+        if trust_code:
+            _warn_trust_code()
+        _scan_first(model, trust_code)
         _import_tensorflow_quietly(debug or _state["debug"])
         from .export import ExportCheckError, export_onnx
 
         if fmt is Format.SAVEDMODEL:
             from .savedmodel import load_signatures
 
-            obj, _ = load_signatures(model)
+            obj, _ = load_signatures(model, trust_code)
         else:
-            from .io import load
+            from .io import load_with_notes
 
-            obj = load(model)
+            obj, _ = load_with_notes(model, trust_code=trust_code)
         try:
             report = export_onnx(obj, out, opset=opset, sample=sample, tol=tol, signature=signature, overwrite=force)
         except ExportCheckError as e:
@@ -358,19 +391,26 @@ def verify(
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="Also check this ONNX export against CONVERTED."),
     sample: Optional[Path] = typer.Option(None, "--sample", help="Inputs: .npz or .npy [default: seeded random]."),
     tol: float = typer.Option(DEFAULT_TOL, "--tol", help="Tolerance, relative to the output's largest value."),
+    trust_code: bool = typer.Option(
+        False, "--trust-code", help="DANGEROUS: load files although the scan found code in them (Lambda...)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
 ) -> None:
     """Check a conversion independently: which sites differ, weights bit-identical,
-    outputs equal ORIGINAL with squares at those sites (and ONNX parity). Exit 1 if any fails."""
+    outputs equal ORIGINAL with squares at those sites and finite (and ONNX parity). Exit 1 if any fails."""
 
     def body() -> int:
         detect(original)
         detect(converted)
+        if trust_code:
+            _warn_trust_code()
+        _scan_first(original, trust_code)
+        _scan_first(converted, trust_code)
         _import_tensorflow_quietly(debug or _state["debug"])
         from .verify import verify as run_verify
 
-        report = run_verify(original, converted, onnx_path=onnx, sample=sample, tol=tol)
+        report = run_verify(original, converted, onnx_path=onnx, sample=sample, tol=tol, trust_code=trust_code)
         data = report.to_dict()
         if as_json:
             typer.echo(json.dumps(data))
@@ -387,6 +427,49 @@ def verify(
         if not report.ok:
             typer.echo(f"error: verify failed: {', '.join(report.failed)}", err=True)
             return 1
+        return 0
+
+    _run(debug, body)
+
+
+@app.command("scan")
+def scan_command(
+    model: Path = typer.Argument(
+        ..., help="Model: .keras, legacy .h5, SavedModel directory or frozen .pb (detected from content)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of lines."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+) -> None:
+    """Check MODEL without loading it (no TensorFlow): code it would run, a malformed or
+    hostile container, low precision. Exit 2 if convert/inspect/export would refuse it."""
+
+    def body() -> int:
+        report = scanning.scan(model)
+        if as_json:
+            typer.echo(json.dumps(report.to_dict()))
+        else:
+            for f in report.findings:
+                typer.echo(f"{f.severity:<8} {f.kind:<10} {f.message}")
+            if report.not_listed:
+                typer.echo(f"{'':<8} {'':<10} ... and {report.not_listed} more finding(s) not listed")
+            for line in report.checked:
+                typer.echo(f"checked  {line}")
+            errors, warnings = len(report.errors), len(report.warnings)
+            verdict = "refused" if errors else "ok"
+            typer.echo(f"{model}: {report.format}, {errors} error(s), {warnings} warning(s): {verdict}")
+        if report.errors:
+            code_only = all(f.kind == scanning.CODE for f in report.errors)
+            hint = (
+                "--trust-code would load it anyway: only if you trust its author"
+                if code_only else "--trust-code does not override this"
+            )
+            typer.echo(
+                f"error: '{model}' would be refused: {report.errors[0].message}"
+                + (f" (and {len(report.errors) - 1 + report.not_listed} more)" if len(report.errors) > 1 else "")
+                + f"; {hint}",
+                err=True,
+            )
+            return 2
         return 0
 
     _run(debug, body)
@@ -420,6 +503,7 @@ def fit(
             raise UserError("--model and --calibrate go together")
         if model is not None:
             detect(model)
+            _scan_first(model)
             _import_tensorflow_quietly(debug or _state["debug"])
             from .fitplot import calibrated_site
 
@@ -451,9 +535,9 @@ def recover(
     data: Path = typer.Option(..., "--data", help="Training data: .npz with x (inputs) and y (integer labels)."),
     val: Optional[Path] = typer.Option(None, "--val", help="Validation data, same keys [default: --data]."),
     epochs: int = typer.Option(2, "--epochs", help="Epochs of recovery."),
-    ramp: float = typer.Option(1.0, "--ramp", help="Epochs over which each site blends into its polynomial."),
+    ramp: float = typer.Option(0.5, "--ramp", help="Epochs over which each site blends into its polynomial."),
     batch_size: int = typer.Option(128, "--batch-size"),
-    learning_rate: float = typer.Option(1e-4, "--lr", help="Adam learning rate (gradients clipped to norm 1)."),
+    learning_rate: float = typer.Option(2e-3, "--lr", help="Adam learning rate (gradients clipped to norm 1)."),
     no_distill: bool = typer.Option(False, "--no-distill", help="Train on labels only, without the original as teacher."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output .keras [default: <converted>.recovered.keras]."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
@@ -467,6 +551,8 @@ def recover(
 
         detect(original)
         detect(converted)
+        _scan_first(original)
+        _scan_first(converted)
         stem = converted.name[: -len(converted.suffix)] if converted.suffix else converted.name
         out = output if output is not None else converted.with_name(f"{stem}.recovered.keras")
         check_output_path(out, overwrite=force)
@@ -533,6 +619,83 @@ def recover(
             f"accuracy: original {before['original']:.4f}, converted {before['converted']:.4f}, "
             f"recovered {after:.4f}; NaN/Inf restores {history.nan_restores}; wrote {written}"
         )
+        return 0
+
+    _run(debug, body)
+
+
+@app.command("he-run")
+def he_run(
+    model: Path = typer.Argument(..., help="Converted model (.keras/.h5): affine layers and polynomial activations."),
+    data: Path = typer.Option(..., "--data", help="Samples: .npz with x (inputs) and, for accuracies, y (labels)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Run only the first N samples."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+) -> None:
+    """Run MODEL on CKKS-encrypted samples (TenSEAL) and compare with plaintext."""
+
+    def body() -> int:
+        from .paths import read_arrays
+
+        detect(model)
+        arrays = read_arrays(data, "data")
+        if "x" not in arrays:
+            raise UserError(f"data '{data}' has arrays {sorted(arrays)}; it needs 'x' (inputs), and 'y' for accuracies")
+        x, y = arrays["x"], arrays.get("y")
+        if y is not None and len(y) != len(x):
+            raise UserError(f"data '{data}': x has {len(x)} rows but y has {len(y)}")
+        if limit is not None and limit < 1:
+            raise UserError(f"--limit must be at least 1, got {limit}")
+        try:
+            # Before TensorFlow: loaded after it, TenSEAL's serialize() crashes (protobuf clash).
+            import tenseal  # noqa: F401
+        except ImportError:
+            raise UserError("he-run needs TenSEAL: pip install 'actswap[he]'") from None
+        _import_tensorflow_quietly(debug or _state["debug"])
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from .encrypted import run as run_encrypted
+
+        console = _console()
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+        progress = Progress(*columns, console=Console(stderr=True), disable=as_json)
+        task = progress.add_task("encrypted samples", total=min(len(x), limit or len(x)))
+
+        def parameters_chosen(p: Any) -> None:
+            # The bar starts only now: a refusal before this point stays one line on stderr.
+            if not as_json:
+                console.print(p.describe())
+            progress.start()
+
+        try:
+            report = run_encrypted(
+                model, x, y, limit=limit, on_parameters=parameters_chosen,
+                progress=lambda done, total: progress.update(task, completed=done),
+            )
+        finally:
+            progress.stop()
+        r = report.to_dict()
+        if as_json:
+            typer.echo(json.dumps(r))
+            return 0
+        lat, size = r["latency_seconds"], r["ciphertext_bytes"]
+        table = Table(title=f"he-run {model} ({r['samples']} samples)")
+        table.add_column("figure")
+        table.add_column("value")
+        table.add_row("top-1 agreement", f"{r['top1_agreement']:.4f} ({len(r['disagreements'])} differ)")
+        table.add_row("max abs logit error", f"{r['max_abs_logit_error']:.3g} (relative {r['max_rel_logit_error']:.2g})")
+        if r["plaintext_accuracy"] is not None:
+            table.add_row("accuracy plaintext / encrypted", f"{r['plaintext_accuracy']:.4f} / {r['encrypted_accuracy']:.4f}")
+        table.add_row("latency encrypt / evaluate / decrypt", " / ".join(f"{lat[k]['mean']:.3g} s" for k in lat))
+        if size:
+            table.add_row("ciphertext in / out, public context",
+                          f"{size['input']:,} / {size['output']:,}, {size['public_context']:,} bytes")
+        table.add_row("key generation", f"{r['setup_seconds']:.2g} s")
+        console.print(table)
+        for i, stage in enumerate(r["stages"]):
+            console.print(f"stage {i + 1}: {stage}")
+        for note in r["notes"]:
+            console.print(f"note: {note}")
         return 0
 
     _run(debug, body)

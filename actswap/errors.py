@@ -55,5 +55,13 @@ class ConversionError(ActswapError):
     """The conversion could not be completed (exit 1)."""
 
 
+class NonFiniteOutputError(ConversionError):
+    """The converted model outputs NaN or Inf where the original does not (exit 1)."""
+
+
+class DiskSpaceError(ActswapError):
+    """The output does not fit on its disk; nothing was written (exit 1)."""
+
+
 class InvariantError(ActswapError):
     """An invariant actswap promises did not hold; this is a bug (exit 1)."""

@@ -41,7 +41,7 @@ def _check_kind(path: Path) -> os.stat_result:
     except FileNotFoundError:
         raise UserError(f"no such file or directory: '{path}'; check the path") from None
     except PermissionError:
-        raise UserError(f"cannot read '{path}': permission denied") from None
+        raise UserError(f"cannot read '{path}': permission denied; check its permissions") from None
     except OSError as e:
         raise UserError(f"cannot read '{path}': {e.strerror}") from None
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
@@ -78,6 +78,8 @@ def detect(path: str | os.PathLike[str]) -> Format:
                     break
                 f.seek(off)
                 hdf5 = f.read(8) == HDF5_MAGIC
+    except PermissionError:
+        raise UserError(f"cannot read '{p}': permission denied; check its permissions") from None
     except OSError as e:
         raise UserError(f"cannot read '{p}': {e.strerror}") from None
     if head[:4] == ZIP_MAGIC:

@@ -24,6 +24,11 @@ The chain reported is the one with the most multiplications in all; its two
 counts are given (``ct_ct``, ``ct_pt``), and ``depth`` is their sum.
 
 Invariant: reads the model, changes nothing.
+
+:func:`run` goes one step further and runs the model on CKKS-encrypted data
+(TenSEAL), comparing with plaintext; it lives in :mod:`actswap.encrypted`,
+whose evaluator counts levels by the same rule (x² 1, a matrix 1, a
+polynomial's coefficients 1 more), measured rather than estimated.
 """
 
 from __future__ import annotations
@@ -166,3 +171,12 @@ def he_report(model: Any) -> HEReport:
     n_inputs = len(keras.tree.flatten(model.inputs))
     outs = _walk(model, [Depth()] * n_inputs)
     return HEReport(_non_polynomial(model), max(outs) if outs else Depth())
+
+
+def run(model: Any, x: Any, y: Any = None, **options: Any) -> Any:
+    """Run ``model`` (a Keras model or a path) on the samples ``x`` encrypted with CKKS
+    (TenSEAL) and compare with plaintext; labels ``y`` add accuracies. Returns an
+    :class:`actswap.encrypted.HERunReport`; options and invariants: :func:`actswap.encrypted.run`."""
+    from .encrypted import run as _run
+
+    return _run(model, x, y, **options)

@@ -56,7 +56,6 @@ from .errors import (
     InvariantError,
     LoadError,
     UnrecognisedFormatError,
-    UnsafeModelError,
     UnsupportedFormatError,
     UnsupportedModelError,
     UserError,
@@ -65,23 +64,8 @@ from .report import REPLACED, SKIPPED, Report, Site
 
 PACKAGE = LEGACY_PACKAGE
 MAX_CONFIG_BYTES = 64 * 1024 * 1024
-TRUSTED_MODULE_ROOTS = ("keras", "tf_keras", "actswap")
 H5_SUFFIXES = (".h5", ".hdf5")
 TARGET = "square"
-
-TF_OP_CLASSES = frozenset({"TFOpLambda", "SlicingOpLambda"})
-# TensorFlow symbols a TFOpLambda may name that touch files, processes or
-# Python: refused like Lambda (the config names them; loading wires them in).
-_TF_OP_DENIED_ROOTS = frozenset({
-    "io", "compat", "raw_ops", "summary", "debugging", "saved_model", "data",
-    "distribute", "lookup", "config", "experimental", "autograph", "sysconfig",
-    "train", "tpu", "profiler", "__internal__", "__operators__.getattr",
-})
-_TF_OP_DENIED_NAMES = frozenset({
-    "print", "py_function", "numpy_function", "load_op_library", "load_library",
-    "function", "init_scope", "Module", "Variable", "write_file", "read_file",
-})
-
 
 # --- reading, without loading -------------------------------------------------
 
@@ -234,122 +218,31 @@ def read_legacy_config(path: Path) -> dict[str, Any]:
 # --- safety -------------------------------------------------------------------
 
 
-def _keras_modules(node: Any) -> Any:
-    """A copy in which ``tf_keras.*`` module names read ``keras.*``.
-
-    :func:`actswap.scan.find_unsafe` trusts only ``keras``/``actswap``; Keras 2
-    names some of its own classes by their ``tf_keras.src`` module.
-    """
-    if isinstance(node, dict):
-        out = {}
-        for key, value in node.items():
-            if key == "module" and isinstance(value, str) and value.split(".")[0] == "tf_keras":
-                value = "keras" + value[len("tf_keras"):]
-            out[key] = _keras_modules(value)
-        return out
-    if isinstance(node, list):
-        return [_keras_modules(v) for v in node]
-    return node
-
-
-def _tf_op_denied(symbol: str) -> bool:
-    parts = symbol.split(".")
-    return (
-        parts[0] in _TF_OP_DENIED_ROOTS
-        or ".".join(parts[:2]) in _TF_OP_DENIED_ROOTS
-        or parts[-1] in _TF_OP_DENIED_NAMES
-    )
-
-
-def _extra_findings(node: Any, path: tuple[str, ...] = (), root: bool = True) -> list[str]:
-    """What :func:`actswap.scan.find_unsafe` does not look for in Keras 2 configs.
-
-    Paths are named as find_unsafe names them (without the model's own name).
-    Below a class find_unsafe already refuses (Lambda ...) nothing is reported
-    again.
-    """
-    from .scan import CODE_CLASSES
-
-    found: list[str] = []
-    if isinstance(node, list):
-        for item in node:
-            found += _extra_findings(item, path, root=False)
-        return found
-    if not isinstance(node, dict):
-        return found
-    cls = node.get("class_name")
-    cfg = node.get("config")
-    if cls in CODE_CLASSES:
-        return found
-    named = isinstance(cls, str) and isinstance(cfg, dict) and isinstance(cfg.get("name"), str)
-    if named and not root:
-        path = path + (cfg["name"],)
-    where = "/".join(path) or "<model>"
-    if "function_type" in node:
-        found.append(
-            f"a function ({node.get('function_type')}) at '{where}' carries code "
-            "that would run on load"
-        )
-    module = node.get("module")
-    if isinstance(module, str) and "class_name" not in node:
-        if module.split(".")[0] not in TRUSTED_MODULE_ROOTS:
-            found.append(
-                f"module '{module}' at '{where}' is outside Keras and would be imported on load"
-            )
-    if cls in TF_OP_CLASSES and isinstance(cfg, dict):
-        symbol = cfg.get("function")
-        if not isinstance(symbol, str) or _tf_op_denied(symbol):
-            found.append(f"{cls} at '{where}' calls tf.{symbol}, which can touch files or run code")
-    for value in node.values():
-        found += _extra_findings(value, path, root=False)
-    return found
-
-
-def _findings(tree: dict[str, Any]) -> list[str]:
-    from .scan import find_unsafe
-
-    return find_unsafe(_keras_modules(tree)) + _extra_findings(tree)
-
-
 def legacy_findings(path: Path) -> list[str]:
-    """Every entry of the stored config(s) that would run code or import a module."""
-    p = Path(path)
-    if _kind(p) == "h5":
-        trees = list(_h5_attrs(p).values())
-    else:
-        # Every node: tf_keras revives layers from their own node's metadata.
-        # A layer node is scanned as the one layer of a model, so that its
-        # findings name it ('evil', not '<model>').
-        trees = [
-            meta if node_path == "root" else {"layers": [meta]}
-            for node_path, meta in _metadata_nodes(p)
-        ]
-    findings: list[str] = []
-    for tree in trees:
-        for f in _findings(tree):
-            if f not in findings:
-                findings.append(f)
-    return findings
+    """Every entry of the stored config(s) that would run code or import a module
+    (the errors of :func:`actswap.scan.scan`)."""
+    from . import scan
+
+    return [f.message for f in scan.scan(Path(path)).errors]
 
 
 def check_legacy_safe(path: Path, trust_code: bool = False) -> None:
-    """Refuse (UnsafeModelError, exit 2) a Keras 2 model whose config runs code.
+    """Refuse (UnsafeModelError, exit 2) a Keras 2 model the scan refuses.
 
     Must run before any ``tf_keras`` loader sees the file. With
-    ``trust_code=True`` the findings are only warned about, loudly.
+    ``trust_code=True`` the findings of kind ``code`` are only warned about,
+    loudly; malformed containers are refused regardless.
     """
+    from . import scan
+
     p = Path(path)
-    findings = legacy_findings(p)
-    if not findings:
+    report = scan.check(p, trust_code=trust_code)
+    code = [f for f in report.errors if f.kind == scan.CODE]
+    if not code:
         return
-    more = f" (and {len(findings) - 1} more)" if len(findings) > 1 else ""
-    if not trust_code:
-        raise UnsafeModelError(
-            f"refusing to load '{p}': {findings[0]}{more}; "
-            "pass --trust-code only if you trust its author"
-        )
+    more = f" (and {len(code) - 1} more)" if len(code) > 1 else ""
     warnings.warn(
-        f"actswap: --trust-code: loading '{p}' although {findings[0]}{more}; "
+        f"actswap: --trust-code: loading '{p}' although {code[0].message}{more}; "
         "its code WILL RUN with your permissions",
         UserWarning,
         stacklevel=2,
@@ -781,8 +674,10 @@ def _fsync_tree(root: Path) -> None:
                 os.close(fd)
 
 
-def _save_h5(model: Any, out: Path) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp.h5", dir=out.parent)
+def _save_h5(model: Any, out: Path, check: Any = None) -> None:
+    from .paths import temp_prefix
+
+    fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(out), suffix=".tmp.h5", dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -790,6 +685,8 @@ def _save_h5(model: Any, out: Path) -> None:
             warnings.simplefilter("ignore")  # tf_keras: "HDF5 ... is considered legacy"
             model.save(str(tmp), save_format="h5", overwrite=True)
         _fsync_file(tmp)
+        if check is not None:
+            check(tmp)
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -804,16 +701,20 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _save_savedmodel(model: Any, out: Path) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+def _save_savedmodel(model: Any, out: Path, check: Any = None) -> None:
+    from .paths import temp_prefix
+
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), suffix=".tmp", dir=out.parent))
     old: Path | None = None
     try:
         model.save(str(tmp), save_format="tf", overwrite=True)
         _fsync_tree(tmp)
+        if check is not None:
+            check(tmp)
         if out.exists() or out.is_symlink():
             # A directory cannot be replaced in one rename: move the old one
             # aside, put the new one in place, then delete the old one.
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            old = Path(tempfile.mkdtemp(prefix=temp_prefix(out), suffix=".old", dir=out.parent))
             os.replace(out, old / "model")
             try:
                 os.replace(tmp, out)
@@ -840,11 +741,15 @@ def convert_legacy(
     overwrite: bool = False,
     trust_code: bool = False,
     strict: bool = False,
+    write_unchanged: bool = True,
 ) -> Report:
     """Convert a Keras 2 ``.h5`` file or SavedModel directory; write the same family.
 
     With ``strict``, nothing is written when a ReLU-like site was skipped
-    (the report's ``output`` stays None).
+    (the report's ``output`` stays None); without ``write_unchanged``, nothing
+    is written when no site was replaced. What is written is reloaded (scanned,
+    tf_keras) before it is moved into place and must hold the same sites, with
+    squares where they were put, and bit-identical weights.
 
     The config is checked before anything is loaded (:func:`check_legacy_safe`);
     then ``tf_keras`` loads the model (compiled if it can), every plain ReLU
@@ -878,17 +783,55 @@ def convert_legacy(
     report.source = str(src)
     if strict and report.skipped_relu_like:
         return report
+    if report.replaced == 0 and not write_unchanged:
+        return report
+    from .paths import disk_full, ensure_space, is_disk_full, remove_stale_temps
+
+    remove_stale_temps(dest)
+    ensure_space(dest.parent, sum(len(w[2]) for w in _weights(new)), f"'{dest.name}'")
+
+    def check(tmp: Path) -> None:
+        _verify_written(tmp, new, report, trust_code)
+
     try:
         if kind == "h5":
-            _save_h5(new, dest)
+            _save_h5(new, dest, check)
         else:
-            _save_savedmodel(new, dest)
-    except UserError:
+            _save_savedmodel(new, dest, check)
+    except (UserError, InvariantError):
         raise
     except Exception as e:  # noqa: BLE001
+        if is_disk_full(e):
+            raise disk_full(dest, e) from e
         raise ConversionError(f"could not write '{dest}' with tf_keras: {_first_line(e)}") from e
     report.output = str(dest)
     return report
+
+
+def _verify_written(tmp: Path, new: Any, report: Report, trust_code: bool = False) -> None:
+    """The temporary output reloads (after the scan) with ``new``'s sites, squares
+    where the report says, and bit-identical weights; InvariantError otherwise."""
+    from . import scan
+
+    scan.check(tmp, trust_code=trust_code)
+    reloaded, _, _ = _load(tmp)
+    # A layer can hold several sites (activation=, recurrent_activation=): keyed by form too.
+    from collections import Counter
+
+    want = {(s.path, s.form): s.activation for s in find_legacy_sites(new)}
+    after = find_legacy_sites(reloaded)
+    got = {(s.path, s.form): s.activation for s in after}
+    have = Counter((s.path, s.activation) for s in after)
+    for (path, act), n in Counter((s.path, TARGET) for s in report.sites if s.action == REPLACED).items():
+        if have[(path, act)] < n:
+            found = sorted({s.activation for s in after if s.path == path}) or ["no activation"]
+            raise InvariantError(
+                f"the written model has {', '.join(found)} at '{path}' where {TARGET} was put; nothing written"
+            )
+    if want != got:
+        raise InvariantError("the written model does not reload with the sites that were written; nothing written")
+    if _weights(new) != _weights(reloaded):
+        raise InvariantError("the written model's weights do not reload bit-identically; nothing written")
 
 
 def h5_needs_legacy(path: Path) -> bool:

@@ -1,17 +1,35 @@
-"""Output-path checks, done before any work (and before TensorFlow is imported).
+"""Output paths: checks done before any work (and before TensorFlow is
+imported), and the temporary files atomic writes go through.
 
-Each returns the destination as a Path or raises UserError (exit 2) naming
-what was received and what to do. None of them writes anything.
+The ``check_*`` functions return the destination as a Path or raise UserError
+(exit 2) naming what was received and what to do; none of them writes
+anything.
+
+Temporary files and directories are siblings of their destination named
+``.<dest name>.actswap-<pid>-<random>.tmp...``: hidden, clearly actswap's, and
+carrying the writer's process id, so that a run killed mid-write (SIGKILL
+leaves no chance to clean up) is cleaned up by the next write to the same
+destination (:func:`remove_stale_temps`) while a concurrent writer's files are
+left alone.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import DiskSpaceError, UserError
+
+TEMP_TAG = "actswap"
+# Headroom above the estimated output size: archive headers, metadata, and
+# what the filesystem itself needs.
+SPACE_MARGIN = 16 * 1024 * 1024
 
 
 def _common(dest: Path, overwrite: bool) -> None:
@@ -74,16 +92,104 @@ def read_arrays(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
     return {k: data[k] for k in data.files}
 
 
-def write_atomically(dest: Path, data: bytes) -> Path:
+def temp_prefix(dest: Path) -> str:
+    """The name prefix of ``dest``'s temporary siblings written by this process."""
+    return f".{dest.name}.{TEMP_TAG}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def remove_stale_temps(dest: Path) -> list[Path]:
+    """Remove temporary siblings of ``dest`` left by writers that no longer run
+    (a killed run); return what was removed. A live writer's files are kept."""
+    pattern = re.compile(rf"^\.{re.escape(dest.name)}\.{TEMP_TAG}-(\d+)-[^/]*\.(tmp|old)")
+    removed = []
+    try:
+        entries = list(dest.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if not m or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def ensure_space(directory: Path, needed: int, what: str) -> None:
+    """Raise DiskSpaceError (exit 1) if ``directory``'s filesystem has less than
+    ``needed`` bytes (plus a margin) free; nothing has been written yet."""
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return  # cannot tell; the write itself will say
+    if free < needed + SPACE_MARGIN:
+        raise DiskSpaceError(
+            f"not enough free space in '{directory}' for {what}: it needs about "
+            f"{_mb(needed + SPACE_MARGIN)}, {_mb(free)} is free; free some space or write elsewhere (-o); "
+            "nothing was written"
+        )
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def is_disk_full(e: BaseException | None) -> bool:
+    """Whether ``e`` (or what caused it) is ENOSPC/EDQUOT, however a library wrapped it."""
+    seen = 0
+    while e is not None and seen < 20:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return False
+
+
+def disk_full(dest: Path, e: BaseException) -> DiskSpaceError:
+    """The error to raise after a write ran out of space (its temporary file removed)."""
+    err = DiskSpaceError(
+        f"ran out of disk space while writing '{dest}'; the partial temporary file was removed and "
+        "nothing was written; free some space or write elsewhere (-o)"
+    )
+    err.__cause__ = e
+    return err
+
+
+def write_atomically(dest: Path, data: bytes, check: Callable[[Path], None] | None = None) -> Path:
     """Write ``data`` to ``dest`` via a flushed temporary sibling and ``os.replace``:
-    an interrupted write leaves no partial file and never damages an existing one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    an interrupted write leaves no partial file and never damages an existing one.
+    ``check(tmp)`` runs on the complete temporary file before the rename; if it
+    raises, nothing is written."""
+    remove_stale_temps(dest)
+    ensure_space(dest.parent, len(data), f"'{dest.name}'")
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(dest), suffix=".tmp", dir=dest.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if check is not None:
+            check(Path(tmp))
         os.replace(tmp, dest)
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full(dest, e) from e
+        raise
     finally:
         Path(tmp).unlink(missing_ok=True)
     return dest

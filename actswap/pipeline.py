@@ -5,8 +5,12 @@ options, output paths), so bad input fails fast and nothing is loaded;
 :func:`run_convert` then converts, exports ONNX if asked (proven before
 anything is written), and saves in the input's family.
 
-Invariants: nothing is written when a check fails; with ``strict``, nothing
-is written when a ReLU-like site was skipped.
+Invariants: the input is scanned (:func:`actswap.scan.check`) before anything
+loads it; nothing is written when a check fails; with ``strict``, nothing is
+written when a ReLU-like site was skipped; when nothing was replaced, nothing
+is written unless ``force``; the converted model's outputs are checked for
+NaN/Inf before anything is written; what is written is read back and must
+hold the expected squares/polynomials before it is moved into place.
 """
 
 from __future__ import annotations
@@ -16,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import gradients, registry
-from .errors import UserError
+from . import gradients, registry, scan
+from .errors import InvariantError, NonFiniteOutputError, UserError
 from .formats import Format, detect
-from .report import Report
+from .report import REPLACED, SKIPPED, Report
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,8 @@ class ConvertPlan:
     trainable: bool = False
     per_channel: bool = False
     pool: str | None = None
+    trust_code: bool = False
+    scan_report: scan.ScanReport | None = None
 
 
 def legacy_kind(model: Path, fmt: Format) -> str | None:
@@ -106,8 +112,11 @@ def plan_convert(
     trainable: bool = False,
     per_channel: bool = False,
     pool: str | None = None,
+    trust_code: bool = False,
 ) -> ConvertPlan:
-    """Validate everything that can be validated without loading the model."""
+    """Validate everything that can be validated without loading the model,
+    and scan it (refusing an unsafe file unless ``trust_code`` lets its code
+    findings through)."""
     from . import paths
 
     model = Path(model)
@@ -124,12 +133,15 @@ def plan_convert(
     if sources.strip() != "all":
         registry.check_pairs(chosen, target)
     fmt = detect(model)
+    report = scan.check(model, trust_code=trust_code)
     if signature is not None and fmt is not Format.SAVEDMODEL:
         raise UserError(f"--signature applies to SavedModel input; '{model}' is a {fmt.value} file")
     legacy = legacy_kind(model, fmt)
     out = Path(output) if output is not None else default_output(model, to, fmt, legacy)
     if _same_path(model, out):
         raise UserError(f"output '{out}' is the input; choose another -o path")
+    if fmt is Format.SAVEDMODEL and model.resolve() in out.resolve().parents:
+        raise UserError(f"output '{out}' is inside the input SavedModel '{model}'; write it elsewhere")
     if legacy is None:  # tf_keras has its own family rules, checked by convert_legacy
         _check_output(out, fmt, force)
     onnx_path = Path(onnx_out) if onnx_out is not None else None
@@ -149,7 +161,7 @@ def plan_convert(
             raise UserError(f"--margin must be >= 0, got {margin}")
     return ConvertPlan(
         model, fmt, legacy, out, to, grad_mode, signature, force, onnx_path, chosen, degree, bounds,
-        calib, margin, trainable, per_channel, pool,
+        calib, margin, trainable, per_channel, pool, trust_code, report,
     )
 
 
@@ -170,29 +182,42 @@ def run_convert(
     plan: ConvertPlan,
     *,
     strict: bool = False,
-    trust_code: bool = False,
+    trust_code: bool | None = None,
     opset: int | None = None,
     sample: str | os.PathLike[str] | None = None,
     tol: float | None = None,
+    allow_nonfinite: bool = False,
 ) -> tuple[Report, bool]:
-    """Convert and write per ``plan``; return the report and whether --strict failed."""
+    """Convert and write per ``plan``; return the report and whether --strict failed.
+
+    Raises :class:`NonFiniteOutputError` (exit 1, nothing written) when the
+    converted model outputs NaN/Inf on the sample inputs (``sample``, else the
+    calibration data, else seeded random ones) and the original does not,
+    unless ``allow_nonfinite``."""
+    trust = plan.trust_code if trust_code is None else trust_code
     if plan.legacy_kind is not None:
         from . import legacy  # Keras 2 family in, Keras 2 family out
 
         report = legacy.convert_legacy(
-            plan.model, plan.out, plan.grad, overwrite=plan.force, trust_code=trust_code, strict=strict
+            plan.model, plan.out, plan.grad, overwrite=plan.force, trust_code=trust, strict=strict,
+            write_unchanged=plan.force,
         )
+        _note_nothing(report, plan)
         return report, strict and report.skipped_relu_like > 0
     from . import api
 
     converted, report = api.convert(
-        plan.model, to=plan.to, grad=plan.grad, signature=plan.signature, trust_code=trust_code,
+        plan.model, to=plan.to, grad=plan.grad, signature=plan.signature, trust_code=trust,
         sources=plan.sources, degree=plan.degree, interval=plan.interval,
         calibrate=plan.calibrate, margin=plan.margin, trainable=plan.trainable, per_channel=plan.per_channel,
         pool=plan.pool,
     )
     if strict and report.skipped_relu_like > 0:
         return report, True
+    if report.replaced == 0 and not plan.force:
+        _note_nothing(report, plan)
+        return report, False
+    _check_finite(plan, converted, report, sample if sample is not None else plan.calibrate, allow_nonfinite, trust)
     exported: Any = None
     if plan.onnx_out is not None:  # proven before anything is written
         from .export import DEFAULT_TOL, export_onnx
@@ -201,8 +226,149 @@ def run_convert(
             converted, plan.onnx_out, opset=opset, sample=sample,
             tol=DEFAULT_TOL if tol is None else tol, overwrite=plan.force,
         )
-    report.output = str(api.save(converted, plan.out, overwrite=plan.force))
+    report.output = str(api.save(
+        converted, plan.out, overwrite=plan.force, check=_output_check(plan, report, trust), trust_code=trust
+    ))
     if exported is not None:
         report.notes.append(f"ONNX: wrote {exported.output}; parity: {exported.parity.describe()}")
         report.export = exported.to_dict()
     return report, False
+
+
+def _note_nothing(report: Report, plan: ConvertPlan) -> None:
+    if report.replaced == 0 and report.output is None:
+        chosen = ", ".join(sorted(plan.sources))
+        report.notes.append(
+            f"nothing to replace: no {chosen} site in '{plan.model}'; nothing written "
+            "(pass --force to write an unchanged copy)"
+        )
+
+
+def _output_check(plan: ConvertPlan, report: Report, trust_code: bool) -> Any:
+    """What the written output must hold, checked on the temporary copy before
+    it is moved into place: every replaced site is a square (or polynomial), and
+    (graphs) exactly the skipped activation ops remain."""
+    replaced = [s for s in report.sites if s.action == REPLACED and s.activation != registry.POOL_SOURCE]
+    expected = "square" if report.target == "square" else "poly"
+    if plan.fmt is Format.SAVEDMODEL or plan.fmt is Format.GRAPHDEF:
+        def check_graph(tmp: Path) -> None:
+            from collections import Counter
+
+            from . import savedmodel
+
+            kept = Counter(s.activation for s in report.sites if s.action == SKIPPED)
+            after: Counter[str] = Counter()
+            if plan.fmt is Format.SAVEDMODEL:
+                # First read as protobuf (every function's ops); the load and
+                # re-trace of inspect_savedmodel decides only on a difference.
+                from .verify import saved_op_counts
+
+                for op, n in saved_op_counts(tmp).items():
+                    if op in registry.TF_OP_ACTIVATIONS:
+                        after[registry.TF_OP_ACTIVATIONS[op]] += n
+                if any(after[s.activation] != kept[s.activation] for s in replaced):
+                    written = savedmodel.inspect_savedmodel(tmp, plan.sources, trust_code=trust_code)
+                    after = Counter(s.activation for s in written.sites)
+            else:
+                written = savedmodel.inspect_graphdef(tmp, plan.sources, trust_code=trust_code)
+                after = Counter(s.activation for s in written.sites)
+            for act in {s.activation for s in replaced}:
+                if after[act] != kept[act]:
+                    raise InvariantError(
+                        f"the written model still has {after[act]} {act} op(s) where {kept[act]} were "
+                        "kept; nothing written"
+                    )
+
+        return check_graph
+
+    def check_keras(after: list[Any]) -> None:
+        # ``after``: the sites read back from the written file (io.save).
+        from collections import Counter
+
+        # A layer can hold several sites (activation=, recurrent_activation=).
+        got = Counter((s.path, s.activation) for s in after)
+        for (path, act), n in Counter((s.path, expected) for s in replaced).items():
+            if got[(path, act)] < n:
+                found = sorted({s.activation for s in after if s.path == path}) or ["no activation"]
+                raise InvariantError(
+                    f"the written model has {', '.join(found)} at '{path}' where {expected} was put; "
+                    "nothing written"
+                )
+
+    return check_keras
+
+
+def _check_finite(
+    plan: ConvertPlan, converted: Any, report: Report, sample: Any, allow: bool, trust_code: bool
+) -> None:
+    """Run the converted model once; NaN/Inf outputs where the original's are
+    finite fail the conversion (x² overflowed), unless ``allow``."""
+    import numpy as np
+
+    from .export import sample_inputs, tf_callable
+
+    if plan.fmt is Format.GRAPHDEF:
+        report.notes.append("outputs not checked for NaN/Inf: a frozen graph is not run")
+        return
+    where = "the sample data" if sample is not None else "seeded random inputs"
+    try:
+        call, keep = tf_callable(converted)
+        inputs = sample_inputs(call.specs, sample)
+        if sample is None:  # one random sample shows NaN/Inf as well as two, for half the cost
+            inputs = [x[:1] if spec.shape.rank and spec.shape[0] is None else x for x, spec in zip(inputs, call.specs)]
+        # Run once eagerly: tracing the tf.function (and optimizing its graph)
+        # costs more time and memory than the run itself (profiled: issue 8).
+        outputs = [np.asarray(t) for t in call.function.python_function(*inputs)]
+    except UserError as e:
+        if sample is not None:
+            raise
+        report.notes.append(f"outputs not checked for NaN/Inf ({e}); pass --sample data to check them")
+        return
+    except Exception as e:  # noqa: BLE001 - a model random inputs cannot drive
+        if sample is not None:
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        report.notes.append(f"outputs not checked for NaN/Inf (running on random inputs failed: {first}); pass --sample data")
+        return
+    del keep
+    bad = [(call.output_names[i], int(np.size(o) - np.isfinite(o).sum())) for i, o in enumerate(outputs)
+           if not np.all(np.isfinite(o))]
+    if not bad:
+        report.notes.append(f"outputs checked on {where}: all finite")
+        return
+    original = _original_outputs(plan, inputs, trust_code)
+    if original is not None and not all(np.all(np.isfinite(o)) for o in original):
+        report.notes.append(f"warning: the original model already outputs NaN/Inf on {where}")
+        return
+    name, n = bad[0]
+    message = (
+        f"the converted model outputs NaN/Inf on {where} ({n} value(s) of output '{name}'), where the "
+        "original's outputs are finite: x² overflowed"
+    )
+    if allow:
+        report.notes.append(f"warning: {message} (written anyway: --allow-nonfinite)")
+        return
+    raise NonFiniteOutputError(
+        f"{message}; nothing written; check with real inputs (--sample data.npz), fine-tune after the swap, "
+        "or pass --allow-nonfinite to write it anyway"
+    )
+
+
+def _original_outputs(plan: ConvertPlan, inputs: list[Any], trust_code: bool) -> list[Any] | None:
+    import numpy as np
+
+    from .export import tf_callable
+
+    try:
+        if plan.fmt is Format.SAVEDMODEL:
+            from .savedmodel import load_signatures
+
+            original, _ = load_signatures(plan.model, trust_code)
+        else:
+            from .io import load_with_notes
+
+            original, _ = load_with_notes(plan.model, trust_code=trust_code)
+        call, keep = tf_callable(original)
+        return [np.asarray(t) for t in call.function(*inputs)]
+    except Exception:  # noqa: BLE001 - then the converted model's NaN/Inf is reported as such
+        return None

@@ -20,8 +20,10 @@ dtypes are unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable
+import gc
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import keras
@@ -85,6 +87,8 @@ def _edited_leaf(
 
 
 def _copy_weights(old: Any, new: Any, where: str) -> None:
+    if new is old:  # a layer moved by ``rewrite(consume=True)``
+        return
     ow, nw = copied_weights(old), copied_weights(new)
     if len(ow) != len(nw):
         raise InvariantError(
@@ -106,6 +110,8 @@ def check_same_weights(old: Any, new: Any) -> None:
     if len(ow) != len(nw):
         raise InvariantError(f"weight count changed: {len(ow)} -> {len(nw)}")
     for o, n in zip(ow, nw):
+        if o is n:  # moved, not copied (``rewrite(consume=True)``): the same variable
+            continue
         a, b = np.asarray(o.numpy()), np.asarray(n.numpy())
         if a.shape != b.shape or a.dtype != b.dtype or a.tobytes() != b.tobytes():
             raise InvariantError(f"weight '{o.path}' is not bit-identical after rewriting")
@@ -120,10 +126,10 @@ def _signature(model: Any) -> tuple[Any, ...]:
     def specs(tensors: Any) -> list[tuple[tuple[Any, ...], str]]:
         return [(tuple(t.shape), str(t.dtype)) for t in keras.tree.flatten(tensors)]
 
-    # Output KerasTensors get fresh auto names on every rebuild; what users see
-    # (and what a saved model keys its outputs by) are the output layer names.
+    # KerasTensors get fresh auto names on every rebuild; what users see (and
+    # what a saved model keys its inputs and outputs by) are the layer names.
     return (
-        [t.name for t in keras.tree.flatten(model.inputs)],
+        [t._keras_history[0].name for t in keras.tree.flatten(model.inputs)],
         output_layer_names(model),
         specs(model.inputs),
         specs(model.outputs),
@@ -149,24 +155,65 @@ def _rewrite_subclassed(
     return new
 
 
+@contextlib.contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector (reference counting goes on).
+
+    A rewrite creates many long-lived objects (layers, nodes, tensors) and
+    little cyclic garbage, so the collector's full passes, each a walk over
+    every object in the process (the models included), are pure cost: at
+    5,000 layers they made conversion superlinear (issue 8's profile). The
+    collector resumes, and catches up, when the rewrite is done.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def rewrite(
     model: keras.Model,
     sites: list[Site],
     make_layer: LayerBuilder,
     make_activation: ActivationBuilder,
     check_subclassed: Callable[[str, Any], None] | None = None,
+    *,
+    consume: bool = False,
 ) -> keras.Model:
     """Return a new model with every ``replaced`` site rebuilt; ``model`` is untouched.
 
     A subclassed model (top-level or nested) is rebuilt from its edited config;
     ``check_subclassed(path, new_model)`` is then called on it, so the caller
     can refuse activations that its Python code sets and the config does not.
+
+    ``consume=True`` is for a caller that owns ``model`` and drops it after the
+    call (a model it loaded from a file, which nobody else can reach): the
+    layers of a Sequential/Functional model that hold no replaced site then
+    *move* into the result instead of being rebuilt and having their weights
+    copied, so conversion costs no second copy of the weights and no
+    re-initialisation. ``model`` must not be used afterwards (its layers now
+    belong to the result's graph only).
     """
     if not model.built:
         raise UnsupportedModelError(
             f"model '{model.name}' is not built (its input shape is unknown); "
             "add a keras.Input or call it once on data before converting"
         )
+    with _cyclic_gc_paused():
+        return _rewrite(model, sites, make_layer, make_activation, check_subclassed, consume)
+
+
+def _rewrite(
+    model: keras.Model,
+    sites: list[Site],
+    make_layer: LayerBuilder,
+    make_activation: ActivationBuilder,
+    check_subclassed: Callable[[str, Any], None] | None,
+    consume: bool,
+) -> keras.Model:
     if not is_graph_model(model):
         new = _rewrite_subclassed(model, sites, make_layer, make_activation)
         if check_subclassed is not None:
@@ -182,11 +229,25 @@ def rewrite(
     def clone_leaf(layer: Any) -> Any:
         if id(layer) in edits:
             return _edited_leaf(layer, edits[id(layer)], make_layer, make_activation)
+        if consume:
+            # Moved, not copied. Forget the input graph's nodes first (clone
+            # calls each layer once here, before wiring it into the new graph),
+            # so the layer belongs to one graph: node indices start at 0 and
+            # ``layer.output`` and ``get_config`` see the new graph only.
+            layer._inbound_nodes = []
+            layer._outbound_nodes = []
+            return layer
         return layer.__class__.from_config(layer.get_config())
 
     cache: dict[int, Any] = {}
+    # clone_model names new inputs after the old KerasTensors ('keras_tensor_4'
+    # for an unnamed keras.Input); the saved input names are the InputLayers'.
+    # (A Sequential rebuilds its InputLayer under its own name.)
+    inputs = None if isinstance(model, keras.Sequential) else keras.tree.map_structure(
+        lambda t: keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t._keras_history[0].name), model.input
+    )
     new_model = keras.models.clone_model(
-        model, clone_function=clone_leaf, recursive=True, cache=cache
+        model, input_tensors=inputs, clone_function=clone_leaf, recursive=True, cache=cache
     )
     if not new_model.built:
         new_model.build(model.input_shape)

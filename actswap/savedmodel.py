@@ -21,8 +21,14 @@ from typing import Any
 import tensorflow as tf
 
 from . import graph, registry
+from collections.abc import Callable
+
+from . import scan
 from .errors import InvariantError, LoadError, UserError
-from .paths import check_output_dir, check_output_pb, write_atomically
+from .paths import (
+    check_output_dir, check_output_pb, disk_full, ensure_space, is_disk_full, remove_stale_temps,
+    temp_prefix, write_atomically,
+)
 from .policy import decide
 from .report import REPLACED, SKIPPED, Report, Site
 
@@ -34,8 +40,10 @@ def _first_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def load_signatures(path: Path) -> tuple[Any, dict[str, Any]]:
-    """Load a SavedModel and return it with its signatures (refusing none)."""
+def load_signatures(path: Path, trust_code: bool = False) -> tuple[Any, dict[str, Any]]:
+    """Scan a SavedModel (:func:`actswap.scan.check`: TF runs initializers while
+    loading), load it, and return it with its signatures (refusing none)."""
+    scan.check(path, trust_code=trust_code)
     try:
         loaded = tf.saved_model.load(str(path))
     except Exception as e:  # noqa: BLE001 - any loader failure is the file's
@@ -60,6 +68,7 @@ class _Sites:
         self.in_control_flow = 0
         self.current = ""
         self.frozen = False
+        self.low_precision: set[str] = set()  # dtypes of replaced sites that overflow early
 
     def __call__(self, path: str, op: Any, inputs: list[Any], in_control_flow: bool) -> Any:
         act = registry.TF_OP_ACTIVATIONS.get(op.type)
@@ -84,7 +93,17 @@ class _Sites:
         if in_control_flow:
             self.in_control_flow += 1
             site.detail = "in tf.cond/tf.while_loop"
+        dtype = _op_dtype(op)
+        if dtype in ("float16", "bfloat16"):
+            self.low_precision.add(dtype)
         return [self.target.tensor(inputs[0], self.grad, not in_control_flow, site)]
+
+
+def _op_dtype(op: Any) -> str:
+    try:
+        return op.get_attr("T").name
+    except (ValueError, AttributeError):
+        return ""
 
 
 def _specs_of(fn: Any) -> tuple[Any, Any]:
@@ -100,10 +119,11 @@ def _specs_of(fn: Any) -> tuple[Any, Any]:
 def rewrite_savedmodel(
     path: Path,
     hook: _Sites,
+    trust_code: bool = False,
 ) -> tuple[tf.Module, dict[str, Any], list[str]]:
     """Re-emit every signature through ``hook``; return a module ready to save."""
     # ``loaded`` must stay referenced: its signatures hold its variables weakly.
-    loaded, sigs = load_signatures(path)
+    loaded, sigs = load_signatures(path, trust_code)
     if hook.signature is not None and hook.signature not in sigs:
         raise UserError(
             f"--signature '{hook.signature}' is not in '{path}'; it has: {', '.join(sorted(sigs))}"
@@ -137,11 +157,13 @@ def rewrite_savedmodel(
     return module, concretes, notes
 
 
-def inspect_savedmodel(path: Path, sources: Iterable[str] = ("relu",), to: Any = "square") -> Report:
+def inspect_savedmodel(
+    path: Path, sources: Iterable[str] = ("relu",), to: Any = "square", trust_code: bool = False
+) -> Report:
     """Every activation op of every signature (nested functions and control flow included)."""
     target = registry.get_target(to)
     recorder = _Sites(None, None, frozenset(sources), None)
-    loaded, sigs = load_signatures(path)  # noqa: F841 - keeps the variables alive
+    loaded, sigs = load_signatures(path, trust_code)  # noqa: F841 - keeps the variables alive
     for name, fn in sorted(sigs.items()):
         recorder.current = name
         # Tracing the re-emission is the walk; nothing is kept.
@@ -158,11 +180,13 @@ def convert_savedmodel(
     *,
     sources: Iterable[str] = ("relu",),
     signature: str | None = None,
+    trust_code: bool = False,
 ) -> tuple[tf.Module, Report]:
     """A tf.Module whose signatures equal the SavedModel's with activations replaced."""
     target = registry.get_target(to)
     hook = _Sites(target, grad, frozenset(sources), signature)
-    module, concretes, notes = rewrite_savedmodel(path, hook)
+    module, concretes, notes = rewrite_savedmodel(path, hook, trust_code)
+    notes += _precision_notes(hook.low_precision)
     module.actswap_signatures = concretes  # what save_savedmodel writes
     return module, Report(
         sites=hook.sites, target=target.name, grad=grad if isinstance(grad, str) else "custom",
@@ -170,20 +194,41 @@ def convert_savedmodel(
     )
 
 
-def save_savedmodel(module: tf.Module, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-    """Write a converted module as a SavedModel directory, atomically."""
+def _variables_nbytes(module: Any) -> int:
+    return sum(int(v.shape.num_elements() or 0) * v.dtype.size for v in getattr(module, "actswap_variables", []))
+
+
+def save_savedmodel(
+    module: tf.Module,
+    path: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    check: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write a converted module as a SavedModel directory, atomically.
+
+    ``check(tmp_dir)`` runs on the complete temporary directory before it is
+    moved into place; if it raises, nothing is written."""
     dest = check_output_dir(path, overwrite=overwrite)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    remove_stale_temps(dest)
+    ensure_space(dest.parent, _variables_nbytes(module), f"'{dest.name}'")
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(dest), suffix=".tmp", dir=dest.parent))
     old = None
     try:
         tf.saved_model.save(
             module, str(tmp / "model"), signatures=module.actswap_signatures,
             options=tf.saved_model.SaveOptions(experimental_custom_gradients=True),
         )
+        if check is not None:
+            check(tmp / "model")
         if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            old = dest.with_name(f"{temp_prefix(dest)}x.old")
             os.replace(dest, old)
         os.replace(tmp / "model", dest)
+    except Exception as e:
+        if is_disk_full(e):
+            raise disk_full(dest, e) from e
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
@@ -194,7 +239,9 @@ def save_savedmodel(module: tf.Module, path: str | os.PathLike[str], *, overwrit
 # --- frozen GraphDefs -------------------------------------------------------
 
 
-def read_graphdef(path: Path) -> Any:
+def read_graphdef(path: Path, trust_code: bool = False) -> Any:
+    """Scan (:func:`actswap.scan.check`), then parse a frozen GraphDef."""
+    scan.check(path, trust_code=trust_code)
     graph_def = tf.compat.v1.GraphDef()
     try:
         graph_def.ParseFromString(path.read_bytes())
@@ -213,10 +260,12 @@ def _graphdef_nodes(graph_def: Any) -> Iterable[tuple[str, Any]]:
             yield f"{fn.signature.name}/{node.name}", node
 
 
-def inspect_graphdef(path: Path, sources: Iterable[str] = ("relu",), to: Any = "square") -> Report:
+def inspect_graphdef(
+    path: Path, sources: Iterable[str] = ("relu",), to: Any = "square", trust_code: bool = False
+) -> Report:
     target = registry.get_target(to)
     sites = []
-    for where, node in _graphdef_nodes(read_graphdef(path)):
+    for where, node in _graphdef_nodes(read_graphdef(path, trust_code)):
         act = registry.TF_OP_ACTIVATIONS.get(node.op)
         if act is not None:
             site = Site(where, node.op, "graph node", act)
@@ -226,7 +275,7 @@ def inspect_graphdef(path: Path, sources: Iterable[str] = ("relu",), to: Any = "
 
 
 def convert_graphdef(
-    path: Path, to: Any = "square", *, sources: Iterable[str] = ("relu",)
+    path: Path, to: Any = "square", *, sources: Iterable[str] = ("relu",), trust_code: bool = False
 ) -> tuple[Any, Report]:
     """A copy of the frozen GraphDef with each selected activation node's op swapped.
 
@@ -241,10 +290,10 @@ def convert_graphdef(
             "single-op targets (square)"
         )
     chosen = frozenset(sources)
-    graph_def = read_graphdef(path)
+    graph_def = read_graphdef(path, trust_code)
     new = tf.compat.v1.GraphDef()
     new.CopyFrom(graph_def)
-    sites = []
+    sites, low = [], set()
     for where, node in _graphdef_nodes(new):
         act = registry.TF_OP_ACTIVATIONS.get(node.op)
         if act is None:
@@ -256,16 +305,34 @@ def convert_graphdef(
         site.reason = reason or f"{act} -> {target.name}"
         if reason is None:
             node.op = target.graph_op  # same T attribute, same single output
+            low.add(_dtype_detail(node))
         sites.append(site)
-    return new, Report(
-        sites=sites, target=target.name, grad="n/a", source=str(path),
-        notes=["frozen graph: not trainable (no variables); the gradient mode does not apply"],
-    )
+    notes = ["frozen graph: not trainable (no variables); the gradient mode does not apply"]
+    notes += _precision_notes(low)
+    return new, Report(sites=sites, target=target.name, grad="n/a", source=str(path), notes=notes)
 
 
-def save_graphdef(graph_def: Any, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+def _dtype_detail(node: Any) -> str:
+    t = node.attr["T"].type if "T" in node.attr else None
+    return {tf.float16.as_datatype_enum: "float16", tf.bfloat16.as_datatype_enum: "bfloat16"}.get(t, "")
+
+
+def _precision_notes(details: Iterable[str]) -> list[str]:
+    low = sorted({d for d in details if d in ("float16", "bfloat16")})
+    if not low:
+        return []
+    return [
+        f"warning: replaced sites compute in {'/'.join(low)}: x² overflows float16 once |x| > 255 "
+        "(65504 is its largest value) and loses precision in bfloat16; check the outputs on real data"
+    ]
+
+
+def save_graphdef(
+    graph_def: Any, path: str | os.PathLike[str], *, overwrite: bool = False,
+    check: Callable[[Path], None] | None = None,
+) -> Path:
     dest = check_output_pb(path, overwrite=overwrite)
-    return write_atomically(dest, graph_def.SerializeToString())
+    return write_atomically(dest, graph_def.SerializeToString(), check)
 
 
 __all__ = [

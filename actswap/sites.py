@@ -107,6 +107,35 @@ def find_sites(model: Any) -> list[Site]:
     return sites
 
 
+def _is_graph_config(node: Any) -> bool:
+    """A serialized Sequential/Functional model: what :func:`is_graph_model` is, as data."""
+    return (
+        classify.is_layer_node(node)
+        and node["class_name"] in ("Sequential", "Functional")
+        and isinstance(node["config"].get("layers"), list)
+    )
+
+
+def _graph_config_sites(node: dict[str, Any], prefix: str) -> Iterator[Site]:
+    for layer in node["config"]["layers"]:
+        if not classify.is_layer_node(layer) or layer["class_name"] == "InputLayer":
+            continue
+        if _is_graph_config(layer):
+            yield from _graph_config_sites(layer, prefix + layer["config"]["name"] + "/")
+        else:
+            yield from sites_in_config(layer, prefix)
+
+
+def config_sites(config: dict[str, Any]) -> list[Site]:
+    """The sites of a serialized model (a ``.keras`` file's ``config.json``), read
+    as data: nothing is deserialized. For a model that a file round-trips, the
+    paths, forms and activations are those :func:`find_sites` reports for it,
+    except that a layer shared by several nested models appears once per path."""
+    if _is_graph_config(config):
+        return list(_graph_config_sites(config, ""))
+    return list(sites_in_config(config, ""))
+
+
 def attribute_sites(model: Any, path: str) -> list[Site]:
     """Sites of the layers a subclassed model holds as attributes (live objects)."""
     found: list[Site] = []

@@ -7,8 +7,9 @@ Given ORIGINAL and CONVERTED (Keras models), it checks, each as a named check:
   or any other difference (a site added, removed, or changed to something
   else), fails.
 * ``weights``: every weight of CONVERTED is bit-identical to ORIGINAL's.
-* ``outputs``: CONVERTED's outputs equal ORIGINAL evaluated with squares at
-  exactly the sites that are squares in CONVERTED (rebuilt here from ORIGINAL).
+* ``outputs``: CONVERTED's outputs are finite (no NaN/Inf) and equal ORIGINAL
+  evaluated with squares at exactly the sites that are squares in CONVERTED
+  (rebuilt here from ORIGINAL).
 * ``onnx`` (optional): an ONNX export of CONVERTED matches it in onnxruntime.
 
 Invariant: neither model is modified; nothing is written.
@@ -16,8 +17,15 @@ Invariant: neither model is modified; nothing is written.
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import struct
+import zipfile
+import zlib
+from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -138,6 +146,17 @@ def _check_outputs(
     inputs = sample_inputs(call_new.specs, sample)
     ref = [np.asarray(t) for t in call_ref.function(*inputs)]
     got = [np.asarray(t) for t in call_new.function(*inputs)]
+    bad = [(call_new.output_names[i], int(np.size(g) - np.isfinite(g).sum())) for i, g in enumerate(got)
+           if not np.all(np.isfinite(g))]
+    if bad:
+        where = "the sample data" if sample is not None else "seeded random inputs"
+        ref_finite = all(np.all(np.isfinite(r)) for r in ref)
+        report.checks.append(Check(
+            "outputs", False,
+            f"CONVERTED outputs NaN/Inf on {where}: {bad[0][1]} value(s) of output '{bad[0][0]}'"
+            + (" (ORIGINAL with squares at those sites too: x² overflowed)" if not ref_finite else ""),
+        ))
+        return
     parity = compare(ref, got, tol, int(inputs[0].shape[0]) if inputs[0].ndim else 1)
     del keep_ref, keep_new, keras
     report.checks.append(Check("outputs", parity.ok, parity.describe()))
@@ -150,12 +169,16 @@ def verify(
     onnx_path: str | os.PathLike[str] | None = None,
     sample: str | os.PathLike[str] | None = None,
     tol: float = PARITY_TOL,
+    trust_code: bool = False,
 ) -> VerifyReport:
-    """Run the checks; see the module docstring. Models or paths to Keras files."""
-    from .io import load
+    """Run the checks; see the module docstring. Models or paths to Keras files
+    (scanned before loading; ``trust_code`` lets code findings through)."""
+    from .io import load_with_notes
 
-    original = load(original) if isinstance(original, (str, os.PathLike)) else original
-    converted = load(converted) if isinstance(converted, (str, os.PathLike)) else converted
+    if isinstance(original, (str, os.PathLike)):
+        original = load_with_notes(original, trust_code=trust_code)[0]
+    if isinstance(converted, (str, os.PathLike)):
+        converted = load_with_notes(converted, trust_code=trust_code)[0]
     import keras
 
     if not (isinstance(original, keras.Model) and isinstance(converted, keras.Model)):
@@ -185,3 +208,144 @@ def _check_onnx(converted: Any, onnx_path: str | os.PathLike[str], sample: Any, 
     parity = check_parity(call, proto, sample, tol)
     del keep
     return Check("onnx", parity.ok, parity.describe())
+
+
+# --- reading back a .keras file actswap wrote, without loading it -----------------
+
+WEIGHTS_MEMBER = "model.weights.h5"
+
+
+class _Window(io.RawIOBase):
+    """Bytes ``[start, start + size)`` of an open file descriptor, read with
+    ``pread``: how h5py opens the (uncompressed) weights member of a ``.keras``
+    zip in place, without extracting or mapping it."""
+
+    def __init__(self, fd: int, start: int, size: int) -> None:
+        super().__init__()
+        self._fd, self._start, self._size, self._pos = fd, start, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self._pos = max(0, pos + (0, self._pos, self._size)[whence])
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        n = min(len(buffer), self._size - self._pos)
+        if n <= 0:
+            return 0
+        got = os.preadv(self._fd, [memoryview(buffer)[:n]], self._start + self._pos)
+        self._pos += got
+        return got
+
+
+def _digest(array: Any) -> tuple[Any, ...]:
+    a = np.ascontiguousarray(array)
+    return a.shape, a.dtype.str, zlib.crc32(a.reshape(-1).view(np.uint8))
+
+
+def _stored_digests(path: Path, info: zipfile.ZipInfo) -> Counter[tuple[Any, ...]] | None:
+    """(shape, dtype, CRC-32 of the bytes) of every dataset in the zip member
+    ``info`` (an HDF5 file); None if the member is compressed."""
+    import h5py
+
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    digests: Counter[tuple[Any, ...]] = Counter()
+    with open(path, "rb") as f:
+        header = os.pread(f.fileno(), 30, info.header_offset)
+        if len(header) < 30 or header[:4] != b"PK\x03\x04":
+            return None
+        name_len, extra_len = struct.unpack("<HH", header[26:30])
+        start = info.header_offset + 30 + name_len + extra_len
+        with h5py.File(io.BufferedReader(_Window(f.fileno(), start, info.file_size), 1 << 16), "r") as h5:
+            def visit(_: str, obj: Any) -> None:
+                if isinstance(obj, h5py.Dataset):
+                    digests[_digest(obj[()])] += 1
+
+            h5.visititems(visit)
+    return digests
+
+
+def read_back(model: Any, path: str | os.PathLike[str], verify: bool = True) -> list[Any] | None:
+    """The activation sites of the ``.keras`` file at ``path`` that ``model`` was
+    just saved to, read as data (``config.json``; nothing is deserialized).
+
+    With ``verify``, returns them only if they are ``model``'s sites (path, form,
+    activation) and every weight of ``model`` is stored in the file bit for bit
+    (compared by shape, dtype and CRC-32); otherwise, or if the file cannot be
+    read this way, returns None and the caller reloads the file to decide.
+    This costs a read of the file instead of a Keras load (which rebuilds every
+    layer): it is how :func:`actswap.io.save` verifies what it wrote.
+    """
+    from .sites import config_sites, find_sites
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            sites = config_sites(json.loads(z.read("config.json")))
+            if not verify:
+                return sites
+            want = {(p, s.form): s.activation for s in find_sites(model) for p in (s.path, *s.also_at)}
+            if {(s.path, s.form): s.activation for s in sites} != want:
+                return None
+            stored = _stored_digests(Path(path), z.getinfo(WEIGHTS_MEMBER))
+        if stored is None:
+            return None
+        needed = Counter(_digest(np.asarray(v.numpy())) for v in model.weights)
+    except Exception:  # noqa: BLE001 - anything unexpected: the reload decides
+        return None
+    return sites if not needed - stored else None
+
+
+
+def saved_op_counts(path: str | os.PathLike[str]) -> Counter[str]:
+    """How many ops of each type the SavedModel directory ``path`` holds, in its
+    graph and every function of its library, read from ``saved_model.pb`` as
+    protobuf (nothing is loaded)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString((Path(path) / "saved_model.pb").read_bytes())
+    counts: Counter[str] = Counter()
+    for meta in saved.meta_graphs:
+        counts.update(node.op for node in meta.graph_def.node)
+        for fn in meta.graph_def.library.function:
+            counts.update(node.op for node in fn.node_def)
+    return counts
+
+
+def read_back_savedmodel(module: Any, path: str | os.PathLike[str]) -> bool:
+    """Whether the SavedModel directory ``path`` that ``module`` (what
+    :func:`actswap.convert` returned for a SavedModel) was just saved to has
+    its signatures and stores every one of its variables bit for bit (by
+    shape, dtype and CRC-32), read as data: ``saved_model.pb`` as protobuf and
+    the variables from the checkpoint, without loading the SavedModel (which
+    would restore and re-trace every function). False if that cannot be
+    confirmed this way: the caller then loads it to decide."""
+    import tensorflow as tf
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    try:
+        saved = saved_model_pb2.SavedModel()
+        saved.ParseFromString((Path(path) / "saved_model.pb").read_bytes())
+        if len(saved.meta_graphs) != 1:
+            return False
+        names = sorted(k for k in saved.meta_graphs[0].signature_def if not k.startswith("__"))
+        if names != sorted(module.actswap_signatures):
+            return False
+        reader = tf.train.load_checkpoint(str(Path(path) / "variables" / "variables"))
+        stored = Counter(
+            _digest(reader.get_tensor(key)) for key in reader.get_variable_to_shape_map()
+            if key.endswith("/.ATTRIBUTES/VARIABLE_VALUE")
+        )
+        needed = Counter(_digest(v.numpy()) for v in module.actswap_variables)
+    except Exception:  # noqa: BLE001 - anything unexpected: the load decides
+        return False
+    return not needed - stored

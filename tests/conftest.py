@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import sys
 from pathlib import Path
 from unittest import mock
@@ -19,6 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
@@ -27,6 +29,18 @@ sys.path.insert(0, str(FIXTURES))
 import tensorflow as tf  # noqa: E402
 
 import actswap  # noqa: E402,F401  (registers the Keras objects)
+
+# Property tests: a quick, reproducible profile by default (CI); the thorough
+# one with `pytest --hypothesis-profile=thorough` (see the README).
+settings.register_profile(
+    "ci", max_examples=30, deadline=None, derandomize=True, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "thorough", max_examples=300, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def fake_relu(grad: str = "exact"):
@@ -78,3 +92,33 @@ def weights_bytes(model):
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+def assert_user_error(result, *fragments, code: int = 2):
+    """A CLI failure as promised: exit ``code``, exactly one ``error:`` line on
+    stderr containing every fragment, no traceback anywhere."""
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+
+
+def cli_command(*args) -> list[str]:
+    """The actswap CLI as a command line running *this checkout* (whatever is installed)."""
+    return [sys.executable, "-m", "actswap.cli", *map(str, args)]
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    return env
+
+
+def run_cli(*args, prefix=(), timeout=300, cwd=None) -> subprocess.CompletedProcess:
+    """Run the CLI in a fresh process (``prefix`` wraps it, e.g. in ``unshare``)."""
+    return subprocess.run(
+        [*prefix, *cli_command(*args)], capture_output=True, text=True, timeout=timeout, env=cli_env(), cwd=cwd
+    )

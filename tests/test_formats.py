@@ -91,8 +91,9 @@ def test_keras_zip_with_bad_config_json_is_a_load_error(tmp_path):
 
 
 def test_keras_zip_with_unloadable_config_is_a_load_error(tmp_path):
+    # A Keras class the scan allows, with a config Keras cannot build (no units).
     path = tmp_path / "bad.keras"
     with zipfile.ZipFile(path, "w") as z:
-        z.writestr("config.json", json.dumps({"class_name": "NoSuchLayer", "module": "keras.layers", "config": {"name": "n"}}))
+        z.writestr("config.json", json.dumps({"class_name": "Dense", "module": "keras.layers", "config": {"name": "n"}}))
     with pytest.raises(UserError, match="could not load"):
         actswap.load(path)

@@ -228,22 +228,7 @@ def test_frozen_graphdef(tmp_path):
     assert "Relu" not in ops and "Square" in ops
 
 
-@pytest.mark.parametrize("kind", ["empty_dir", "corrupt_pb", "no_signatures"])
-def test_bad_savedmodels_are_exit_2_one_line_nothing_written(tmp_path, kind):
-    src = tmp_path / "src"
-    if kind == "empty_dir":
-        src.mkdir()
-    elif kind == "corrupt_pb":
-        src.mkdir()
-        (src / "saved_model.pb").write_bytes(b"\x00garbage\xff" * 10)
-    else:
-        tf.saved_model.save(tf.Module(), str(src))
-    before = sorted(p.name for p in tmp_path.iterdir())
-    r = runner.invoke(app, ["convert", str(src), "--to", "square"])
-    assert r.exit_code == 2, (r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == before
+# Bad SavedModels (empty, corrupt, no signatures, hostile ops) are in test_bad_inputs.py.
 
 
 def test_savedmodel_to_keras_output_is_refused(module_dir, tmp_path):

@@ -1,0 +1,549 @@
+"""actswap's performance budgets (issue 8): measure, compare with floors, report.
+
+    python benchmarks/run.py            # full run (~15 min on 2 cores), writes docs/benchmarks.md
+    python benchmarks/run.py --quick    # smoke version: tiny models, 1 repeat, writes nothing
+
+Every measure is compared with a *floor* measured in the same run, because the
+machines are shared and absolute times are noise: floor and subject runs
+alternate (floor first in even rounds, subject first in odd ones), so a load
+change hits both. Each row shows the median of the runs and their min-max,
+the floor's, the ratio (the median of the per-round subject/floor ratios:
+each round's pair ran back to back), the budget and whether it is met.
+
+Whole-process measures run each command as a fresh child process; wall time
+is measured around it and peak RSS comes from ``os.wait4`` (that child's own
+rusage, not the maximum over every child). In-process measures run in a child
+per task (``benchmarks/perf_tasks.py``), in the parent with ``--quick``.
+
+The ``performance`` section of docs/benchmarks.md is written with
+``benchmarks/docsection.py``: the table, the machine, the load averages, and
+the notes kept in ``benchmarks/performance_notes.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+TASKS = HERE / "perf_tasks.py"
+NOTES = HERE / "performance_notes.md"
+GROUPS = ("help", "convert", "chains", "savedmodel", "onnx", "train", "inference")
+
+
+# --- measuring ------------------------------------------------------------------------
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # This checkout's actswap, whatever is installed; TF's C++ logging off.
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    env.pop("PYTHONPROFILEIMPORTTIME", None)
+    return env
+
+
+def actswap_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "actswap.cli", *args]
+
+
+@dataclass
+class ProcessRun:
+    seconds: float
+    cpu_seconds: float  # user + system time of the child
+    max_rss_mb: float
+    returncode: int
+    stderr: str
+
+
+def run_process(cmd: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> ProcessRun:
+    """Run ``cmd`` to completion; wall seconds and that child's own peak RSS (os.wait4)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env or child_env(), cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)  # already reaped: tell Popen
+        err.seek(0)
+        stderr = err.read().decode(errors="replace")
+        if log is not None:
+            out.seek(0)
+            log.write_bytes(out.read() + b"\n--- stderr ---\n" + stderr.encode())
+    # ru_maxrss is in kilobytes on Linux.
+    return ProcessRun(seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, proc.returncode, stderr)
+
+
+def check(run: ProcessRun, what: str) -> ProcessRun:
+    if run.returncode != 0:
+        tail = "\n".join(run.stderr.strip().splitlines()[-15:])
+        raise SystemExit(f"benchmark step failed ({what}, exit {run.returncode}):\n{tail}")
+    return run
+
+
+def run_task(name: str, args: dict[str, Any], isolate: bool) -> dict[str, Any]:
+    """A task of perf_tasks.py: in a fresh child process (``isolate``), else here."""
+    if not isolate:
+        sys.path.insert(0, str(HERE))
+        import perf_tasks
+
+        return perf_tasks.TASKS[name](**args)
+    proc = subprocess.run(
+        [sys.executable, str(TASKS), name, json.dumps(args)],
+        capture_output=True, text=True, env=child_env(), cwd=ROOT,
+    )
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise SystemExit(f"benchmark task '{name}' failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --- rows ---------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    measure: str
+    floor_name: str
+    unit: str  # "s", "ms", "MB", "ms/layer"
+    subject: list[float]
+    floor: list[float]
+    budget: str
+    kind: str  # "ratio": ratio <= limit; "diff": median difference <= limit; "report": no budget
+    limit: float | None = None
+    load: float = 0.0
+    extra_ok: bool = True  # a condition besides the number (e.g. TF not imported)
+    note: str = ""
+    scale: float = 1.0  # display factor for the unit (1000 for ms)
+    # CPU seconds of the same runs, where measured: less sensitive to other
+    # processes than wall time, shown beside it (the budget is on wall time).
+    subject_cpu: list[float] = field(default_factory=list)
+    floor_cpu: list[float] = field(default_factory=list)
+
+    @property
+    def cpu_ratio(self) -> float | None:
+        pairs = [s / f for s, f in zip(self.subject_cpu, self.floor_cpu) if f > 0]
+        return statistics.median(pairs) if pairs else None
+
+    @property
+    def ratio(self) -> float:
+        pairs = [s / f for s, f in zip(self.subject, self.floor) if f > 0]
+        return statistics.median(pairs) if pairs else float("nan")
+
+    @property
+    def ratio_of_medians(self) -> float:
+        return statistics.median(self.subject) / statistics.median(self.floor)
+
+    @property
+    def diff(self) -> float:
+        return statistics.median([s - f for s, f in zip(self.subject, self.floor)])
+
+    @property
+    def ok(self) -> bool | None:
+        if self.kind == "report":
+            return None
+        value = self.ratio if self.kind == "ratio" else self.diff
+        return bool(value <= self.limit) and self.extra_ok  # type: ignore[operator]
+
+
+def _num(v: float, scale: float) -> str:
+    v *= scale
+    if abs(v) >= 100:
+        return f"{v:.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    if abs(v) >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3f}"
+
+
+def _stats(values: list[float], scale: float) -> tuple[str, str]:
+    return _num(statistics.median(values), scale), f"{_num(min(values), scale)}–{_num(max(values), scale)}"
+
+
+def table(rows: list[Row]) -> str:
+    head = (
+        "| measure | floor (same run) | n | median | min–max | floor median | floor min–max "
+        "| ratio | budget | result | CPU-time ratio | load |"
+    )
+    lines = [head, "|" + "---|" * 12]
+    for r in rows:
+        med, rng = _stats(r.subject, r.scale)
+        fmed, frng = _stats(r.floor, r.scale)
+        if r.kind == "diff":
+            ratio = f"+{_num(r.diff, r.scale)} {r.unit}"
+        else:
+            ratio = f"{r.ratio:.3f}"
+        result = {None: "(reported)", True: "**pass**", False: "**FAIL**"}[r.ok]
+        cpu = "–" if r.cpu_ratio is None else f"{r.cpu_ratio:.3f}"
+        lines.append(
+            f"| {r.measure} | {r.floor_name} | {len(r.subject)} | {med} {r.unit} | {rng} | {fmed} {r.unit} "
+            f"| {frng} | {ratio} | {r.budget} | {result} | {cpu} | {r.load:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def _load() -> float:
+    return os.getloadavg()[0]
+
+
+def _progress(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} load {_load():.1f}] {msg}", file=sys.stderr, flush=True)
+
+
+def alternate(rounds: int, floor: Any, subject: Any) -> None:
+    """Call floor() and subject() ``rounds`` times each, alternating which goes first."""
+    for r in range(rounds):
+        for fn in (floor, subject) if r % 2 == 0 else (subject, floor):
+            fn()
+
+
+def bench_help(cfg: Config) -> list[Row]:
+    load = _load()
+    env = child_env()
+    floor_cmd, subject_cmd = [sys.executable, "-c", "pass"], actswap_cmd("--help")
+    # Not timed: does --help import TensorFlow? (-X importtime lists every import.)
+    probe = check(run_process(actswap_cmd("--help")[:1] + ["-X", "importtime"] + subject_cmd[1:], env), "--help")
+    tf_imported = any(
+        line.split("|")[-1].strip().split(".")[0] == "tensorflow"
+        for line in probe.stderr.splitlines() if line.startswith("import time:")
+    )
+    f, s = [], []
+    alternate(
+        cfg.repeats_fast,
+        lambda: f.append(check(run_process(floor_cmd, env), "python -c pass").seconds),
+        lambda: s.append(check(run_process(subject_cmd, env), "actswap --help").seconds),
+    )
+    return [Row(
+        "`actswap --help` wall time", "`python -c pass`", "s", s, f,
+        "≤ +0.35 s; TF not imported", "diff", 0.35, load, extra_ok=not tf_imported,
+        note=f"TensorFlow imported by --help: {'YES' if tf_imported else 'no'}",
+    )]
+
+
+def bench_convert(cfg: Config) -> list[Row]:
+    load = _load()
+    w = cfg.work
+    src, out_f, out_s = w / "model.keras", w / "floor_out.keras", w / "actswap_out.keras"
+    floor_cmd = [sys.executable, str(TASKS), "floor-keras", str(src), str(out_f)]
+    subject_cmd = actswap_cmd("convert", str(src), "--to", "square", "-o", str(out_s))
+    floor_runs: list[ProcessRun] = []
+    subject_runs: list[ProcessRun] = []
+
+    def one(cmd: list[str], out: Path, acc: list[ProcessRun] | None, what: str) -> None:
+        out.unlink(missing_ok=True)
+        run = check(run_process(cmd, log=w / f"{what}.log"), what)
+        if acc is not None:
+            acc.append(run)
+
+    if not cfg.quick:  # warm-up: page cache, .pyc files
+        one(floor_cmd, out_f, None, "floor-keras")
+        one(subject_cmd, out_s, None, "actswap-convert")
+    alternate(
+        cfg.repeats,
+        lambda: one(floor_cmd, out_f, floor_runs, "floor-keras"),
+        lambda: one(subject_cmd, out_s, subject_runs, "actswap-convert"),
+    )
+    name = cfg.model_label
+    floor_name = "`load_model` + `model.save` process"
+    return [
+        Row(f"`actswap convert` {name} `.keras`, whole process", floor_name, "s",
+            [r.seconds for r in subject_runs], [r.seconds for r in floor_runs], "≤ 1.25×", "ratio", 1.25, load,
+            subject_cpu=[r.cpu_seconds for r in subject_runs], floor_cpu=[r.cpu_seconds for r in floor_runs]),
+        Row(f"same, peak RSS", floor_name, "MB",
+            [r.max_rss_mb for r in subject_runs], [r.max_rss_mb for r in floor_runs], "≤ 1.20×", "ratio", 1.20, load),
+    ]
+
+
+def bench_savedmodel(cfg: Config) -> list[Row]:
+    load = _load()
+    w = cfg.work
+    src, out_f, out_s = w / "model_sm", w / "floor_out_sm", w / "actswap_out_sm"
+    floor_cmd = [sys.executable, str(TASKS), "floor-savedmodel", str(src), str(out_f)]
+    subject_cmd = actswap_cmd("convert", str(src), "--to", "square", "-o", str(out_s))
+    f: list[ProcessRun] = []
+    s: list[ProcessRun] = []
+
+    def one(cmd: list[str], out: Path, acc: list[ProcessRun] | None, what: str) -> None:
+        shutil.rmtree(out, ignore_errors=True)
+        run = check(run_process(cmd, log=w / f"{what}.log"), what)
+        if acc is not None:
+            acc.append(run)
+
+    if not cfg.quick:  # warm-up
+        one(floor_cmd, out_f, None, "floor-savedmodel")
+        one(subject_cmd, out_s, None, "actswap-convert-sm")
+    alternate(
+        cfg.repeats,
+        lambda: one(floor_cmd, out_f, f, "floor-savedmodel"),
+        lambda: one(subject_cmd, out_s, s, "actswap-convert-sm"),
+    )
+    return [Row(
+        f"SavedModel rewrite ({cfg.model_label} `export()`), whole process",
+        "`tf.saved_model.load` + `save` process", "s", [r.seconds for r in s], [r.seconds for r in f],
+        "≤ 1.5×", "ratio", 1.5, load,
+        subject_cpu=[r.cpu_seconds for r in s], floor_cpu=[r.cpu_seconds for r in f],
+    )]
+
+
+def bench_onnx(cfg: Config) -> list[Row]:
+    load = _load()
+    w = cfg.work
+    f: list[dict[str, Any]] = []
+    s: list[dict[str, Any]] = []
+
+    def floor() -> None:
+        args = {"model_path": str(w / "model.keras"), "out": str(w / "floor.onnx"), "actswap_export": False}
+        f.append(run_task("onnx", args, cfg.isolate))
+
+    def subject() -> None:
+        args = {"model_path": str(w / "converted.keras"), "out": str(w / "converted.onnx"), "actswap_export": True}
+        s.append(run_task("onnx", args, cfg.isolate))
+
+    alternate(cfg.repeats, floor, subject)
+    return [Row(
+        f"ONNX export of converted {cfg.model_label} incl. parity check",
+        "tf2onnx `from_function` export of the unconverted model", "s",
+        [r["seconds"] for r in s], [r["seconds"] for r in f], "≤ 1.3×", "ratio", 1.3, load,
+        subject_cpu=[r["cpu_seconds"] for r in s], floor_cpu=[r["cpu_seconds"] for r in f],
+        note=f"parity of the last export: {s[-1].get('parity')}",
+    )]
+
+
+def bench_chains(cfg: Config) -> list[Row]:
+    load = _load()
+    sizes = cfg.chain_sizes
+    result = run_task("chains", {"sizes": sizes, "rounds": cfg.repeats}, cfg.isolate)["seconds"]
+    per_layer = {n: [t / n for t in result[str(n)]] for n in sizes}
+    rows = []
+    ref = sizes[1]
+    for n in sizes:
+        rows.append(Row(
+            f"conversion time per layer, chain of {n:,} Dense+ReLU", f"per layer at {ref:,}", "ms/layer",
+            per_layer[n], per_layer[ref], "" if n != sizes[-1] else f"≤ 1.5× (at {n:,} vs {ref:,})",
+            "report" if n != sizes[-1] else "ratio", None if n != sizes[-1] else 1.5, load, scale=1000.0,
+        ))
+    return rows
+
+
+def bench_train(cfg: Config) -> list[Row]:
+    load = _load()
+    steps = cfg.train_steps
+    rounds = cfg.repeats_fast if cfg.quick else 2 * cfg.repeats_fast - 1
+    result = run_task("train", {"quick": cfg.quick, "rounds": rounds, "steps": steps}, cfg.isolate)
+    net = "tiny CNN" if cfg.quick else "6-conv CNN, batch 128"
+    floor_name = "same network with `tf.square`, same weights"
+    per = f"{steps} steps"
+    rows = [
+        Row(f"training step, converted {net}, `tf.function` ({per})", floor_name, "s",
+            result["exact"]["subject"], result["exact"]["floor"], "≤ 1.05×", "ratio", 1.05, load),
+        Row(f"training step, converted {net}, `jit_compile=True` ({per})", floor_name, "s",
+            result["exact_jit"]["subject"], result["exact_jit"]["floor"], "≤ 1.05×", "ratio", 1.05, load),
+        Row(f"training step, converted with `--grad clip:1` (custom gradient), `tf.function` ({per})", floor_name,
+            "s", result["clip"]["subject"], result["clip"]["floor"], "(none: for reference)", "report", None, load),
+    ]
+    return rows
+
+
+def bench_inference(cfg: Config) -> list[Row]:
+    load = _load()
+    w = cfg.work
+    onnx_path = w / "converted.onnx"
+    if not onnx_path.exists():
+        run_task("onnx", {"model_path": str(w / "converted.keras"), "out": str(onnx_path), "actswap_export": True},
+                 cfg.isolate)
+    batch = cfg.infer_batch
+    result = run_task(
+        "inference", {"keras_path": str(w / "converted.keras"), "onnx_path": str(onnx_path),
+                      "rounds": cfg.repeats_fast, "batch": batch}, cfg.isolate,
+    )
+    return [Row(
+        f"inference of the exported ONNX (converted {cfg.model_label}) in onnxruntime, batch {batch}",
+        "the TF model's `predict` on the same batch", "ms", result["subject"], result["floor"],
+        "report the ratio", "report", None, load, scale=1000.0,
+        note=f"largest |ONNX - TF| output difference: {result['max_abs_diff']:.3g}",
+    )]
+
+
+BENCHES = {
+    "help": bench_help, "convert": bench_convert, "chains": bench_chains, "savedmodel": bench_savedmodel,
+    "onnx": bench_onnx, "train": bench_train, "inference": bench_inference,
+}
+
+
+@dataclass
+class Config:
+    quick: bool
+    work: Path
+    repeats: int  # runs per row for the slow measures (>= 5 in a full run)
+    repeats_fast: int  # for the cheap ones
+    isolate: bool
+    chain_sizes: list[int]
+    train_steps: int
+    infer_batch: int
+    model_label: str = "ResNet50"
+    setup_info: dict[str, Any] = field(default_factory=dict)
+
+
+# --- the report ---------------------------------------------------------------------
+
+
+def machine() -> dict[str, str]:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0])
+        mem = f"{kb / 1024 / 1024:.1f} GiB"
+    except (OSError, IndexError, ValueError):
+        pass
+    versions = {}
+    for mod in ("tensorflow", "keras", "tf2onnx", "onnxruntime", "onnx", "numpy"):
+        try:
+            from importlib.metadata import version
+
+            versions[mod] = version(mod)
+        except Exception:  # noqa: BLE001
+            versions[mod] = "?"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "actswap"], cwd=ROOT, capture_output=True,
+                               text=True).stdout.strip()
+        commit += " + uncommitted changes in actswap/" if dirty else ""
+    except OSError:
+        commit = "?"
+    return {
+        "cpu": f"{cpu or platform.processor()}, {os.cpu_count()} logical cores" + (f", {mem} RAM" if mem else ""),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
+        "commit": commit,
+    }
+
+
+def markdown(cfg: Config, rows: list[Row], info: dict[str, Any]) -> str:
+    m = info["machine"]
+    met = [r for r in rows if r.ok is not None]
+    passed = sum(bool(r.ok) for r in met)
+    lines = [
+        "## Performance budgets (issue 8)",
+        "",
+        f"Command: `{info['command']}` ({info['minutes']:.1f} min, {info['date']}).",
+        "",
+        f"Machine: {m['cpu']}; {m['os']}; Python {m['python']}; {m['versions']}; actswap at {m['commit']}.",
+        f"The machine is shared: load average (1/5/15 min) {info['load_start']} at the start, "
+        f"{info['load_end']} at the end; the `load` column is the 1-minute load average when the row started.",
+        "",
+        f"Model: {info['setup'].get('name')} (`weights=None`), {info['setup'].get('layers')} layers, "
+        f"{info['setup'].get('params', 0):,} parameters, {info['setup'].get('file_mb', 0):.0f} MB `.keras`, "
+        f"{info['setup'].get('replaced')} ReLU sites.",
+        "",
+        f"**{passed} of {len(met)} budgets met in this run.**",
+        "",
+        table(rows),
+        "",
+    ]
+    notes = [f"- {r.measure}: {r.note}" for r in rows if r.note]
+    if notes:
+        lines += ["Checks made along the way:", "", *notes, ""]
+    lines += [
+        "How to read it: each row ran its floor and its subject alternately, "
+        "floor first in even rounds and subject first in odd ones; `ratio` is the median of the per-round "
+        "subject/floor ratios (each pair ran back to back, so a load change hits both), `median` and `min–max` "
+        "are over that row's runs. Ratios of the medians, for comparison: "
+        + "; ".join(f"{r.measure.split(',')[0]}: {r.ratio_of_medians:.3f}" for r in rows if r.kind == "ratio")
+        + ".",
+        "",
+    ]
+    if NOTES.exists():
+        lines.append(NOTES.read_text().strip())
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke version: tiny models, 1 repeat, writes no doc")
+    parser.add_argument("--repeats", type=int, help="runs per slow row (default 5; 1 with --quick)")
+    parser.add_argument("--only", help=f"comma-separated groups: {', '.join(GROUPS)}")
+    parser.add_argument("--workdir", type=Path, help="keep the model files here (default: a temporary directory)")
+    parser.add_argument("--doc", action=argparse.BooleanOptionalAction, default=None,
+                        help="write the 'performance' section of docs/benchmarks.md (default: yes unless --quick)")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a budget is missed")
+    args = parser.parse_args(argv)
+
+    groups = GROUPS if not args.only else tuple(g.strip() for g in args.only.split(","))
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        parser.error(f"unknown group(s) {unknown}; choose from {', '.join(GROUPS)}")
+    repeats = args.repeats or (1 if args.quick else 5)
+    if repeats < 1:
+        parser.error("--repeats must be >= 1")
+    write_doc = (not args.quick) if args.doc is None else args.doc
+    own_dir = args.workdir is None
+    work = Path(tempfile.mkdtemp(prefix="actswap-bench-")) if own_dir else args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = Config(
+        quick=args.quick, work=work, repeats=repeats,
+        repeats_fast=repeats if args.quick else max(repeats, 2 * repeats + 1),
+        isolate=not args.quick,
+        chain_sizes=[10, 20, 50] if args.quick else [100, 1000, 5000],
+        train_steps=1 if args.quick else 3,
+        infer_batch=2 if args.quick else 8,
+        model_label="tiny CNN" if args.quick else "ResNet50",
+    )
+    started = time.time()
+    load_start = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    rows: list[Row] = []
+    try:
+        if any(g in groups for g in ("convert", "savedmodel", "onnx", "inference")):
+            _progress(f"setup: writing {cfg.model_label} files in {work}")
+            cfg.setup_info = run_task("setup", {"workdir": str(work), "quick": cfg.quick}, cfg.isolate)
+        for g in groups:
+            _progress(f"measuring: {g}")
+            rows.extend(BENCHES[g](cfg))
+    finally:
+        if own_dir:
+            shutil.rmtree(work, ignore_errors=True)
+    info = {
+        "machine": machine(),
+        "load_start": load_start,
+        "load_end": ", ".join(f"{v:.2f}" for v in os.getloadavg()),
+        "minutes": (time.time() - started) / 60,
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "command": "python benchmarks/run.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
+        "setup": cfg.setup_info,
+    }
+    text = markdown(cfg, rows, info)
+    print(text)
+    if write_doc:
+        sys.path.insert(0, str(HERE))
+        from docsection import write_section
+
+        path = write_section("performance", text)
+        _progress(f"wrote the 'performance' section of {path}")
+    missed = [r.measure for r in rows if r.ok is False]
+    return 1 if (args.check and missed) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
