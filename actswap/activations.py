@@ -1,8 +1,4 @@
-"""The square activation: x², with an exact or clipped (or user-given) gradient.
-
-The exact gradient is TensorFlow's own gradient of ``tf.math.square`` (2x·dy,
-the same bits a custom gradient would compute); any other gradient is
-defined by ``tf.custom_gradient``.
+"""The square activation: x², with a gradient defined by ``tf.custom_gradient``.
 
 Three faces of one function, all registered with Keras under the ``actswap``
 package so that a converted model reloads after ``import actswap`` with no
@@ -60,17 +56,13 @@ def grad_function(grad: Grad) -> GradFn:
 def square_op(x: Any, grad: Grad = "exact") -> tf.Tensor:
     """x * x with the backward pass given by ``grad`` (a mode string or a function).
 
-    The exact gradient is TensorFlow's own gradient of ``Square``, ``dy * (2x)``,
-    which is bit for bit what a custom gradient ``dy * (x + x)`` computes (2x
-    and x + x are the same float); so it is used as is. A ``tf.custom_gradient``
-    there would only cost: an ``IdentityN`` per site that changes how grappler
-    fuses the ops around it (slower training steps), and a gradient function
-    per site that a SavedModel has to trace and store (issue 8's profiles).
-    Clipped and user gradients need the custom gradient, and get it.
+    Always a ``tf.custom_gradient``, the exact mode included: the gradient is
+    actswap's to define (and a user's to override), in every mode. Issue 8's
+    profile shows what that costs: an ``IdentityN`` per site that changes how
+    grappler fuses the ops around it, and a gradient function per site that
+    a SavedModel traces and stores.
     """
     backward = grad_function(grad)
-    if backward is _exact:
-        return tf.math.square(tf.convert_to_tensor(x))
 
     @tf.custom_gradient
     def _square(t: tf.Tensor) -> tuple[tf.Tensor, Callable[[tf.Tensor], tf.Tensor]]:
