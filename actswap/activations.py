@@ -32,14 +32,26 @@ Grad = Union[str, GradFn]
 PACKAGE = "actswap"
 
 
+# The local derivative (2x, clipped or not) is computed only once ``dy`` has
+# arrived, as TensorFlow's own gradient of Square does: without that control
+# dependency a graph computes it as soon as ``x`` exists, during the forward
+# pass, and keeps one more activation-sized tensor per site alive until the
+# backward pass reaches it (issue 8: the training step's overhead over
+# ``tf.square``). Eagerly the dependency is a no-op.
+
+
 def _exact(x: tf.Tensor, dy: tf.Tensor) -> tf.Tensor:
-    return dy * (x + x)
+    with tf.control_dependencies([dy]):
+        slope = x + x
+    return dy * slope
 
 
 def _clipped(bound: float) -> GradFn:
     def grad(x: tf.Tensor, dy: tf.Tensor) -> tf.Tensor:
-        c = tf.cast(bound, x.dtype)
-        return dy * tf.clip_by_value(x + x, -c, c)
+        with tf.control_dependencies([dy]):
+            c = tf.cast(bound, x.dtype)
+            slope = tf.clip_by_value(x + x, -c, c)
+        return dy * slope
 
     return grad
 
@@ -133,10 +145,11 @@ def _poly_grad(coeffs: tuple[float, ...], grad: Grad) -> GradFn:
     slope_coeffs = _derivative(coeffs)
 
     def backward(x: tf.Tensor, dy: tf.Tensor) -> tf.Tensor:
-        slope = _horner_any(x, slope_coeffs)
-        if bound is not None:
-            c = tf.cast(bound, x.dtype)
-            slope = tf.clip_by_value(slope, -c, c)
+        with tf.control_dependencies([dy]):  # not during the forward pass (see _exact)
+            slope = _horner_any(x, slope_coeffs)
+            if bound is not None:
+                c = tf.cast(bound, x.dtype)
+                slope = tf.clip_by_value(slope, -c, c)
         return dy * slope
 
     return backward
@@ -215,9 +228,10 @@ def trainable_poly_op(x: tf.Tensor, coeffs: tf.Tensor, grad: Grad = "exact") -> 
             return y + c[0]
 
         def _grad(dy: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            slope = tf.zeros_like(t) + c[n - 1] * (n - 1)
-            for k in range(n - 2, 0, -1):
-                slope = slope * t + c[k] * k
+            with tf.control_dependencies([dy]):  # not during the forward pass (see _exact)
+                slope = tf.zeros_like(t) + c[n - 1] * (n - 1)
+                for k in range(n - 2, 0, -1):
+                    slope = slope * t + c[k] * k
             if callable(grad):
                 dx = grad(t, dy)
             else:
