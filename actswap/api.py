@@ -36,6 +36,10 @@ def _resolve(model_or_path: ModelOrPath, trust_code: bool = False) -> tuple[kera
     if isinstance(model_or_path, keras.Model):
         return model_or_path, [], None
     if isinstance(model_or_path, (str, os.PathLike)):
+        # load_with_notes scans again even when the CLI's plan_convert already did:
+        # the file may have changed since (it is untrusted input), and the scan
+        # closest to the loader is the one that protects it. Cost: ~1.5% of a
+        # ResNet50 conversion (docs/benchmarks.md).
         model, notes = load_with_notes(model_or_path, trust_code=trust_code)
         return model, notes, str(model_or_path)
     raise UnsupportedModelError(

@@ -46,7 +46,6 @@ import json
 import os
 import re
 import stat
-import struct
 import zipfile
 import zlib
 from collections.abc import Iterable
@@ -57,6 +56,7 @@ from typing import Any
 from . import allowlists
 from .errors import LoadError, UnsafeModelError
 from .formats import _HDF5_OFFSETS, HDF5_MAGIC, Format, detect
+from .zipmember import stored_member
 
 ERROR, WARNING = "error", "warning"
 CODE, STRUCTURE, DAMAGED, NUMERICS = "code", "structure", "damaged", "numerics"
@@ -280,39 +280,6 @@ def _stem(p: Path) -> str:
     return p.name[: -len(p.suffix)] if p.suffix else p.name
 
 
-class _Region(io.RawIOBase):
-    """A read-only window ``[start, start + size)`` of an open file: an uncompressed
-    zip member, opened by h5py without extracting it."""
-
-    def __init__(self, f: Any, start: int, size: int) -> None:
-        super().__init__()
-        self._f, self._start, self._size, self._pos = f, start, size, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self._pos, 2: self._size}[whence]
-        self._pos = max(0, base + pos)
-        return self._pos
-
-    def readinto(self, b: Any) -> int:
-        n = max(0, min(len(b), self._size - self._pos))
-        if n == 0:
-            return 0
-        self._f.seek(self._start + self._pos)
-        data = self._f.read(n)
-        b[: len(data)] = data
-        self._pos += len(data)
-        return len(data)
-
-
 def _unsafe_member_name(name: str) -> str | None:
     parts = re.split(r"[/\\]", name)
     if "\x00" in name:
@@ -397,14 +364,11 @@ def _scan_embedded_h5(p: Path, z: zipfile.ZipFile, info: zipfile.ZipInfo, report
     label = info.filename
     if info.compress_type == zipfile.ZIP_STORED:
         with open(p, "rb") as raw:
-            raw.seek(info.header_offset)
-            header = raw.read(30)
-            if len(header) < 30 or header[:4] != b"PK\x03\x04":
+            member = stored_member(raw.fileno(), info)
+            if member is None:
                 report.add(ERROR, DAMAGED, label, f"zip member '{label}' has a damaged local header")
                 return
-            name_len, extra_len = struct.unpack("<HH", header[26:30])
-            region = _Region(raw, info.header_offset + 30 + name_len + extra_len, info.file_size)
-            _scan_h5_links(io.BufferedReader(region), label, report)
+            _scan_h5_links(member, label, report)
     elif info.file_size <= MAX_COMPRESSED_H5_BYTES:
         _scan_h5_links(io.BytesIO(z.read(info)), label, report)
     else:

@@ -17,10 +17,8 @@ Invariant: neither model is modified; nothing is written.
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import struct
 import zipfile
 import zlib
 from collections import Counter
@@ -32,6 +30,7 @@ import numpy as np
 
 from .errors import UserError
 from .policy import PARITY_TOL
+from .zipmember import stored_member
 
 
 @dataclass
@@ -215,37 +214,6 @@ def _check_onnx(converted: Any, onnx_path: str | os.PathLike[str], sample: Any, 
 WEIGHTS_MEMBER = "model.weights.h5"
 
 
-class _Window(io.RawIOBase):
-    """Bytes ``[start, start + size)`` of an open file descriptor, read with
-    ``pread``: how h5py opens the (uncompressed) weights member of a ``.keras``
-    zip in place, without extracting or mapping it."""
-
-    def __init__(self, fd: int, start: int, size: int) -> None:
-        super().__init__()
-        self._fd, self._start, self._size, self._pos = fd, start, size, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        self._pos = max(0, pos + (0, self._pos, self._size)[whence])
-        return self._pos
-
-    def readinto(self, buffer: Any) -> int:
-        n = min(len(buffer), self._size - self._pos)
-        if n <= 0:
-            return 0
-        got = os.preadv(self._fd, [memoryview(buffer)[:n]], self._start + self._pos)
-        self._pos += got
-        return got
-
-
 def _digest(array: Any) -> tuple[Any, ...]:
     a = np.ascontiguousarray(array)
     return a.shape, a.dtype.str, zlib.crc32(a.reshape(-1).view(np.uint8))
@@ -256,16 +224,12 @@ def _stored_digests(path: Path, info: zipfile.ZipInfo) -> Counter[tuple[Any, ...
     ``info`` (an HDF5 file); None if the member is compressed."""
     import h5py
 
-    if info.compress_type != zipfile.ZIP_STORED:
-        return None
     digests: Counter[tuple[Any, ...]] = Counter()
     with open(path, "rb") as f:
-        header = os.pread(f.fileno(), 30, info.header_offset)
-        if len(header) < 30 or header[:4] != b"PK\x03\x04":
+        member = stored_member(f.fileno(), info)
+        if member is None:
             return None
-        name_len, extra_len = struct.unpack("<HH", header[26:30])
-        start = info.header_offset + 30 + name_len + extra_len
-        with h5py.File(io.BufferedReader(_Window(f.fileno(), start, info.file_size), 1 << 16), "r") as h5:
+        with h5py.File(member, "r") as h5:
             def visit(_: str, obj: Any) -> None:
                 if isinstance(obj, h5py.Dataset):
                     digests[_digest(obj[()])] += 1

@@ -261,7 +261,7 @@ def bench_convert(cfg: Config) -> list[Row]:
         Row(f"`actswap convert` {name} `.keras`, whole process", floor_name, "s",
             [r.seconds for r in subject_runs], [r.seconds for r in floor_runs], "≤ 1.25×", "ratio", 1.25, load,
             subject_cpu=[r.cpu_seconds for r in subject_runs], floor_cpu=[r.cpu_seconds for r in floor_runs]),
-        Row(f"same, peak RSS", floor_name, "MB",
+        Row("same, peak RSS", floor_name, "MB",
             [r.max_rss_mb for r in subject_runs], [r.max_rss_mb for r in floor_runs], "≤ 1.20×", "ratio", 1.20, load),
     ]
 
@@ -399,6 +399,17 @@ class Config:
 # --- the report ---------------------------------------------------------------------
 
 
+def code_digest() -> str:
+    """A digest of the code measured (actswap/ and the benchmark tasks): a run
+    whose code changed while it ran measured a mix, and says so."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted((ROOT / "actswap").rglob("*.py")) + [TASKS]:
+        h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def machine() -> dict[str, str]:
     cpu = ""
     try:
@@ -448,7 +459,10 @@ def markdown(cfg: Config, rows: list[Row], info: dict[str, Any]) -> str:
         "",
         f"Command: `{info['command']}` ({info['minutes']:.1f} min, {info['date']}).",
         "",
-        f"Machine: {m['cpu']}; {m['os']}; Python {m['python']}; {m['versions']}; actswap at {m['commit']}.",
+        f"Machine: {m['cpu']}; {m['os']}; Python {m['python']}; {m['versions']}; actswap at {m['commit']} "
+        f"(code digest {info['code']}"
+        + (", **which changed during the run: the table measured a mix; rerun**)." if info["code_changed"]
+           else ", the same at the start and the end of the run)."),
         f"The machine is shared: load average (1/5/15 min) {info['load_start']} at the start, "
         f"{info['load_end']} at the end; the `load` column is the 1-minute load average when the row started.",
         "",
@@ -512,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     started = time.time()
     load_start = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    digest_start = code_digest()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     rows: list[Row] = []
     try:
@@ -532,6 +547,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "command": "python benchmarks/run.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
         "setup": cfg.setup_info,
+        "code": digest_start,
+        "code_changed": code_digest() != digest_start,
     }
     text = markdown(cfg, rows, info)
     print(text)

@@ -7,8 +7,9 @@
   (:func:`actswap.verify.read_back`, :func:`actswap.verify.read_back_savedmodel`)
   rather than by a Keras/TF load; when that reading cannot confirm the output,
   the load decides, as before.
-* The exact square uses TensorFlow's own ``Square`` gradient, bit for bit the
-  custom one; clipped gradients keep ``tf.custom_gradient``.
+* The square's custom gradient computes its local derivative only once the
+  incoming gradient exists (a control dependency, as TF's own ``Square``
+  gradient has), so a graph does not compute it during the forward pass.
 """
 
 from __future__ import annotations
@@ -137,3 +138,14 @@ def test_exact_square_is_a_custom_gradient_with_tf_squares_gradient_bits():
             y = fn(x)
         grads.append(tape.gradient(y, x, output_gradients=dy).numpy())
     assert grads[0].tobytes() == grads[1].tobytes()
+
+
+@pytest.mark.parametrize("grad", ["exact", "clip:1"])
+def test_the_local_derivative_waits_for_the_incoming_gradient(grad):
+    backward = activations.grad_function(grad)
+    spec = tf.TensorSpec([None], tf.float32)
+    graph = tf.function(backward).get_concrete_function(spec, spec).graph
+    doubled = [op for op in graph.get_operations() if op.type == "AddV2"]
+    assert len(doubled) == 1 and doubled[0].inputs[0].name == doubled[0].inputs[1].name  # x + x
+    # computed once dy exists (a control input), not as soon as x does
+    assert [c.name for c in doubled[0].control_inputs] == [graph.inputs[1].op.name]
