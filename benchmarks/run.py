@@ -232,28 +232,38 @@ def bench_help(cfg: Config) -> list[Row]:
     )]
 
 
+def _paired_processes(
+    cfg: Config, floor: tuple[list[str], Path, str], subject: tuple[list[str], Path, str]
+) -> tuple[list[ProcessRun], list[ProcessRun]]:
+    """Run a floor process and a subject process alternately (each ``(command,
+    output path, log name)``), removing the output before every run so each one
+    writes it afresh; return (floor runs, subject runs)."""
+    runs: dict[str, list[ProcessRun]] = {floor[2]: [], subject[2]: []}
+
+    def one(cmd: list[str], out: Path, what: str, keep: bool) -> None:
+        if out.is_dir():
+            shutil.rmtree(out)
+        else:
+            out.unlink(missing_ok=True)
+        run = check(run_process(cmd, log=cfg.work / f"{what}.log"), what)
+        if keep:
+            runs[what].append(run)
+
+    if not cfg.quick:  # warm-up: page cache, .pyc files
+        one(*floor, keep=False)
+        one(*subject, keep=False)
+    alternate(cfg.repeats, lambda: one(*floor, keep=True), lambda: one(*subject, keep=True))
+    return runs[floor[2]], runs[subject[2]]
+
+
 def bench_convert(cfg: Config) -> list[Row]:
     load = _load()
     w = cfg.work
     src, out_f, out_s = w / "model.keras", w / "floor_out.keras", w / "actswap_out.keras"
-    floor_cmd = [sys.executable, str(TASKS), "floor-keras", str(src), str(out_f)]
-    subject_cmd = actswap_cmd("convert", str(src), "--to", "square", "-o", str(out_s))
-    floor_runs: list[ProcessRun] = []
-    subject_runs: list[ProcessRun] = []
-
-    def one(cmd: list[str], out: Path, acc: list[ProcessRun] | None, what: str) -> None:
-        out.unlink(missing_ok=True)
-        run = check(run_process(cmd, log=w / f"{what}.log"), what)
-        if acc is not None:
-            acc.append(run)
-
-    if not cfg.quick:  # warm-up: page cache, .pyc files
-        one(floor_cmd, out_f, None, "floor-keras")
-        one(subject_cmd, out_s, None, "actswap-convert")
-    alternate(
-        cfg.repeats,
-        lambda: one(floor_cmd, out_f, floor_runs, "floor-keras"),
-        lambda: one(subject_cmd, out_s, subject_runs, "actswap-convert"),
+    floor_runs, subject_runs = _paired_processes(
+        cfg,
+        ([sys.executable, str(TASKS), "floor-keras", str(src), str(out_f)], out_f, "floor-keras"),
+        (actswap_cmd("convert", str(src), "--to", "square", "-o", str(out_s)), out_s, "actswap-convert"),
     )
     name = cfg.model_label
     floor_name = "`load_model` + `model.save` process"
@@ -270,24 +280,10 @@ def bench_savedmodel(cfg: Config) -> list[Row]:
     load = _load()
     w = cfg.work
     src, out_f, out_s = w / "model_sm", w / "floor_out_sm", w / "actswap_out_sm"
-    floor_cmd = [sys.executable, str(TASKS), "floor-savedmodel", str(src), str(out_f)]
-    subject_cmd = actswap_cmd("convert", str(src), "--to", "square", "-o", str(out_s))
-    f: list[ProcessRun] = []
-    s: list[ProcessRun] = []
-
-    def one(cmd: list[str], out: Path, acc: list[ProcessRun] | None, what: str) -> None:
-        shutil.rmtree(out, ignore_errors=True)
-        run = check(run_process(cmd, log=w / f"{what}.log"), what)
-        if acc is not None:
-            acc.append(run)
-
-    if not cfg.quick:  # warm-up
-        one(floor_cmd, out_f, None, "floor-savedmodel")
-        one(subject_cmd, out_s, None, "actswap-convert-sm")
-    alternate(
-        cfg.repeats,
-        lambda: one(floor_cmd, out_f, f, "floor-savedmodel"),
-        lambda: one(subject_cmd, out_s, s, "actswap-convert-sm"),
+    f, s = _paired_processes(
+        cfg,
+        ([sys.executable, str(TASKS), "floor-savedmodel", str(src), str(out_f)], out_f, "floor-savedmodel"),
+        (actswap_cmd("convert", str(src), "--to", "square", "-o", str(out_s)), out_s, "actswap-convert-sm"),
     )
     return [Row(
         f"SavedModel rewrite ({cfg.model_label} `export()`), whole process",
