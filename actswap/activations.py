@@ -339,6 +339,21 @@ def _deserialize_grad(value: Any) -> Grad:
     return keras.saving.deserialize_keras_object(value)
 
 
+def scaled_square(x: Any, backward: Any, scale: float) -> tf.Tensor:
+    """``scale * x²``: the square (its gradient mode kept), then a constant.
+
+    ``scale`` is what accuracy recovery leaves at a site of a deep network
+    (:mod:`actswap.recover`): x² times a per-site constant, one ciphertext
+    multiplication plus one plaintext scalar under HE. 1 is the plain square."""
+    y = square_op(x, backward)
+    return y if scale == 1.0 else y * tf.cast(scale, y.dtype)
+
+
+def _scale_config(scale: float) -> dict[str, float]:
+    # Written only when it is not 1, so plain squares keep the configs they always had.
+    return {} if scale == 1.0 else {"scale": scale}
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE, name="square")
 def square(x: Any) -> tf.Tensor:
     """x², exact gradient. A Keras activation: ``Dense(4, activation=square)``."""
@@ -353,23 +368,24 @@ class SquareActivation:
     layer's config and reloads with it.
     """
 
-    def __init__(self, grad: Grad = "exact") -> None:
+    def __init__(self, grad: Grad = "exact", scale: float = 1.0) -> None:
         self.grad = gradients.normalize(grad) if isinstance(grad, str) else grad
         self._backward = grad_function(self.grad)
+        self.scale = float(scale)
         self.__name__ = "square"  # Keras and repr look for a function-like name
 
     def __call__(self, x: Any) -> tf.Tensor:
-        return square_op(x, self._backward)
+        return scaled_square(x, self._backward, self.scale)
 
     def get_config(self) -> dict[str, Any]:
-        return {"grad": _serialize_grad(self.grad)}
+        return {"grad": _serialize_grad(self.grad), **_scale_config(self.scale)}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> SquareActivation:
-        return cls(grad=_deserialize_grad(config.get("grad", "exact")))
+        return cls(grad=_deserialize_grad(config.get("grad", "exact")), scale=config.get("scale", 1.0))
 
     def __repr__(self) -> str:
-        return f"SquareActivation(grad={self.grad!r})"
+        return f"SquareActivation(grad={self.grad!r}" + (f", scale={self.scale!r})" if self.scale != 1.0 else ")")
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE, name="Square")
@@ -382,16 +398,17 @@ class Square(keras.layers.Layer):
     may replace did (a layer would otherwise cast to its dtype policy).
     """
 
-    def __init__(self, grad: Grad = "exact", cast_inputs: bool = True, **kwargs: Any) -> None:
+    def __init__(self, grad: Grad = "exact", cast_inputs: bool = True, scale: float = 1.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.supports_masking = True
         self.cast_inputs = bool(cast_inputs)
         self._convert_input_args = self.cast_inputs
         self.grad = gradients.normalize(grad) if isinstance(grad, str) else grad
         self._backward = grad_function(self.grad)
+        self.scale = float(scale)
 
     def call(self, inputs: Any, mask: Any = None) -> tf.Tensor:
-        return square_op(inputs, self._backward)
+        return scaled_square(inputs, self._backward, self.scale)
 
     def compute_output_shape(self, input_shape: Any) -> Any:
         return input_shape
@@ -400,6 +417,7 @@ class Square(keras.layers.Layer):
         config = super().get_config()
         config["grad"] = _serialize_grad(self.grad)
         config["cast_inputs"] = self.cast_inputs
+        config.update(_scale_config(self.scale))
         return config
 
     @classmethod

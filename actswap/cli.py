@@ -234,13 +234,16 @@ def convert(
                 )
             )
             for note in report.notes:
-                console.print(f"note: {note}")
+                if report.needs_recovery is None or report.needs_recovery not in note:
+                    console.print(f"note: {note}")
             nothing = "nothing to replace; " if report.replaced == 0 else ""
             console.print(
                 f"replaced {report.replaced}, skipped {report.skipped} "
                 f"({report.skipped_relu_like} ReLU-like); {nothing}"
                 + (f"wrote {report.output}" if report.output else "nothing written")
             )
+        if report.needs_recovery is not None:
+            typer.echo(f"warning: {report.needs_recovery}", err=True)
         if failed:
             typer.echo(
                 f"error: --strict: {report.skipped_relu_like} ReLU-like site(s) were skipped "
@@ -531,46 +534,75 @@ def fit(
 @app.command()
 def recover(
     original: Path = typer.Argument(..., help="The trained model before conversion (.keras/.h5)."),
-    converted: Path = typer.Argument(..., help="Its conversion (.keras): which sites, which polynomials."),
+    converted: Optional[Path] = typer.Argument(
+        None, help="Its conversion (.keras): which sites, which polynomials. Omit it and give --to instead."
+    ),
     data: Path = typer.Option(..., "--data", help="Training data: .npz with x (inputs) and y (integer labels)."),
-    val: Optional[Path] = typer.Option(None, "--val", help="Validation data, same keys [default: --data]."),
+    val: Optional[Path] = typer.Option(
+        None, "--val", help="Validation data, same keys [default: the last tenth of --data, held out]."
+    ),
+    to: Optional[str] = typer.Option(
+        None, "--to", help="Without CONVERTED: the target, as for convert (square, poly:..., approx) [default: square]."
+    ),
+    sources: str = typer.Option("relu", "--from", help="Without CONVERTED: source activations, as for convert."),
+    degree: Optional[int] = typer.Option(None, "--degree", help="Without CONVERTED, approx: polynomial degree."),
+    fit_range: Optional[str] = typer.Option(None, "--range", help="Without CONVERTED, approx: fit interval LO,HI."),
     epochs: int = typer.Option(2, "--epochs", help="Epochs of recovery."),
     ramp: float = typer.Option(0.5, "--ramp", help="Epochs over which each site blends into its polynomial."),
     batch_size: int = typer.Option(128, "--batch-size"),
     learning_rate: float = typer.Option(2e-3, "--lr", help="Adam learning rate (gradients clipped to norm 1)."),
     no_distill: bool = typer.Option(False, "--no-distill", help="Train on labels only, without the original as teacher."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output .keras [default: <converted>.recovered.keras]."),
-    force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
+    no_scale: bool = typer.Option(
+        False, "--no-scale", help="Keep x² sites exactly x² (no fitted per-site constant s·x²)."
+    ),
+    max_drop: float = typer.Option(
+        1.0, "--max-drop", help="Fail (exit 1) if the recovered accuracy is more than this many points below the original's."
+    ),
+    output: Optional[Path] = typer.Option(
+        None, "-o", "--output",
+        help="Output .keras [default: <converted>.recovered.keras, or <original>.<target>.recovered.keras].",
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Overwrite OUTPUT if it exists; write it even if the recovery failed (still exit 1)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
 ) -> None:
-    """Fine-tune ORIGINAL into CONVERTED's polynomials gradually (blend, distil, NaN guard)."""
+    """Fine-tune ORIGINAL into polynomials gradually (blend, distil, guard); fail if it does not recover."""
 
     def body() -> int:
         from .paths import check_output_path
+        from .recover_files import default_output
 
+        if converted is not None and (to is not None or degree is not None or fit_range is not None):
+            raise UserError("give either CONVERTED or --to (with --from/--degree/--range), not both")
         detect(original)
-        detect(converted)
         _scan_first(original)
-        _scan_first(converted)
-        stem = converted.name[: -len(converted.suffix)] if converted.suffix else converted.name
-        out = output if output is not None else converted.with_name(f"{stem}.recovered.keras")
+        if converted is not None:
+            detect(converted)
+            _scan_first(converted)
+        out = output if output is not None else default_output(original, converted, to)
         check_output_path(out, overwrite=force)
         if epochs < 1 or not 0 <= ramp <= epochs:
             raise UserError(f"--epochs must be >= 1 and --ramp between 0 and --epochs; got {epochs}, {ramp}")
+        if max_drop < 0:
+            raise UserError(f"--max-drop must be >= 0 (points of accuracy), got {max_drop}")
+        conversion = None
+        if converted is None:
+            from .pipeline import parse_interval
+
+            target, bounds = to or "square", parse_interval(fit_range)
+            chosen = registry.resolve_sources(sources)
+            if sources.strip() != "all":
+                registry.check_pairs(chosen, registry.get_target(target, degree=degree, interval=bounds))
+            conversion = {"to": target, "sources": chosen, "degree": degree, "interval": bounds}
         _import_tensorflow_quietly(debug or _state["debug"])
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         import keras
 
-        from . import io
-        from . import recover as R
-
-        x, y = R.load_xy(data, "training data")
-        vx, vy = R.load_xy(val, "validation data") if val is not None else (x, y)
-        teacher, target = io.load(original), io.load(converted)
-        before = {"original": R.accuracy(teacher, vx, vy), "converted": R.accuracy(target, vx, vy)}
-        steps = -(-len(x) // batch_size)
+        from .errors import RecoveryFailedError
+        from .recover_files import run
 
         class Bar(keras.callbacks.Callback):
             def __init__(self, progress: Any) -> None:
@@ -578,47 +610,48 @@ def recover(
                 self.progress, self.task = progress, None
 
             def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-                self.task = self.progress.add_task(f"epoch {epoch + 1}/{epochs}", total=steps)
+                self.task = self.progress.add_task(f"epoch {epoch + 1}/{epochs}", total=self.params.get("steps"))
 
             def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
                 self.progress.advance(self.task)
 
-        per_epoch: list[dict[str, Any]] = []
-
-        class Record(keras.callbacks.Callback):
-            def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-                per_epoch.append({"epoch": epoch + 1, "loss": float((logs or {}).get("loss", float("nan"))),
-                                  "val_accuracy": (logs or {}).get("val_accuracy")})
-
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
+        failure: RecoveryFailedError | None = None
         with Progress(*columns, console=Console(stderr=True), disable=as_json) as progress:
-            model, history = R.recover(
-                teacher, target, (x, y), val=(vx, vy), epochs=epochs, ramp_epochs=ramp,
-                distill=not no_distill, learning_rate=learning_rate, batch_size=batch_size,
-                callbacks=[Bar(progress), Record()],
-            )
-        after = R.accuracy(model, vx, vy)
-        written = str(io.save(model, out, overwrite=force))
-        result = {
-            "original_accuracy": before["original"], "converted_accuracy": before["converted"],
-            "recovered_accuracy": after, "epochs": per_epoch, "nan_restores": history.nan_restores,
-            "output": written,
-        }
+            try:
+                result = run(
+                    original, converted, data, val=val, output=out, force=force, conversion=conversion,
+                    callbacks=[Bar(progress)], epochs=epochs, ramp_epochs=ramp, distill=not no_distill,
+                    learning_rate=learning_rate, batch_size=batch_size, adaptive_scale=not no_scale,
+                    max_drop=max_drop,
+                )
+            except RecoveryFailedError as e:
+                failure, result = e, e.result
         if as_json:
+            if failure is not None:
+                result = {**result, "error": str(failure)}
             typer.echo(json.dumps(result))
-            return 0
-        table = Table(title=f"recover {converted}")
-        for col in ("epoch", "loss", "val accuracy"):
-            table.add_column(col)
-        for e in per_epoch:
-            acc = e["val_accuracy"]
-            table.add_row(str(e["epoch"]), f"{e['loss']:.4g}", "" if acc is None else f"{acc:.4f}")
-        console = _console()
-        console.print(table)
-        console.print(
-            f"accuracy: original {before['original']:.4f}, converted {before['converted']:.4f}, "
-            f"recovered {after:.4f}; NaN/Inf restores {history.nan_restores}; wrote {written}"
-        )
+        else:
+            table = Table(title=f"recover {converted or original}")
+            for col in ("epoch", "loss", "val accuracy"):
+                table.add_column(col)
+            for e in result["epochs"]:
+                acc = e["val_accuracy"]
+                table.add_row(str(e["epoch"]), f"{e['loss']:.4g}", "" if acc is None else f"{acc:.4f}")
+            console = _console()
+            console.print(table)
+            restores = "" if result["nan_restores"] is None else (
+                f"; restores {result['nan_restores']} ({result['explosions']} finite explosions)")
+            written = f"wrote {result['output']}" if result["output"] else "nothing written"
+            console.print(
+                f"accuracy on {result['check_samples']} check samples: original {result['original_accuracy']:.4f}, "
+                f"converted {result['converted_accuracy']:.4f}, recovered {result['recovered_accuracy']:.4f}"
+                f"{restores}; {written}"
+            )
+        if failure is not None:
+            where = f"; written anyway (--force): {result['output']}" if result["output"] else "; nothing written"
+            typer.echo(f"error: {failure}{where}", err=True)
+            return 1
         return 0
 
     _run(debug, body)

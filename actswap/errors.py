@@ -65,3 +65,13 @@ class DiskSpaceError(ActswapError):
 
 class InvariantError(ActswapError):
     """An invariant actswap promises did not hold; this is a bug (exit 1)."""
+
+
+class RecoveryFailedError(ConversionError):
+    """Accuracy recovery ended with a model that is not recovered: non-finite
+    outputs, or an accuracy more than the allowed margin below the original's
+    (exit 1). ``model`` holds the result for a caller that wants it anyway."""
+
+    def __init__(self, message: str, model: object = None, result: object = None) -> None:
+        super().__init__(message)
+        self.model, self.result = model, result

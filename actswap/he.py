@@ -99,8 +99,10 @@ def _activation_cost(value: Any) -> tuple[int, int]:
     """Cost of an actswap polynomial activation object or config."""
     from .activations import Polynomial, PolynomialActivation, SquareActivation, square
 
-    if value is square or isinstance(value, SquareActivation):
+    if value is square:
         return 1, 0
+    if isinstance(value, SquareActivation):
+        return _poly_cost((0.0, 0.0, value.scale))
     if isinstance(value, (PolynomialActivation, Polynomial)):
         return _poly_cost(value.coefficients)
     return 0, 0
@@ -109,8 +111,8 @@ def _activation_cost(value: Any) -> tuple[int, int]:
 def _leaf_cost(leaf: Any) -> tuple[int, int]:
     from .activations import Polynomial, Square
 
-    if isinstance(leaf, Square):
-        return 1, 0
+    if isinstance(leaf, Square):  # s·x²: one ct_ct, and one ct_pt when s != 1
+        return _poly_cost((0.0, 0.0, leaf.scale))
     if isinstance(leaf, Polynomial):
         return _poly_cost(leaf.coefficients)
     name = type(leaf).__name__

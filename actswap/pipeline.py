@@ -190,10 +190,12 @@ def run_convert(
 ) -> tuple[Report, bool]:
     """Convert and write per ``plan``; return the report and whether --strict failed.
 
-    Raises :class:`NonFiniteOutputError` (exit 1, nothing written) when the
-    converted model outputs NaN/Inf on the sample inputs (``sample``, else the
-    calibration data, else seeded random ones) and the original does not,
-    unless ``allow_nonfinite``."""
+    When the converted model outputs NaN/Inf on the sample inputs (``sample``,
+    else the calibration data, else seeded random ones) and the original
+    does not (x² overflowing through a deep network), the model is written
+    with a warning (``report.needs_recovery``) that gives the ``actswap
+    recover`` command; with ``strict`` (and not ``allow_nonfinite``) that is a
+    :class:`NonFiniteOutputError` instead (exit 1, nothing written)."""
     trust = plan.trust_code if trust_code is None else trust_code
     if plan.legacy_kind is not None:
         from . import legacy  # Keras 2 family in, Keras 2 family out
@@ -217,7 +219,8 @@ def run_convert(
     if report.replaced == 0 and not plan.force:
         _note_nothing(report, plan)
         return report, False
-    _check_finite(plan, converted, report, sample if sample is not None else plan.calibrate, allow_nonfinite, trust)
+    _check_finite(plan, converted, report, sample if sample is not None else plan.calibrate,
+                  allow_nonfinite or not strict, trust)
     exported: Any = None
     if plan.onnx_out is not None:  # proven before anything is written
         from .export import DEFAULT_TOL, export_onnx
@@ -341,16 +344,21 @@ def _check_finite(
         report.notes.append(f"warning: the original model already outputs NaN/Inf on {where}")
         return
     name, n = bad[0]
+    what = "x²" if report.target == "square" else "the polynomial"
     message = (
         f"the converted model outputs NaN/Inf on {where} ({n} value(s) of output '{name}'), where the "
-        "original's outputs are finite: x² overflowed"
+        f"original's outputs are finite: {what} overflowed"
     )
     if allow:
-        report.notes.append(f"warning: {message} (written anyway: --allow-nonfinite)")
+        report.needs_recovery = (
+            f"{message}; it needs accuracy recovery before use: "
+            f"actswap recover {plan.model} {plan.out} --data train.npz"
+        )
+        report.notes.append(f"warning: {report.needs_recovery}")
         return
     raise NonFiniteOutputError(
-        f"{message}; nothing written; check with real inputs (--sample data.npz), fine-tune after the swap, "
-        "or pass --allow-nonfinite to write it anyway"
+        f"{message}; nothing written (--strict); recover accuracy in one step with "
+        f"`actswap recover {plan.model} --to {plan.to} --data train.npz`, or drop --strict to write it anyway"
     )
 
 

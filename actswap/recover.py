@@ -39,31 +39,84 @@ from .sites import find_sites
 
 @keras.saving.register_keras_serializable(package="actswap", name="Blend")
 class Blend(keras.layers.Layer):
-    """``(1 - a) * source(x) + a * p(x)``; ``a`` is the weight ``blend`` (starts at 0)."""
+    """``(1 - a) * source(x) + a * s * p(x)``; ``a`` is the weight ``blend`` (starts at 0).
+
+    ``adaptive=True`` (for x² only) adds the weight ``scale`` s: in training it
+    is the least-squares fit of the source by ``s * x²`` on the batch (so the
+    site is homogeneous of degree 1 in its input's magnitude, as ReLU is, and
+    magnitudes stop compounding from square to square through depth), and a
+    moving average of those fits (``momentum``) is what inference uses, as
+    BatchNormalization does with its statistics. Finalized, the site is the
+    constant ``s`` times x². With ``adaptive=False``, s is 1.
+    """
 
     actswap_target = True  # its weight is its own, not a copy of the original's
 
-    def __init__(self, source: Any, coefficients: Any, **kwargs: Any) -> None:
+    def __init__(self, source: Any, coefficients: Any, adaptive: bool = False, momentum: float = 0.99,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.supports_masking = True
         self.source_config = source
         self.source = keras.activations.get(source)
         self.coefficients = tuple(float(c) for c in coefficients)
+        if adaptive and self.coefficients != SQUARE:
+            raise ValueError(f"an adaptive scale is for x² only, not the polynomial {self.coefficients}")
+        self.adaptive, self.momentum = bool(adaptive), float(momentum)
         self.factor = self.add_weight(
             name="blend", shape=(), initializer="zeros", trainable=False,
         )
+        # Largest |input| of the last training batch: what the guard watches.
+        self.peak = self.add_weight(name="peak", shape=(), initializer="zeros", trainable=False,
+                                    aggregation="mean")
+        # Range penalty: while training, inputs beyond ``limit`` (0: none) add
+        # penalty * mean((|x| - limit)+²) / limit² to the loss.
+        self.limit = self.add_weight(name="limit", shape=(), initializer="zeros", trainable=False)
+        self.penalty = 0.0
+        self.scale = None
+        if self.adaptive:
+            self.scale = self.add_weight(name="scale", shape=(), initializer="ones", trainable=False,
+                                         aggregation="mean")
 
-    def call(self, inputs: Any, mask: Any = None) -> Any:
+    def fitted_scale(self, inputs: Any) -> Any:
+        """The least-squares ``s`` in ``source(x) ≈ s * x²`` over ``inputs`` (no gradient),
+        computed on x / max|x| so that x⁴ cannot overflow."""
+        x = tf.stop_gradient(tf.cast(inputs, tf.float32))
+        m = tf.maximum(tf.reduce_max(tf.abs(x)), 1e-30)
+        u2 = tf.square(x / m)
+        num = tf.reduce_mean(tf.cast(self.source(x), tf.float32) * u2)
+        den = tf.reduce_mean(tf.square(u2)) * m * m
+        s = num / tf.maximum(den, 1e-30)
+        return tf.where(tf.math.is_finite(s) & (s > 0), s, self.scale)
+
+    def call(self, inputs: Any, training: Any = None, mask: Any = None) -> Any:
         from .activations import poly_op
 
         a = tf.cast(self.factor, inputs.dtype)
-        return (1.0 - a) * self.source(inputs) + a * poly_op(inputs, self.coefficients)
+        p = poly_op(inputs, self.coefficients)
+        if training and self.penalty:
+            lim = tf.cast(self.limit, tf.float32)
+            over = tf.nn.relu(tf.abs(tf.cast(inputs, tf.float32)) - lim)
+            self.add_loss(self.penalty * tf.reduce_mean(tf.square(over)) / tf.maximum(lim * lim, 1e-12))
+        if training:
+            self.peak.assign(tf.cast(tf.reduce_max(tf.abs(tf.stop_gradient(inputs))), tf.float32))
+        if self.adaptive:
+            if training:
+                fit = self.fitted_scale(inputs)
+                self.scale.assign(self.scale * self.momentum + fit * (1.0 - self.momentum))
+            # The moving scale in training too: what inference will compute is
+            # what is trained (a batch fit would hide the instability of fixed scales).
+            p = p * tf.cast(self.scale, inputs.dtype)
+        return (1.0 - a) * self.source(inputs) + a * p
 
     def compute_output_shape(self, input_shape: Any) -> Any:
         return input_shape
 
     def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "source": self.source_config, "coefficients": list(self.coefficients)}
+        return {**super().get_config(), "source": self.source_config, "coefficients": list(self.coefficients),
+                "adaptive": self.adaptive, "momentum": self.momentum}
+
+
+SQUARE = (0.0, 0.0, 1.0)
 
 
 def blends(model: Any) -> list[Blend]:
@@ -85,15 +138,18 @@ def _source_value(site: Any) -> Any:
 
 
 def polynomials_of(converted: Any) -> dict[str, tuple[float, ...]]:
-    """Layer name -> the polynomial a converted model has there (x² is (0, 0, 1)).
-    Keyed by name: Keras keeps layer names unique within a model."""
+    """Layer name -> the polynomial a converted model has there (x² is (0, 0, 1),
+    a scaled square ``s·x²`` is (0, 0, s)). Keyed by name: Keras keeps layer
+    names unique within a model."""
     from .activations import SquareActivation, square
 
     out: dict[str, tuple[float, ...]] = {}
     for layer in converted._flatten_layers(include_self=False, recursive=True):
         for obj in (layer, getattr(layer, "activation", None)):
-            if isinstance(obj, (Square, SquareActivation)) or obj is square:
-                out.setdefault(layer.name, (0.0, 0.0, 1.0))
+            if isinstance(obj, (Square, SquareActivation)):
+                out.setdefault(layer.name, (0.0, 0.0, obj.scale))
+            elif obj is square:
+                out.setdefault(layer.name, SQUARE)
             elif isinstance(obj, Polynomial) or type(obj).__name__ == "PolynomialActivation":
                 out.setdefault(layer.name, tuple(obj.coefficients))
     return out
@@ -101,11 +157,14 @@ def polynomials_of(converted: Any) -> dict[str, tuple[float, ...]]:
 
 def blend_model(
     original: Any, to: Any = "square", sources: Iterable[str] = ("relu",),
-    polynomials: dict[str, tuple[float, ...]] | None = None, **target_options: Any,
+    polynomials: dict[str, tuple[float, ...]] | None = None, adaptive_scale: bool = False,
+    **target_options: Any,
 ) -> Any:
     """``original`` with each selected site (that ``to`` accepts) as a Blend at factor 0.
     With ``polynomials`` (from :func:`polynomials_of` a converted model), exactly
-    those sites blend towards exactly those polynomials."""
+    those sites blend towards exactly those polynomials. ``adaptive_scale``: the
+    sites whose polynomial is x² (times any constant) blend towards ``s·x²`` with
+    an adaptive ``s`` (:class:`Blend`)."""
     target = registry.get_target(to, **target_options)
     chosen = frozenset(sources)
     sites = find_sites(original)
@@ -120,44 +179,91 @@ def blend_model(
             return polynomials[site.path.split("/")[-1]]
     elif target.coefficients is None:
         def coefficients(site: Any) -> tuple[float, ...]:
-            return (0.0, 0.0, 1.0)
+            return SQUARE
     else:
         coefficients = target.coefficients
 
+    def blend(site: Any, **kwargs: Any) -> Blend:
+        c = tuple(coefficients(site))
+        monomial = len(c) == 3 and c[0] == 0.0 and c[1] == 0.0 and c[2] > 0
+        if adaptive_scale and monomial:
+            return Blend(_source_value(site), SQUARE, adaptive=True, **kwargs)
+        return Blend(_source_value(site), c, **kwargs)
+
     def make_layer(site: Any, node: dict[str, Any]) -> Any:
-        return Blend(_source_value(site), coefficients(site), name=node["config"]["name"])
+        return blend(site, name=node["config"]["name"])
 
     def make_activation(site: Any, owner: dict[str, Any]) -> Any:
-        return Blend(_source_value(site), coefficients(site))
+        return blend(site)
 
     return rewrite(original, sites, make_layer, make_activation)
 
 
+def _blend_by_layer(model: Any) -> dict[str, Blend]:
+    """Layer name -> the Blend it is or holds as its activation."""
+    out: dict[str, Blend] = {}
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        for obj in (layer, getattr(layer, "activation", None)):
+            if isinstance(obj, Blend):
+                out.setdefault(layer.name, obj)
+    return out
+
+
 def finalize(blended: Any) -> Any:
-    """The polynomial model: every Blend (factor 1) becomes its polynomial; weights kept."""
+    """The polynomial model: every Blend (factor 1) becomes its polynomial (an
+    adaptive one: x² times its scale, :class:`Square` with ``scale``); weights kept."""
     for b in blends(blended):
         if float(b.factor.numpy()) != 1.0:
             raise ValueError(f"blend '{b.name}' is at {float(b.factor.numpy()):g}, not 1: finish the schedule first")
     sites = find_sites(blended)
     for s in sites:
         s.action = REPLACED if s.activation == "blend" else SKIPPED
+    by_layer = _blend_by_layer(blended)
 
-    def poly_of(config: dict[str, Any]) -> tuple[float, ...]:
-        return tuple(config["coefficients"])
+    def square_scale(site: Any) -> float | None:
+        b = by_layer[site.path.split("/")[-1]]
+        if b.coefficients != SQUARE:
+            return None
+        return float(b.scale.numpy()) if b.adaptive else 1.0
 
     def make_layer(site: Any, node: dict[str, Any]) -> Any:
-        coeffs = poly_of(node["config"])
-        if coeffs == (0.0, 0.0, 1.0):
-            return Square(name=node["config"]["name"])
-        return Polynomial(coeffs, name=node["config"]["name"])
+        scale = square_scale(site)
+        if scale is not None:
+            return Square(scale=scale, name=node["config"]["name"])
+        return Polynomial(tuple(node["config"]["coefficients"]), name=node["config"]["name"])
 
     def make_activation(site: Any, owner: dict[str, Any]) -> Any:
         from .activations import PolynomialActivation, SquareActivation
 
-        coeffs = poly_of(owner[site.pointer[-1]]["config"])
-        return SquareActivation() if coeffs == (0.0, 0.0, 1.0) else PolynomialActivation(coeffs)
+        scale = square_scale(site)
+        if scale is not None:
+            return SquareActivation(scale=scale)
+        return PolynomialActivation(tuple(owner[site.pointer[-1]]["config"]["coefficients"]))
 
     return rewrite(blended, sites, make_layer, make_activation)
+
+
+def reestimate_statistics(model: Any, batches: Iterable[Any]) -> int:
+    """Recompute the inference statistics of ``model`` -- BatchNormalization's
+    moving mean and variance, and the adaptive scales of its Blends -- as exact
+    averages over ``batches`` (inputs only) run in training mode, instead of the
+    moving averages left by training (which lag behind the weights' last steps;
+    x² amplifies any lag). No weight other than those statistics changes. Returns
+    the number of batches used."""
+    layers = [layer for layer in model._flatten_layers(include_self=False, recursive=True)
+              if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
+    layers += [b for b in blends(model) if b.adaptive]
+    momenta = [layer.momentum for layer in layers]
+    n = 0
+    try:
+        for n, x in enumerate(batches, start=1):
+            for layer in layers:
+                layer.momentum = (n - 1) / n  # running mean over the batches so far
+            model(x, training=True)
+    finally:
+        for layer, m in zip(layers, momenta):
+            layer.momentum = m
+    return n
 
 
 class BlendSchedule(keras.callbacks.Callback):
@@ -204,26 +310,59 @@ class BlendSchedule(keras.callbacks.Callback):
 
 class NaNGuard(keras.callbacks.Callback):
     """Restore the last good weights and lower the learning rate when the loss or
-    a weight is NaN/Inf. Good weights are kept at the end of each finite batch."""
+    a weight is NaN/Inf, or when training explodes while staying finite: the
+    (running) loss, or the largest |input| of a Blend site, grows more than
+    ``explode_factor`` times past its reference (the median over the first
+    ``warmup`` batches, the loss's floored at 1). Good weights are kept at the
+    end of each good batch. ``restores`` counts both kinds, ``explosions`` the
+    finite ones."""
 
-    def __init__(self, lr_factor: float = 0.5, max_restores: int = 10) -> None:
+    def __init__(self, lr_factor: float = 0.5, max_restores: int = 10, explode_factor: float = 1e3,
+                 warmup: int = 10) -> None:
         super().__init__()
         self.lr_factor, self.max_restores = lr_factor, max_restores
+        self.explode_factor, self.warmup = float(explode_factor), int(warmup)
         self.restores = 0
+        self.explosions = 0
         self.gave_up = False
+        self.last_reason = ""
         self._good: list[np.ndarray] | None = None
+        self._early: list[tuple[float, list[float]]] = []
 
     def on_train_begin(self, logs: Any = None) -> None:
         self._good = [w.numpy().copy() for w in self.model.weights]
+        self._blends = blends(self.model)
+
+    def _peaks(self) -> list[float]:
+        return [float(b.peak.numpy()) for b in self._blends]
+
+    def _explosion(self, loss: float | None) -> str:
+        peaks = self._peaks()
+        if len(self._early) < self.warmup:
+            self._early.append((loss if loss is not None else 0.0, peaks))
+            return ""
+        ref_loss = max(float(np.median([e[0] for e in self._early])), 1.0)
+        if loss is not None and loss > self.explode_factor * ref_loss:
+            return f"loss {loss:.3g} is over {self.explode_factor:g}x its early value {ref_loss:.3g}"
+        for b, p, ref in zip(self._blends, peaks, np.median([e[1] for e in self._early], axis=0).reshape(-1)):
+            if ref > 0 and p > self.explode_factor * ref:
+                return f"largest |input| at '{b.name}' is {p:.3g}, over {self.explode_factor:g}x its early {ref:.3g}"
+        return ""
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
         loss = (logs or {}).get("loss")
-        finite = loss is None or np.isfinite(float(loss))
+        loss = None if loss is None else float(loss)
+        finite = loss is None or np.isfinite(loss)
         if finite:
             finite = all(bool(np.all(np.isfinite(w.numpy()))) for w in self.model.trainable_weights)
+        reason = "" if finite else "the loss or a weight is NaN/Inf"
         if finite:
-            self._good = [w.numpy().copy() for w in self.model.weights]
-            return
+            reason = self._explosion(loss)
+            if not reason:
+                self._good = [w.numpy().copy() for w in self.model.weights]
+                return
+            self.explosions += 1
+        self.last_reason = reason
         self.restores += 1
         for w, v in zip(self.model.weights, self._good or []):
             w.assign(v)
@@ -286,6 +425,8 @@ class Distiller(keras.Model):
         with tf.GradientTape() as tape:
             student = self._logits(self.student(x, training=True), self.student_probs)
             loss = distillation_loss(y, student, teacher, self.temperature, self.alpha)
+            if self.student.losses:  # e.g. Blend range penalties
+                loss = loss + tf.add_n(self.student.losses)
         variables = self.student.trainable_variables
         grads = tape.gradient(loss, variables)
         self.optimizer.apply(grads, variables)
@@ -298,6 +439,11 @@ class Distiller(keras.Model):
         correct = tf.cast(tf.equal(tf.argmax(pred, -1), tf.cast(tf.reshape(y, [-1]), tf.int64)), tf.float32)
         self.accuracy_tracker.update_state(tf.reduce_mean(correct))
         return {"accuracy": self.accuracy_tracker.result()}
+
+
+MAX_DROP = 1.0  # points of accuracy a recovery may lose against the original before it fails
+REESTIMATE_BATCHES = 200
+CHECK_SAMPLES = 10_000
 
 
 def recover(
@@ -318,6 +464,8 @@ def recover(
     callbacks: Iterable[Any] = (),
     strategy: Any = None,
     max_restores: int = 10,
+    adaptive_scale: bool = True,
+    max_drop: float | None = MAX_DROP,
     verbose: int = 0,
 ) -> tuple[Any, Any]:
     """Fine-tune ``original`` towards ``converted``'s polynomials without the collapse.
@@ -325,19 +473,41 @@ def recover(
     Each site of ``converted`` that is a polynomial starts as ``original``'s
     activation and is blended into the polynomial over ``ramp_epochs``
     (:class:`BlendSchedule`), with distillation from ``original``
-    (``distill``), gradient clipping and a NaN/Inf guard; after ``epochs`` the
-    blends are finalized. ``train``/``val`` are (x, y) arrays or
-    ``tf.data.Dataset`` s of (x, y). Returns the recovered (polynomial) model
-    and the Keras History. ``strategy`` (a ``tf.distribute`` strategy) scopes
-    model building and training. If the NaN guard has to give up (more than
-    ``max_restores`` restores), a ConversionError is raised rather than a
-    diverged model returned.
+    (``distill``), gradient clipping and a guard against NaN/Inf and finite
+    explosions (:class:`NaNGuard`). With ``adaptive_scale`` (default), an x²
+    site becomes ``s·x²`` with a per-site constant ``s`` fitted while training
+    (:class:`Blend`): what keeps deep networks (residual sums feeding squares)
+    from compounding magnitudes. After ``epochs`` the inference statistics
+    (BatchNorm, scales) are re-estimated on training batches
+    (:func:`reestimate_statistics`) and the blends finalized.
+
+    The result is then checked on ``val`` (else on a held-out tenth of
+    ``train`` when it is arrays, which is then not trained on; a Dataset
+    without ``val`` is checked on its own first batches): non-finite outputs,
+    or an accuracy more than ``max_drop`` points below the original's there,
+    raise :class:`~actswap.errors.RecoveryFailedError` naming the sites whose
+    inputs grew the most (``max_drop=None`` skips the accuracy test, never the
+    finite one). ``train``/``val`` are (x, y) arrays or ``tf.data.Dataset`` s
+    of (x, y). Returns the recovered model and the Keras History, which also
+    carries ``nan_restores``, ``explosions``, ``blend_factors`` and ``check``
+    (the accuracies compared). ``strategy`` (a ``tf.distribute`` strategy)
+    scopes model building and training. A guard that gives up (more than
+    ``max_restores`` restores) raises a ConversionError.
     """
     import contextlib
 
+    from .errors import ConversionError
+
+    check = val
+    if val is None and not isinstance(train, tf.data.Dataset):
+        x, y = np.asarray(train[0]), np.asarray(train[1])
+        held = max(1, min(len(x) // 10, CHECK_SAMPLES)) if len(x) > 1 else 0
+        train, check = (x[: len(x) - held], y[: len(y) - held]), (x[len(x) - held:], y[len(y) - held:])
+    elif val is None:
+        check = train.take(max(1, CHECK_SAMPLES // batch_size))
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     with scope:
-        student = blend_model(original, polynomials=polynomials_of(converted))
+        student = blend_model(original, polynomials=polynomials_of(converted), adaptive_scale=adaptive_scale)
         teacher = original
         optimizer = keras.optimizers.Adam(learning_rate, clipnorm=clipnorm)
         if distill:
@@ -354,18 +524,97 @@ def recover(
     else:
         history = model.fit(train[0], train[1], batch_size=batch_size, validation_data=val, **fit_kwargs)
     if guard.gave_up:
-        from .errors import ConversionError
-
         raise ConversionError(
-            f"recovery diverged: the loss or weights became NaN/Inf {guard.restores} times and "
+            f"recovery diverged: training was restored {guard.restores} times ({guard.last_reason}) and "
             "restoring the last good weights did not help (x² activations overflow once the blend "
             "reaches the polynomial); try a shorter --ramp, a larger --lr, more epochs, or clip:C gradients"
         )
     for b in blends(student):
         b.factor.assign(1.0)  # the ramp has ended (ramp_epochs <= epochs), or it is forced here
+    reestimate_statistics(student, _inputs(train, batch_size, REESTIMATE_BATCHES))
     history.nan_restores = guard.restores
+    history.explosions = guard.explosions
     history.blend_factors = schedule.history
-    return finalize(student), history
+    recovered = finalize(student)
+    history.check = check_recovery(original, recovered, check, max_drop=max_drop, batch_size=batch_size)
+    return recovered, history
+
+
+def _inputs(data: Any, batch_size: int, limit: int) -> Iterable[Any]:
+    """Up to ``limit`` input batches of (x, y) arrays or a Dataset of (x, y)."""
+    if isinstance(data, tf.data.Dataset):
+        for item in data.take(limit):
+            yield item[0] if isinstance(item, (tuple, list)) else item
+        return
+    x = data[0]
+    for i in range(0, min(len(x), limit * batch_size), batch_size):
+        yield x[i: i + batch_size]
+
+
+def _xy(data: Any) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(data, tf.data.Dataset):
+        xs, ys = zip(*[(np.asarray(a), np.asarray(b)) for a, b, *_ in data])
+        return np.concatenate(xs), np.concatenate(ys)
+    return np.asarray(data[0]), np.asarray(data[1])
+
+
+def check_recovery(original: Any, recovered: Any, data: Any, *, max_drop: float | None = MAX_DROP,
+                   batch_size: int = 256) -> dict[str, Any]:
+    """Compare ``recovered`` with ``original`` on ``data`` ((x, y) or a Dataset):
+    raise :class:`~actswap.errors.RecoveryFailedError` if its outputs are not
+    all finite, or its accuracy is more than ``max_drop`` points below the
+    original's (None: not checked). Returns the figures compared."""
+    from .errors import RecoveryFailedError
+
+    x, y = _xy(data)
+    pred = recovered.predict(x, batch_size=batch_size, verbose=0)
+    nonfinite = int(np.size(pred) - np.isfinite(pred).sum())
+    result = {
+        "samples": int(len(x)), "original_accuracy": accuracy(original, x, y, batch_size),
+        "recovered_accuracy": accuracy(recovered, x, y, batch_size), "nonfinite_outputs": nonfinite,
+        "max_drop": max_drop,
+    }
+    drop = 100.0 * (result["original_accuracy"] - result["recovered_accuracy"])
+    if nonfinite:
+        why = f"its outputs on the check data hold {nonfinite} NaN/Inf value(s)"
+    elif max_drop is not None and drop > max_drop:
+        why = (f"its accuracy on the check data is {100 * result['recovered_accuracy']:.2f}%, "
+               f"{drop:.2f} points below the original's {100 * result['original_accuracy']:.2f}% "
+               f"(allowed: {max_drop:g})")
+    else:
+        return result
+    grown = site_growth(original, recovered, x[:512])
+    result["site_growth"] = grown
+    worst = ", ".join(f"'{g['site']}' |x| {g['recovered']:.3g} vs {g['original']:.3g}" for g in grown[:3])
+    raise RecoveryFailedError(
+        f"recovery failed: {why} ({len(x)} samples); largest input growth per site: {worst or 'none'}; "
+        "try more epochs, a lower --lr, or more data",
+        model=recovered, result=result,
+    )
+
+
+def site_growth(original: Any, recovered: Any, x: Any) -> list[dict[str, Any]]:
+    """Per replaced site, the largest |input| in ``recovered`` against that in
+    ``original`` on inputs ``x``, largest ratio first."""
+    from .calibrate import calibrate
+
+    new_sites = [s for s in find_sites(recovered) if s.activation in ("square", "poly")]
+    names = {s.path for s in new_sites}
+    old_sites = [s for s in find_sites(original) if s.path in names]
+    try:
+        before, after = calibrate(original, old_sites, x), calibrate(recovered, new_sites, x)
+    except Exception:  # noqa: BLE001 - the failure is reported either way; this only adds detail
+        return []
+
+    def peak(r: Any) -> float:
+        return max(abs(r.min), abs(r.max)) if r is not None else float("inf")
+
+    rows = []
+    for path in sorted(names):
+        b, a = before.get(path), after.get(path)
+        o, n = peak(b), peak(a)
+        rows.append({"site": path, "original": o, "recovered": n, "ratio": n / o if o else float("inf")})
+    return sorted(rows, key=lambda r: -r["ratio"] if np.isfinite(r["ratio"]) else float("-inf"))
 
 
 def accuracy(model: Any, x: Any, y: Any, batch_size: int = 256) -> float:

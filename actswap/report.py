@@ -95,6 +95,9 @@ class Report:
     output: str | None = None
     export: dict[str, Any] | None = None  # ONNX export figures, when one was made
     he: dict[str, Any] | None = None  # HE-readiness (inspect --he)
+    # Set when the converted model overflows (NaN/Inf) where the original does
+    # not: the one-line warning, with the recover command, that a user must see.
+    needs_recovery: str | None = None
 
     @property
     def replaced(self) -> int:
@@ -134,4 +137,6 @@ class Report:
             d["onnx"] = self.export
         if self.he is not None:
             d["he"] = self.he
+        if self.needs_recovery is not None:
+            d["needs_recovery"] = self.needs_recovery
         return d

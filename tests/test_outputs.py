@@ -131,15 +131,26 @@ def test_stale_temporaries_of_dead_writers_are_removed_live_ones_kept(tmp_path):
     assert not stale.exists() and live.exists() and other.exists() and out.is_file()
 
 
-def test_nonfinite_outputs_fail_the_conversion_unless_allowed(tmp_path):
+def test_nonfinite_outputs_are_written_with_a_recover_warning_and_fail_under_strict(tmp_path):
     src = small_model(tmp_path / "big.keras", kernel=1e20)  # relu: 1e20, finite; x²: 1e40, Inf
     out = tmp_path / "out.keras"
-    r = invoke("convert", src, "--to", "square", "-o", out)
-    assert_user_error(r, "NaN/Inf", "x² overflowed", "nothing written", "--allow-nonfinite", code=1)
+    r = invoke("convert", src, "--to", "square", "-o", out, "--strict")
+    assert_user_error(r, "NaN/Inf", "x² overflowed", "nothing written", "actswap recover", code=1)
     assert not out.exists()
-    r = invoke("convert", src, "--to", "square", "-o", out, "--allow-nonfinite", "--json")
+    # Without --strict: written, exit 0, one warning line on stderr giving the recover command.
+    r = invoke("convert", src, "--to", "square", "-o", out)
     assert r.exit_code == 0, r.stderr
-    assert any("NaN/Inf" in n and "written anyway" in n for n in json.loads(r.stdout)["notes"])
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "x² overflowed" in warnings[0]
+    assert f"actswap recover {src} {out} --data" in warnings[0]
+    assert out.is_file() and "wrote" in r.stdout
+    r = invoke("convert", src, "--to", "poly:0,1,1", "-o", tmp_path / "p.keras", "--json")
+    assert r.exit_code == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert "the polynomial overflowed" in data["needs_recovery"] and "x²" not in data["needs_recovery"]
+    r = invoke("convert", src, "--to", "square", "-o", out, "--force", "--allow-nonfinite", "--strict", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert "actswap recover" in json.loads(r.stdout)["needs_recovery"]
     # verify reports it as a failed check, not as success
     r = invoke("verify", src, out, "--json")
     assert r.exit_code == 1

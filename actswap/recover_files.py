@@ -1,0 +1,112 @@
+"""``actswap recover`` as a function: files in, a checked recovered model out.
+
+What the command does between parsing its arguments and rendering its
+result, so that the CLI only parses and renders:
+
+* load ORIGINAL, and either load CONVERTED or convert ORIGINAL in memory
+  (``to``, ``sources``, ...: the conversion is never written, so a deep
+  network whose x² overflows needs no intermediate file);
+* read the training data and the check data (``val``, else a held-out last
+  tenth of the training data, which is then not trained on);
+* run :func:`actswap.recover.recover`, whose result is checked (finite
+  outputs, accuracy within ``max_drop`` points of the original's);
+* write the result atomically -- only if the check passed, or ``force``.
+
+Invariant: ORIGINAL and CONVERTED are never modified; nothing is written
+when the recovery failed unless ``force`` (and then the failure is still
+raised, after the write, so the exit status says it).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+HOLD_OUT = 10  # without --val, 1/HOLD_OUT of the training data is the check data
+
+
+def default_output(original: Path, converted: Path | None, to: str | None) -> Path:
+    """``<converted stem>.recovered.keras``, or ``<original stem>.<target>.recovered.keras``."""
+    base = converted if converted is not None else original
+    stem = base.name[: -len(base.suffix)] if base.suffix else base.name
+    middle = "" if converted is not None else f".{(to or 'square').split(':')[0]}"
+    return base.with_name(f"{stem}{middle}.recovered.keras")
+
+
+def split_check(x: Any, y: Any) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
+    """(train, check): the last tenth of (x, y) held out (at least one sample)."""
+    held = max(1, len(x) // HOLD_OUT)
+    if len(x) < 2:
+        from .errors import UserError
+
+        raise UserError(f"training data has {len(x)} sample(s); recovery needs at least 2 (or --val)")
+    return (x[:-held], y[:-held]), (x[-held:], y[-held:])
+
+
+def run(
+    original: str | os.PathLike[str],
+    converted: str | os.PathLike[str] | None,
+    data: str | os.PathLike[str],
+    *,
+    val: str | os.PathLike[str] | None = None,
+    output: str | os.PathLike[str],
+    force: bool = False,
+    conversion: dict[str, Any] | None = None,
+    callbacks: list[Any] = (),  # type: ignore[assignment]
+    **recover_options: Any,
+) -> dict[str, Any]:
+    """Recover and write; return the figures (what ``--json`` prints).
+
+    ``conversion`` (without ``converted``): keyword arguments of
+    :func:`actswap.convert` (``to``, ``sources``, ...). Raises
+    :class:`~actswap.errors.RecoveryFailedError` when the result is not
+    recovered; with ``force`` it is written first and the error carries the
+    written path in ``result["output"]``."""
+    from . import api, io
+    from . import recover as R
+    from .errors import RecoveryFailedError
+
+    x, y = R.load_xy(data, "training data")
+    if val is not None:
+        train, check = (x, y), R.load_xy(val, "validation data")
+    else:
+        train, check = split_check(x, y)
+    teacher = io.load(original)
+    if converted is not None:
+        target = io.load(converted)
+    else:
+        target, report = api.convert(teacher, **(conversion or {}))
+        if report.replaced == 0:
+            from .errors import UserError
+
+            raise UserError(f"nothing to replace in '{original}' for this conversion; nothing to recover")
+    before = {"original": R.accuracy(teacher, *check), "converted": R.accuracy(target, *check)}
+    result: dict[str, Any] = {"original_accuracy": before["original"], "converted_accuracy": before["converted"]}
+    per_epoch: list[dict[str, Any]] = []
+    import keras
+
+    class Record(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            per_epoch.append({"epoch": epoch + 1, "loss": float((logs or {}).get("loss", float("nan"))),
+                              "val_accuracy": (logs or {}).get("val_accuracy")})
+
+    failure: RecoveryFailedError | None = None
+    try:
+        model, history = R.recover(teacher, target, train, val=check, callbacks=[*callbacks, Record()],
+                                   **recover_options)
+        figures = history.check
+        result.update(nan_restores=history.nan_restores, explosions=history.explosions)
+    except RecoveryFailedError as e:
+        failure, model, figures = e, e.model, e.result
+        result.update(nan_restores=None, explosions=None)
+    result.update(
+        recovered_accuracy=figures["recovered_accuracy"], check=figures, epochs=per_epoch, output=None,
+        check_samples=figures["samples"],
+    )
+    if failure is None or force:
+        result["output"] = str(io.save(model, Path(output), overwrite=force))
+    if failure is not None:
+        failure.result = result
+        raise failure
+    return result
