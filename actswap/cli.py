@@ -552,8 +552,8 @@ def recover(
     batch_size: int = typer.Option(128, "--batch-size"),
     learning_rate: float = typer.Option(2e-3, "--lr", help="Adam learning rate (gradients clipped to norm 1)."),
     no_distill: bool = typer.Option(False, "--no-distill", help="Train on labels only, without the original as teacher."),
-    no_scale: bool = typer.Option(
-        False, "--no-scale", help="Keep x² sites exactly x² (no fitted per-site constant s·x²)."
+    plain: bool = typer.Option(
+        False, "--plain", help="Blend x² sites towards plain x² (no fitted scale and shift s·(x + b)²)."
     ),
     max_drop: float = typer.Option(
         1.0, "--max-drop", help="Fail (exit 1) if the recovered accuracy is more than this many points below the original's."
@@ -622,7 +622,7 @@ def recover(
                 result = run(
                     original, converted, data, val=val, output=out, force=force, conversion=conversion,
                     callbacks=[Bar(progress)], epochs=epochs, ramp_epochs=ramp, distill=not no_distill,
-                    learning_rate=learning_rate, batch_size=batch_size, adaptive_scale=not no_scale,
+                    learning_rate=learning_rate, batch_size=batch_size, fit=not plain,
                     max_drop=max_drop,
                 )
             except RecoveryFailedError as e:

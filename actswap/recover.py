@@ -39,81 +39,56 @@ from .sites import find_sites
 
 @keras.saving.register_keras_serializable(package="actswap", name="Blend")
 class Blend(keras.layers.Layer):
-    """``(1 - a) * source(x) + a * s * p(x)``; ``a`` is the weight ``blend`` (starts at 0).
+    """``(1 - a) * source(x) + a * p(x)``; ``a`` is the weight ``blend`` (starts at 0).
 
-    ``adaptive=True`` (for x² only) adds the weight ``scale`` s: in training it
-    is the least-squares fit of the source by ``s * x²`` on the batch (so the
-    site is homogeneous of degree 1 in its input's magnitude, as ReLU is, and
-    magnitudes stop compounding from square to square through depth), and a
-    moving average of those fits (``momentum``) is what inference uses, as
-    BatchNormalization does with its statistics. Finalized, the site is the
-    constant ``s`` times x². With ``adaptive=False``, s is 1.
+    For x² (``coefficients`` (0, 0, 1)), ``p(x) = scale * (x + shift)²``: the
+    shifted square that :func:`finalize` turns into ``Square(scale=scale)``
+    with ``shift`` folded into the layer producing x (:mod:`actswap.shifts`);
+    ``scale`` is a (non-trainable) weight, ``shift`` a constant.
     """
 
     actswap_target = True  # its weight is its own, not a copy of the original's
 
-    def __init__(self, source: Any, coefficients: Any, adaptive: bool = False, momentum: float = 0.99,
+    def __init__(self, source: Any, coefficients: Any, scale: float = 1.0, shift: float = 0.0,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.supports_masking = True
         self.source_config = source
         self.source = keras.activations.get(source)
         self.coefficients = tuple(float(c) for c in coefficients)
-        if adaptive and self.coefficients != SQUARE:
-            raise ValueError(f"an adaptive scale is for x² only, not the polynomial {self.coefficients}")
-        self.adaptive, self.momentum = bool(adaptive), float(momentum)
+        self.is_square = self.coefficients == SQUARE
+        if not self.is_square and (scale != 1.0 or shift != 0.0):
+            raise ValueError(f"scale and shift are for x² only, not the polynomial {self.coefficients}")
+        self.shift = float(shift)
         self.factor = self.add_weight(
             name="blend", shape=(), initializer="zeros", trainable=False,
         )
         # Largest |input| of the last training batch: what the guard watches.
         self.peak = self.add_weight(name="peak", shape=(), initializer="zeros", trainable=False,
                                     aggregation="mean")
-        # Range penalty: while training, inputs beyond ``limit`` (0: none) add
-        # penalty * mean((|x| - limit)+²) / limit² to the loss.
-        self.limit = self.add_weight(name="limit", shape=(), initializer="zeros", trainable=False)
-        self.penalty = 0.0
-        self.scale = None
-        if self.adaptive:
-            self.scale = self.add_weight(name="scale", shape=(), initializer="ones", trainable=False,
-                                         aggregation="mean")
-
-    def fitted_scale(self, inputs: Any) -> Any:
-        """The least-squares ``s`` in ``source(x) ≈ s * x²`` over ``inputs`` (no gradient),
-        computed on x / max|x| so that x⁴ cannot overflow."""
-        x = tf.stop_gradient(tf.cast(inputs, tf.float32))
-        m = tf.maximum(tf.reduce_max(tf.abs(x)), 1e-30)
-        u2 = tf.square(x / m)
-        num = tf.reduce_mean(tf.cast(self.source(x), tf.float32) * u2)
-        den = tf.reduce_mean(tf.square(u2)) * m * m
-        s = num / tf.maximum(den, 1e-30)
-        return tf.where(tf.math.is_finite(s) & (s > 0), s, self.scale)
+        self.scale = self.add_weight(name="scale", shape=(), initializer=keras.initializers.Constant(scale),
+                                     trainable=False) if self.is_square else None
 
     def call(self, inputs: Any, training: Any = None, mask: Any = None) -> Any:
         from .activations import poly_op
 
         a = tf.cast(self.factor, inputs.dtype)
-        p = poly_op(inputs, self.coefficients)
-        if training and self.penalty:
-            lim = tf.cast(self.limit, tf.float32)
-            over = tf.nn.relu(tf.abs(tf.cast(inputs, tf.float32)) - lim)
-            self.add_loss(self.penalty * tf.reduce_mean(tf.square(over)) / tf.maximum(lim * lim, 1e-12))
         if training:
             self.peak.assign(tf.cast(tf.reduce_max(tf.abs(tf.stop_gradient(inputs))), tf.float32))
-        if self.adaptive:
-            if training:
-                fit = self.fitted_scale(inputs)
-                self.scale.assign(self.scale * self.momentum + fit * (1.0 - self.momentum))
-            # The moving scale in training too: what inference will compute is
-            # what is trained (a batch fit would hide the instability of fixed scales).
-            p = p * tf.cast(self.scale, inputs.dtype)
+        if self.is_square:
+            p = poly_op(inputs + self.shift if self.shift else inputs, SQUARE) * tf.cast(self.scale, inputs.dtype)
+        else:
+            p = poly_op(inputs, self.coefficients)
         return (1.0 - a) * self.source(inputs) + a * p
 
     def compute_output_shape(self, input_shape: Any) -> Any:
         return input_shape
 
     def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "source": self.source_config, "coefficients": list(self.coefficients),
-                "adaptive": self.adaptive, "momentum": self.momentum}
+        config = {**super().get_config(), "source": self.source_config, "coefficients": list(self.coefficients)}
+        if self.is_square:
+            config.update(scale=float(self.scale.numpy()), shift=self.shift)
+        return config
 
 
 SQUARE = (0.0, 0.0, 1.0)
@@ -157,14 +132,15 @@ def polynomials_of(converted: Any) -> dict[str, tuple[float, ...]]:
 
 def blend_model(
     original: Any, to: Any = "square", sources: Iterable[str] = ("relu",),
-    polynomials: dict[str, tuple[float, ...]] | None = None, adaptive_scale: bool = False,
+    polynomials: dict[str, tuple[float, ...]] | None = None,
+    squares: dict[str, tuple[float, float]] | None = None,
     **target_options: Any,
 ) -> Any:
     """``original`` with each selected site (that ``to`` accepts) as a Blend at factor 0.
     With ``polynomials`` (from :func:`polynomials_of` a converted model), exactly
-    those sites blend towards exactly those polynomials. ``adaptive_scale``: the
-    sites whose polynomial is x² (times any constant) blend towards ``s·x²`` with
-    an adaptive ``s`` (:class:`Blend`)."""
+    those sites blend towards exactly those polynomials. ``squares`` (layer name
+    -> (scale, shift)): those x² sites blend towards ``scale·(x + shift)²``
+    (:func:`fit_squares`)."""
     target = registry.get_target(to, **target_options)
     chosen = frozenset(sources)
     sites = find_sites(original)
@@ -185,9 +161,10 @@ def blend_model(
 
     def blend(site: Any, **kwargs: Any) -> Blend:
         c = tuple(coefficients(site))
-        monomial = len(c) == 3 and c[0] == 0.0 and c[1] == 0.0 and c[2] > 0
-        if adaptive_scale and monomial:
-            return Blend(_source_value(site), SQUARE, adaptive=True, **kwargs)
+        name = site.path.split("/")[-1]
+        if _monomial(c):
+            scale, shift = (squares or {}).get(name, (c[2], 0.0))
+            return Blend(_source_value(site), SQUARE, scale=scale, shift=shift, **kwargs)
         return Blend(_source_value(site), c, **kwargs)
 
     def make_layer(site: Any, node: dict[str, Any]) -> Any:
@@ -199,19 +176,62 @@ def blend_model(
     return rewrite(original, sites, make_layer, make_activation)
 
 
+def _monomial(c: tuple[float, ...]) -> bool:
+    """s·x² with s > 0 (a square, scaled or not)."""
+    return len(c) == 3 and c[0] == 0.0 and c[1] == 0.0 and c[2] > 0
+
+
+def fit_squares(original: Any, polynomials: dict[str, tuple[float, ...]], x: Any) -> dict[str, tuple[float, float]]:
+    """Range-aware start for the x² sites of ``polynomials``: per site, the
+    shifted square ``s·(z + b)²`` that is the least-squares quadratic to the
+    source activation on the site's measured input range [-R, R] (``original``
+    run on inputs ``x``), when ``b`` can be folded into the layer producing z
+    (:func:`actswap.shifts.producers`); elsewhere ``b = 0`` and ``s`` is that
+    quadratic's x² coefficient. Layer name -> (s, b)."""
+    from .calibrate import calibrate
+    from .shifts import producers
+
+    foldable = producers(original)
+    sites = [s for s in find_sites(original) if s.path.split("/")[-1] in polynomials
+             and _monomial(tuple(polynomials[s.path.split("/")[-1]]))]
+    ranges = calibrate(original, sites, x)
+    out: dict[str, tuple[float, float]] = {}
+    for s in sites:
+        r = ranges.get(s.path)
+        name = s.path.split("/")[-1]
+        if r is None or s.detail or s.path != name:
+            continue
+        bound = max(abs(r.min), abs(r.max), 1e-3)
+        c0, c1, c2 = registry.fit_coefficients(s.activation, s.detail, 2, (-bound, bound))
+        if c2 <= 0:
+            continue
+        out[name] = (c2, c1 / (2.0 * c2) if name in foldable else 0.0)
+    return out
+
+
 def _blend_by_layer(model: Any) -> dict[str, Blend]:
-    """Layer name -> the Blend it is or holds as its activation."""
+    """Layer name -> the Blend it is or holds as its activation. (A Blend held as
+    an activation is also a sub-layer of its owner; it is listed under the owner.)"""
+    layers = list(model._flatten_layers(include_self=False, recursive=True))
     out: dict[str, Blend] = {}
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        for obj in (layer, getattr(layer, "activation", None)):
-            if isinstance(obj, Blend):
-                out.setdefault(layer.name, obj)
+    owned = set()
+    for layer in layers:
+        act = getattr(layer, "activation", None)
+        if isinstance(act, Blend):
+            out.setdefault(layer.name, act)
+            owned.add(id(act))
+    for layer in layers:
+        if isinstance(layer, Blend) and id(layer) not in owned:
+            out.setdefault(layer.name, layer)
     return out
 
 
 def finalize(blended: Any) -> Any:
-    """The polynomial model: every Blend (factor 1) becomes its polynomial (an
-    adaptive one: x² times its scale, :class:`Square` with ``scale``); weights kept."""
+    """The polynomial model: every Blend (factor 1) becomes its polynomial (x²:
+    ``Square(scale=s)``, its shift folded into the layer producing its input,
+    :mod:`actswap.shifts`); weights kept. ``blended`` is not modified."""
+    from .shifts import fold, producers
+
     for b in blends(blended):
         if float(b.factor.numpy()) != 1.0:
             raise ValueError(f"blend '{b.name}' is at {float(b.factor.numpy()):g}, not 1: finish the schedule first")
@@ -219,12 +239,15 @@ def finalize(blended: Any) -> Any:
     for s in sites:
         s.action = REPLACED if s.activation == "blend" else SKIPPED
     by_layer = _blend_by_layer(blended)
+    shifted = {name: b.shift for name, b in by_layer.items() if b.is_square and b.shift}
+    where = producers(blended) if shifted else {}
+    missing = sorted(set(shifted) - set(where))
+    if missing:
+        raise ValueError(f"blend(s) {missing} have a shift but no layer to fold it into")
 
     def square_scale(site: Any) -> float | None:
         b = by_layer[site.path.split("/")[-1]]
-        if b.coefficients != SQUARE:
-            return None
-        return float(b.scale.numpy()) if b.adaptive else 1.0
+        return float(b.scale.numpy()) if b.is_square else None
 
     def make_layer(site: Any, node: dict[str, Any]) -> Any:
         scale = square_scale(site)
@@ -240,19 +263,22 @@ def finalize(blended: Any) -> Any:
             return SquareActivation(scale=scale)
         return PolynomialActivation(tuple(owner[site.pointer[-1]]["config"]["coefficients"]))
 
-    return rewrite(blended, sites, make_layer, make_activation)
+    final = rewrite(blended, sites, make_layer, make_activation)
+    for name, shift in shifted.items():
+        fold(final, where[name], shift)
+    return final
 
 
 def reestimate_statistics(model: Any, batches: Iterable[Any]) -> int:
     """Recompute the inference statistics of ``model`` -- BatchNormalization's
-    moving mean and variance, and the adaptive scales of its Blends -- as exact
+    moving mean and variance -- as exact
     averages over ``batches`` (inputs only) run in training mode, instead of the
     moving averages left by training (which lag behind the weights' last steps;
     x² amplifies any lag). No weight other than those statistics changes. Returns
     the number of batches used."""
     layers = [layer for layer in model._flatten_layers(include_self=False, recursive=True)
               if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
-    layers += [b for b in blends(model) if b.adaptive]
+
     momenta = [layer.momentum for layer in layers]
     n = 0
     try:
@@ -464,7 +490,7 @@ def recover(
     callbacks: Iterable[Any] = (),
     strategy: Any = None,
     max_restores: int = 10,
-    adaptive_scale: bool = True,
+    fit: bool = True,
     max_drop: float | None = MAX_DROP,
     verbose: int = 0,
 ) -> tuple[Any, Any]:
@@ -474,10 +500,12 @@ def recover(
     activation and is blended into the polynomial over ``ramp_epochs``
     (:class:`BlendSchedule`), with distillation from ``original``
     (``distill``), gradient clipping and a guard against NaN/Inf and finite
-    explosions (:class:`NaNGuard`). With ``adaptive_scale`` (default), an x²
-    site becomes ``s·x²`` with a per-site constant ``s`` fitted while training
-    (:class:`Blend`): what keeps deep networks (residual sums feeding squares)
-    from compounding magnitudes. After ``epochs`` the inference statistics
+    explosions (:class:`NaNGuard`). With ``fit`` (default), an x² site blends
+    towards the shifted square ``s·(z + b)²`` closest to the source on the
+    site's measured range (:func:`fit_squares`; the first batches of ``train``)
+    and ends as ``s·x²`` with ``b`` folded into the layer before it: what
+    keeps deep networks (residual sums feeding squares) from compounding
+    magnitudes. After ``epochs`` the inference statistics
     (BatchNorm, scales) are re-estimated on training batches
     (:func:`reestimate_statistics`) and the blends finalized.
 
@@ -507,7 +535,9 @@ def recover(
         check = train.take(max(1, CHECK_SAMPLES // batch_size))
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     with scope:
-        student = blend_model(original, polynomials=polynomials_of(converted), adaptive_scale=adaptive_scale)
+        polynomials = polynomials_of(converted)
+        squares = fit_squares(original, polynomials, _calibration_inputs(train, batch_size)) if fit else None
+        student = blend_model(original, polynomials=polynomials, squares=squares)
         teacher = original
         optimizer = keras.optimizers.Adam(learning_rate, clipnorm=clipnorm)
         if distill:
@@ -538,6 +568,16 @@ def recover(
     recovered = finalize(student)
     history.check = check_recovery(original, recovered, check, max_drop=max_drop, batch_size=batch_size)
     return recovered, history
+
+
+CALIBRATION_SAMPLES = 2048
+
+
+def _calibration_inputs(train: Any, batch_size: int) -> Any:
+    """The first CALIBRATION_SAMPLES inputs of ``train`` (arrays or a Dataset of (x, y))."""
+    if isinstance(train, tf.data.Dataset):
+        return np.concatenate([np.asarray(x) for x in _inputs(train, batch_size, CALIBRATION_SAMPLES // batch_size + 1)])
+    return np.asarray(train[0][:CALIBRATION_SAMPLES])
 
 
 def _inputs(data: Any, batch_size: int, limit: int) -> Iterable[Any]:

@@ -1,7 +1,7 @@
 """One recovery run with chosen settings, to compare settings (issue 6).
 
     python benchmarks/recovery_sweep.py [--seed 0] [--bn] [--ramp 0.5] [--lr 2e-3]
-        [--batch-size 128] [--progressive] [--cosine] [--epochs 2]
+        [--batch-size 128] [--progressive] [--cosine] [--epochs 2] [--plain]
 
 Trains (or reuses, cached under --cache) the benchmark's ReLU network for the
 seed, converts it to x², runs ``actswap.recover.recover`` with the settings
@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--progressive", action="store_true")
+    ap.add_argument("--plain", action="store_true", help="blend towards plain x² (no fitted scale and shift)")
     ap.add_argument("--cosine", action="store_true", help="cosine-decay the learning rate to 0")
     ap.add_argument("--cache", default="/tmp/actswap-recovery-sweep")
     args = ap.parse_args()
@@ -79,6 +80,7 @@ def main() -> None:
     recovered, hist = R.recover(
         relu, swapped, (d["x_train"], d["y_train"]), epochs=args.epochs, ramp_epochs=args.ramp,
         learning_rate=args.lr, batch_size=args.batch_size, progressive=args.progressive, callbacks=callbacks,
+        fit=not args.plain, max_drop=None,
     )
     print(json.dumps({
         **vars(args), "relu": R.accuracy(relu, d["x_test"], d["y_test"]),

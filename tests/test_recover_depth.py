@@ -1,6 +1,7 @@
 """Recovery that must not look like success when it fails (issue 14): the
 finite-explosion guard, the post-recovery check, the one-command recover,
-and the scaled square (s·x²) that adaptive recovery leaves at each site."""
+and the shifted square s·(x + b)² that recovery fits at each site and
+finalizes as s·x² with b folded into the layer before it."""
 
 from __future__ import annotations
 
@@ -58,16 +59,58 @@ def test_scaled_square_is_s_times_x_squared_saves_and_counts_a_scalar_in_he(tmp_
     assert "scale" not in plain.get_layer("sq").get_config()  # plain squares keep their config
 
 
-def test_adaptive_blend_fits_the_source_by_least_squares_on_the_batch():
-    b = R.Blend("relu", R.SQUARE, adaptive=True)
-    x = np.random.default_rng(0).standard_normal((64, 5)).astype("float32") * 3
-    reference = np.mean(np.maximum(x, 0) * x**2) / np.mean(x**4)  # d/ds of mean((relu - s x²)²) = 0
-    assert float(b.fitted_scale(tf.constant(x))) == pytest.approx(reference, rel=1e-5)
-    b.factor.assign(1.0)
-    b.momentum = 0.0
-    b(x, training=True)  # training moves the moving scale; inference uses it
-    assert float(b.scale.numpy()) == pytest.approx(reference, rel=1e-5)
-    np.testing.assert_allclose(b(x, training=False).numpy(), float(b.scale.numpy()) * x * x, rtol=1e-6)
+def residual_net(seed=0):
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((6, 6, 2))
+    a = keras.layers.BatchNormalization(name="bn_a")(keras.layers.Conv2D(2, 3, padding="same", name="ca")(inp))
+    x = keras.layers.Activation("relu", name="r_a")(a)                   # shift -> bn_a.beta
+    b = keras.layers.BatchNormalization(name="bn_b")(keras.layers.Conv2D(2, 3, padding="same", name="cb")(x))
+    x = keras.layers.Activation("relu", name="r_add")(keras.layers.Add(name="add")([x, b]))  # -> bn_b.beta
+    c = keras.layers.Conv2D(2, 1, use_bias=False, name="nobias")(x)
+    x = keras.layers.ReLU(name="r_nobias")(c)                               # no bias: no shift
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(4, activation="relu", name="d")(x)              # -> d.bias
+    return keras.Model(inp, keras.layers.Dense(3, activation="softmax", name="out")(x))
+
+
+def test_producers_are_the_single_consumer_bias_or_beta_before_each_site():
+    from actswap.shifts import producers
+
+    # Every activation whose input can take a shift (the final softmax's too); not r_nobias.
+    assert producers(residual_net()) == {
+        "r_a": ("bn_a", "beta"), "r_add": ("bn_b", "beta"), "d": ("d", "bias"), "out": ("out", "bias"),
+    }
+
+
+def test_fitted_shifted_squares_are_the_least_squares_quadratic_and_finalize_folds_the_shift(tmp_path):
+    model = residual_net()
+    x = np.random.default_rng(0).standard_normal((64, 6, 6, 2)).astype("float32")
+    converted, _ = actswap.convert(model)
+    squares = R.fit_squares(model, R.polynomials_of(converted), x)
+    assert set(squares) == {"r_a", "r_add", "r_nobias", "d"} and squares["r_nobias"][1] == 0.0
+    # Independent reference: numpy's own least-squares quadratic to ReLU on [-R, R], R the
+    # largest |input| of the site (read here with a Keras sub-model, not actswap's calibration).
+    z = keras.Model(model.input, model.get_layer("add").output).predict(x, verbose=0)
+    bound = float(np.abs(z).max())
+    grid = np.linspace(-bound, bound, 20001)
+    c2, c1, _ = np.polyfit(grid, np.maximum(grid, 0), 2)
+    s, b = squares["r_add"]
+    assert s == pytest.approx(c2, rel=1e-3) and 2 * s * b == pytest.approx(c1, rel=1e-3)
+    blended = R.blend_model(model, polynomials=R.polynomials_of(converted), squares=squares)
+    for bl in R.blends(blended):
+        bl.factor.assign(1.0)
+    final = R.finalize(blended)
+    # Structure: exactly s·x² at every site; the shift is now in the producer's weight.
+    assert actswap.inspect(final).counts() == {"softmax": 1, "square": 4}
+    assert final.get_layer("r_add").scale == pytest.approx(s)
+    np.testing.assert_array_equal(final.get_layer("bn_b").beta.numpy(),
+                                  model.get_layer("bn_b").beta.numpy() + np.float32(b))
+    np.testing.assert_array_equal(final.get_layer("d").bias.numpy(),
+                                  model.get_layer("d").bias.numpy() + np.float32(squares["d"][1]))
+    # Numbers: the final model computes what the blended one did at a = 1.
+    np.testing.assert_allclose(final.predict(x, verbose=0), blended.predict(x, verbose=0), rtol=1e-4, atol=1e-6)
+    # The original is untouched.
+    assert float(model.get_layer("bn_b").beta.numpy()[0]) == float(residual_net().get_layer("bn_b").beta.numpy()[0])
 
 
 def test_guard_fires_on_a_finite_explosion_and_restores_good_weights():
@@ -93,17 +136,17 @@ def test_a_collapsed_recovery_raises_names_sites_and_the_cli_exits_1_writing_not
     model = small_cnn(1)  # its plain x² twin agrees with it on ~30% of these inputs
     x, y = own_labels(model, 200)
     converted, _ = actswap.convert(model)
-    # lr ~ 0 and no adaptive scale: the result is the plain x² model, far from the original.
+    # lr ~ 0 and plain x²: the result is the swapped model, far from the original.
     with pytest.raises(RecoveryFailedError, match="recovery failed: its accuracy") as e:
         R.recover(model, converted, (x, y), epochs=1, batch_size=50, learning_rate=1e-12,
-                  adaptive_scale=False, max_drop=1.0)
+                  fit=False, max_drop=1.0)
     assert e.value.result["original_accuracy"] == 1.0 and e.value.result["recovered_accuracy"] < 0.99
     assert "'r1'" in str(e.value) or "'c2'" in str(e.value)
     src = actswap.save(model, tmp_path / "m.keras")
     np.savez(tmp_path / "train.npz", x=x, y=y)
     out = tmp_path / "rec.keras"
     args = ["recover", str(src), "--to", "square", "--data", str(tmp_path / "train.npz"), "--epochs", "1",
-            "--batch-size", "50", "--lr", "1e-12", "--no-scale", "-o", str(out)]
+            "--batch-size", "50", "--lr", "1e-12", "--plain", "-o", str(out)]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 1, r.stdout + r.stderr
     err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
