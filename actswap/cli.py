@@ -572,7 +572,7 @@ def recover(
 
     def body() -> int:
         from .paths import check_output_path
-        from .recover_files import default_output
+        from .recover.files import default_output
 
         if converted is not None and (to is not None or degree is not None or fit_range is not None):
             raise UserError("give either CONVERTED or --to (with --from/--degree/--range), not both")
@@ -602,7 +602,7 @@ def recover(
         import keras
 
         from .errors import RecoveryFailedError
-        from .recover_files import run
+        from .recover.files import run
 
         class Bar(keras.callbacks.Callback):
             def __init__(self, progress: Any) -> None:

@@ -16,7 +16,8 @@ Counting rule (stated in the README too):
 * ciphertext x ciphertext (``ct_ct``): a polynomial activation of degree d
   costs ceil(log2 d) (x² is 1, degree 3 or 4 is 2, degree 8 is 3: one level
   per doubling of the degree, as in Paterson-Stockmeyer/tree evaluation);
-  coefficients other than 0/1 add 1 ct_pt; a Multiply of two tensors is 1.
+  coefficients other than 0/1 add 1 ct_pt (so the scaled square ``s·x²``
+  that recovery leaves is 1 ct_ct + 1 ct_pt); a Multiply of two tensors is 1.
 * Flatten, Reshape, Add, Concatenate, padding, cropping, dropout and the
   input cost nothing.
 

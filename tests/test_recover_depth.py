@@ -74,7 +74,7 @@ def residual_net(seed=0):
 
 
 def test_producers_are_the_single_consumer_bias_or_beta_before_each_site():
-    from actswap.shifts import producers
+    from actswap.recover.shifts import producers
 
     # Every activation whose input can take a shift (the final softmax's too); not r_nobias.
     assert producers(residual_net()) == {

@@ -25,7 +25,7 @@ from typing import Any
 
 import keras
 
-from .sites import is_graph_model
+from ..sites import is_graph_model
 
 
 def _single_consumer(layer: Any) -> bool:

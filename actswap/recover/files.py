@@ -38,7 +38,7 @@ def split_check(x: Any, y: Any) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
     """(train, check): the last tenth of (x, y) held out (at least one sample)."""
     held = max(1, len(x) // HOLD_OUT)
     if len(x) < 2:
-        from .errors import UserError
+        from ..errors import UserError
 
         raise UserError(f"training data has {len(x)} sample(s); recovery needs at least 2 (or --val)")
     return (x[:-held], y[:-held]), (x[-held:], y[-held:])
@@ -63,9 +63,9 @@ def run(
     :class:`~actswap.errors.RecoveryFailedError` when the result is not
     recovered; with ``force`` it is written first and the error carries the
     written path in ``result["output"]``."""
-    from . import api, io
-    from . import recover as R
-    from .errors import RecoveryFailedError
+    from .. import api, io
+    from .. import recover as R
+    from ..errors import RecoveryFailedError
 
     x, y = R.load_xy(data, "training data")
     if val is not None:
@@ -78,7 +78,7 @@ def run(
     else:
         target, report = api.convert(teacher, **(conversion or {}))
         if report.replaced == 0:
-            from .errors import UserError
+            from ..errors import UserError
 
             raise UserError(f"nothing to replace in '{original}' for this conversion; nothing to recover")
     before = {"original": R.accuracy(teacher, *check), "converted": R.accuracy(target, *check)}

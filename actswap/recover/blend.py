@@ -1,0 +1,280 @@
+"""The blended model: each site ``(1 - a)·source(x) + a·p(x)``, and the two ends of
+a recovery -- :func:`blend_model` (a = 0: the original function) and
+:func:`finalize` (a = 1: the polynomial model, a converted model like any
+other). For x², ``p`` is the shifted square ``s·(x + b)²`` fitted by
+:func:`fit_squares`, finalized as ``s·x²`` with ``b`` folded into the layer
+before it (:mod:`actswap.recover.shifts`).
+
+Invariant: the models passed in are not modified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from .. import registry
+from ..activations import Polynomial, Square
+from ..report import REPLACED, SKIPPED
+from ..rewrite import rewrite
+from ..sites import find_sites
+
+SQUARE = (0.0, 0.0, 1.0)
+
+
+@keras.saving.register_keras_serializable(package="actswap", name="Blend")
+class Blend(keras.layers.Layer):
+    """``(1 - a) * source(x) + a * p(x)``; ``a`` is the weight ``blend`` (starts at 0).
+
+    For x² (``coefficients`` (0, 0, 1)), ``p(x) = scale * (x + shift)²``: the
+    shifted square that :func:`finalize` turns into ``Square(scale=scale)``
+    with ``shift`` folded into the layer producing x (:mod:`actswap.shifts`);
+    ``scale`` is a (non-trainable) weight, ``shift`` a constant.
+    """
+
+    actswap_target = True  # its weight is its own, not a copy of the original's
+
+    def __init__(self, source: Any, coefficients: Any, scale: float = 1.0, shift: float = 0.0,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.supports_masking = True
+        self.source_config = source
+        self.source = keras.activations.get(source)
+        self.coefficients = tuple(float(c) for c in coefficients)
+        self.is_square = self.coefficients == SQUARE
+        if not self.is_square and (scale != 1.0 or shift != 0.0):
+            raise ValueError(f"scale and shift are for x² only, not the polynomial {self.coefficients}")
+        self.shift = float(shift)
+        self.factor = self.add_weight(
+            name="blend", shape=(), initializer="zeros", trainable=False,
+        )
+        # Largest |input| of the last training batch: what the guard watches.
+        self.peak = self.add_weight(name="peak", shape=(), initializer="zeros", trainable=False,
+                                    aggregation="mean")
+        self.scale = self.add_weight(name="scale", shape=(), initializer=keras.initializers.Constant(scale),
+                                     trainable=False) if self.is_square else None
+
+    def call(self, inputs: Any, training: Any = None, mask: Any = None) -> Any:
+        from ..activations import poly_op
+
+        a = tf.cast(self.factor, inputs.dtype)
+        if training:
+            self.peak.assign(tf.cast(tf.reduce_max(tf.abs(tf.stop_gradient(inputs))), tf.float32))
+        if self.is_square:
+            p = poly_op(inputs + self.shift if self.shift else inputs, SQUARE) * tf.cast(self.scale, inputs.dtype)
+        else:
+            p = poly_op(inputs, self.coefficients)
+        return (1.0 - a) * self.source(inputs) + a * p
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        config = {**super().get_config(), "source": self.source_config, "coefficients": list(self.coefficients)}
+        if self.is_square:
+            config.update(scale=float(self.scale.numpy()), shift=self.shift)
+        return config
+
+
+
+def blends(model: Any) -> list[Blend]:
+    """Every Blend in ``model`` (as a layer or as another layer's activation), once."""
+    found: dict[int, Blend] = {}
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        for candidate in (layer, getattr(layer, "activation", None)):
+            if isinstance(candidate, Blend):
+                found.setdefault(id(candidate), candidate)
+    return list(found.values())
+
+
+def _source_value(site: Any) -> Any:
+    # The activation a site computes, by the name keras.activations.get knows;
+    # variants with arguments (ReLU(max_value=...)) have no such name.
+    if site.detail:
+        raise ValueError(f"'{site.path}': {site.activation}({site.detail}) cannot be blended")
+    return site.activation
+
+
+def polynomials_of(converted: Any) -> dict[str, tuple[float, ...]]:
+    """Layer name -> the polynomial a converted model has there (x² is (0, 0, 1),
+    a scaled square ``s·x²`` is (0, 0, s)). Keyed by name: Keras keeps layer
+    names unique within a model."""
+    from ..activations import SquareActivation, square
+
+    out: dict[str, tuple[float, ...]] = {}
+    for layer in converted._flatten_layers(include_self=False, recursive=True):
+        for obj in (layer, getattr(layer, "activation", None)):
+            if isinstance(obj, (Square, SquareActivation)):
+                out.setdefault(layer.name, (0.0, 0.0, obj.scale))
+            elif obj is square:
+                out.setdefault(layer.name, SQUARE)
+            elif isinstance(obj, Polynomial) or type(obj).__name__ == "PolynomialActivation":
+                out.setdefault(layer.name, tuple(obj.coefficients))
+    return out
+
+
+def blend_model(
+    original: Any, to: Any = "square", sources: Iterable[str] = ("relu",),
+    polynomials: dict[str, tuple[float, ...]] | None = None,
+    squares: dict[str, tuple[float, float]] | None = None,
+    **target_options: Any,
+) -> Any:
+    """``original`` with each selected site (that ``to`` accepts) as a Blend at factor 0.
+    With ``polynomials`` (from :func:`polynomials_of` a converted model), exactly
+    those sites blend towards exactly those polynomials. ``squares`` (layer name
+    -> (scale, shift)): those x² sites blend towards ``scale·(x + shift)²``
+    (:func:`fit_squares`)."""
+    target = registry.get_target(to, **target_options)
+    chosen = frozenset(sources)
+    sites = find_sites(original)
+    for s in sites:
+        if polynomials is not None:
+            ok = s.path.split("/")[-1] in polynomials
+        else:
+            ok = s.activation in chosen and target.refuses(s.activation, s.detail) is None
+        s.action = REPLACED if ok else SKIPPED
+    if polynomials is not None:
+        def coefficients(site: Any) -> tuple[float, ...]:
+            return polynomials[site.path.split("/")[-1]]
+    elif target.coefficients is None:
+        def coefficients(site: Any) -> tuple[float, ...]:
+            return SQUARE
+    else:
+        coefficients = target.coefficients
+
+    def blend(site: Any, **kwargs: Any) -> Blend:
+        c = tuple(coefficients(site))
+        name = site.path.split("/")[-1]
+        if _monomial(c):
+            scale, shift = (squares or {}).get(name, (c[2], 0.0))
+            return Blend(_source_value(site), SQUARE, scale=scale, shift=shift, **kwargs)
+        return Blend(_source_value(site), c, **kwargs)
+
+    def make_layer(site: Any, node: dict[str, Any]) -> Any:
+        return blend(site, name=node["config"]["name"])
+
+    def make_activation(site: Any, owner: dict[str, Any]) -> Any:
+        return blend(site)
+
+    return rewrite(original, sites, make_layer, make_activation)
+
+
+def _monomial(c: tuple[float, ...]) -> bool:
+    """s·x² with s > 0 (a square, scaled or not)."""
+    return len(c) == 3 and c[0] == 0.0 and c[1] == 0.0 and c[2] > 0
+
+
+def fit_squares(original: Any, polynomials: dict[str, tuple[float, ...]], x: Any) -> dict[str, tuple[float, float]]:
+    """Range-aware start for the x² sites of ``polynomials``: per site, the
+    shifted square ``s·(z + b)²`` that is the least-squares quadratic to the
+    source activation on the site's measured input range [-R, R] (``original``
+    run on inputs ``x``), when ``b`` can be folded into the layer producing z
+    (:func:`actswap.shifts.producers`); elsewhere ``b = 0`` and ``s`` is that
+    quadratic's x² coefficient. Layer name -> (s, b)."""
+    from ..calibrate import calibrate
+    from .shifts import producers
+
+    foldable = producers(original)
+    sites = [s for s in find_sites(original) if s.path.split("/")[-1] in polynomials
+             and _monomial(tuple(polynomials[s.path.split("/")[-1]]))]
+    ranges = calibrate(original, sites, x)
+    out: dict[str, tuple[float, float]] = {}
+    for s in sites:
+        r = ranges.get(s.path)
+        name = s.path.split("/")[-1]
+        if r is None or s.detail or s.path != name:
+            continue
+        bound = max(abs(r.min), abs(r.max), 1e-3)
+        c0, c1, c2 = registry.fit_coefficients(s.activation, s.detail, 2, (-bound, bound))
+        if c2 <= 0:
+            continue
+        out[name] = (c2, c1 / (2.0 * c2) if name in foldable else 0.0)
+    return out
+
+
+def _blend_by_layer(model: Any) -> dict[str, Blend]:
+    """Layer name -> the Blend it is or holds as its activation. (A Blend held as
+    an activation is also a sub-layer of its owner; it is listed under the owner.)"""
+    layers = list(model._flatten_layers(include_self=False, recursive=True))
+    out: dict[str, Blend] = {}
+    owned = set()
+    for layer in layers:
+        act = getattr(layer, "activation", None)
+        if isinstance(act, Blend):
+            out.setdefault(layer.name, act)
+            owned.add(id(act))
+    for layer in layers:
+        if isinstance(layer, Blend) and id(layer) not in owned:
+            out.setdefault(layer.name, layer)
+    return out
+
+
+def finalize(blended: Any) -> Any:
+    """The polynomial model: every Blend (factor 1) becomes its polynomial (x²:
+    ``Square(scale=s)``, its shift folded into the layer producing its input,
+    :mod:`actswap.shifts`); weights kept. ``blended`` is not modified."""
+    from .shifts import fold, producers
+
+    for b in blends(blended):
+        if float(b.factor.numpy()) != 1.0:
+            raise ValueError(f"blend '{b.name}' is at {float(b.factor.numpy()):g}, not 1: finish the schedule first")
+    sites = find_sites(blended)
+    for s in sites:
+        s.action = REPLACED if s.activation == "blend" else SKIPPED
+    by_layer = _blend_by_layer(blended)
+    shifted = {name: b.shift for name, b in by_layer.items() if b.is_square and b.shift}
+    where = producers(blended) if shifted else {}
+    missing = sorted(set(shifted) - set(where))
+    if missing:
+        raise ValueError(f"blend(s) {missing} have a shift but no layer to fold it into")
+
+    def square_scale(site: Any) -> float | None:
+        b = by_layer[site.path.split("/")[-1]]
+        return float(b.scale.numpy()) if b.is_square else None
+
+    def make_layer(site: Any, node: dict[str, Any]) -> Any:
+        scale = square_scale(site)
+        if scale is not None:
+            return Square(scale=scale, name=node["config"]["name"])
+        return Polynomial(tuple(node["config"]["coefficients"]), name=node["config"]["name"])
+
+    def make_activation(site: Any, owner: dict[str, Any]) -> Any:
+        from ..activations import PolynomialActivation, SquareActivation
+
+        scale = square_scale(site)
+        if scale is not None:
+            return SquareActivation(scale=scale)
+        return PolynomialActivation(tuple(owner[site.pointer[-1]]["config"]["coefficients"]))
+
+    final = rewrite(blended, sites, make_layer, make_activation)
+    for name, shift in shifted.items():
+        fold(final, where[name], shift)
+    return final
+
+
+def reestimate_statistics(model: Any, batches: Iterable[Any]) -> int:
+    """Recompute the inference statistics of ``model`` -- BatchNormalization's
+    moving mean and variance -- as exact
+    averages over ``batches`` (inputs only) run in training mode, instead of the
+    moving averages left by training (which lag behind the weights' last steps;
+    x² amplifies any lag). No weight other than those statistics changes. Returns
+    the number of batches used."""
+    layers = [layer for layer in model._flatten_layers(include_self=False, recursive=True)
+              if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
+
+    momenta = [layer.momentum for layer in layers]
+    n = 0
+    try:
+        for n, x in enumerate(batches, start=1):
+            for layer in layers:
+                layer.momentum = (n - 1) / n  # running mean over the batches so far
+            model(x, training=True)
+    finally:
+        for layer, m in zip(layers, momenta):
+            layer.momentum = m
+    return n
+
+

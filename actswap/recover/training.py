@@ -1,0 +1,193 @@
+"""What runs during a recovery's ``fit``: the blend schedule, the guard against
+NaN/Inf and finite explosions, and distillation from the original.
+
+Invariant: the teacher model is never changed (only the student's variables
+are trained).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from .blend import Blend, blends
+
+
+class BlendSchedule(keras.callbacks.Callback):
+    """Move every Blend's factor from 0 to 1 over ``ramp_epochs`` epochs, updated
+    each batch (``steps_per_epoch`` is read from the fit).
+
+    ``progressive=False``: all sites move together, linearly. ``progressive=True``:
+    sites move one after another in model order (input side first), each over
+    a window of ``2 * ramp / (n + 1)`` epochs starting when the previous one is
+    halfway, so later layers adapt to each change before their own site moves;
+    the last site still reaches 1 at ``ramp_epochs``.
+    """
+
+    def __init__(self, ramp_epochs: float = 1.0, progressive: bool = False) -> None:
+        super().__init__()
+        self.ramp_epochs = float(ramp_epochs)
+        self.progressive = progressive
+        self.epoch = 0
+        self.history: list[float] = []
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        self.epoch = epoch
+
+    def factors(self, n: int, epoch: int, batch: int, steps: int) -> list[float]:
+        """The factor of each of ``n`` sites after batch ``batch`` of ``epoch``."""
+        if self.ramp_epochs <= 0:
+            return [1.0] * n
+        t = (epoch + (batch + 1) / max(steps, 1)) / self.ramp_epochs  # ramp progress, 1 = done
+        if not self.progressive or n <= 1:
+            return [float(min(1.0, t))] * n
+        w = 2.0 / (n + 1)
+        return [float(np.clip((t - i * w / 2) / w, 0.0, 1.0)) for i in range(n)]
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        self._blends = blends(self.model)
+
+    def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+        steps = self.params.get("steps") or 1
+        values = self.factors(len(self._blends), self.epoch, batch, steps)
+        for b, a in zip(self._blends, values):
+            b.factor.assign(a)
+        self.history.append(float(np.mean(values)) if values else 1.0)
+
+
+class NaNGuard(keras.callbacks.Callback):
+    """Restore the last good weights and lower the learning rate when the loss or
+    a weight is NaN/Inf, or when training explodes while staying finite: the
+    (running) loss, or the largest |input| of a Blend site, grows more than
+    ``explode_factor`` times past its reference (the median over the first
+    ``warmup`` batches, the loss's floored at 1). Good weights are kept at the
+    end of each good batch. ``restores`` counts both kinds, ``explosions`` the
+    finite ones."""
+
+    def __init__(self, lr_factor: float = 0.5, max_restores: int = 10, explode_factor: float = 1e3,
+                 warmup: int = 10) -> None:
+        super().__init__()
+        self.lr_factor, self.max_restores = lr_factor, max_restores
+        self.explode_factor, self.warmup = float(explode_factor), int(warmup)
+        self.restores = 0
+        self.explosions = 0
+        self.gave_up = False
+        self.last_reason = ""
+        self._good: list[np.ndarray] | None = None
+        self._early: list[tuple[float, list[float]]] = []
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        self._good = [w.numpy().copy() for w in self.model.weights]
+        self._blends = blends(self.model)
+
+    def _peaks(self) -> list[float]:
+        return [float(b.peak.numpy()) for b in self._blends]
+
+    def _explosion(self, loss: float | None) -> str:
+        peaks = self._peaks()
+        if len(self._early) < self.warmup:
+            self._early.append((loss if loss is not None else 0.0, peaks))
+            return ""
+        ref_loss = max(float(np.median([e[0] for e in self._early])), 1.0)
+        if loss is not None and loss > self.explode_factor * ref_loss:
+            return f"loss {loss:.3g} is over {self.explode_factor:g}x its early value {ref_loss:.3g}"
+        for b, p, ref in zip(self._blends, peaks, np.median([e[1] for e in self._early], axis=0).reshape(-1)):
+            if ref > 0 and p > self.explode_factor * ref:
+                return f"largest |input| at '{b.name}' is {p:.3g}, over {self.explode_factor:g}x its early {ref:.3g}"
+        return ""
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        loss = (logs or {}).get("loss")
+        loss = None if loss is None else float(loss)
+        finite = loss is None or np.isfinite(loss)
+        if finite:
+            finite = all(bool(np.all(np.isfinite(w.numpy()))) for w in self.model.trainable_weights)
+        reason = "" if finite else "the loss or a weight is NaN/Inf"
+        if finite:
+            reason = self._explosion(loss)
+            if not reason:
+                self._good = [w.numpy().copy() for w in self.model.weights]
+                return
+            self.explosions += 1
+        self.last_reason = reason
+        self.restores += 1
+        for w, v in zip(self.model.weights, self._good or []):
+            w.assign(v)
+        # The logged loss is a running mean: one NaN batch would keep it NaN
+        # for the rest of the epoch and trip the guard on every later batch.
+        self.model.reset_metrics()
+        opt = self.model.optimizer
+        opt.learning_rate.assign(float(opt.learning_rate.numpy()) * self.lr_factor)
+        if self.restores > self.max_restores:
+            self.gave_up = True
+            self.model.stop_training = True
+
+
+def distillation_loss(y_true: Any, student_logits: Any, teacher_logits: Any,
+                      temperature: float = 4.0, alpha: float = 0.5) -> Any:
+    """``alpha * T² * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(y, softmax(s))``,
+    averaged over the batch (sparse integer labels)."""
+    t = tf.nn.softmax(teacher_logits / temperature)
+    log_s = tf.nn.log_softmax(student_logits / temperature)
+    kl = tf.reduce_sum(t * (tf.math.log(tf.clip_by_value(t, 1e-12, 1.0)) - log_s), axis=-1)
+    ce = tf.keras.losses.sparse_categorical_crossentropy(y_true, student_logits, from_logits=True)
+    return tf.reduce_mean(alpha * temperature**2 * kl + (1.0 - alpha) * ce)
+
+
+def _probabilities(model: Any) -> bool:
+    """True when the model ends in a softmax (its outputs are probabilities, not logits)."""
+    last = model.layers[-1]
+    act = getattr(last, "activation", None)
+    return getattr(act, "__name__", "") == "softmax" or type(last).__name__ == "Softmax"
+
+
+class Distiller(keras.Model):
+    """Trains ``student`` on :func:`distillation_loss` against a frozen ``teacher``."""
+
+    def __init__(self, student: Any, teacher: Any, temperature: float = 4.0, alpha: float = 0.5, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.student, self.teacher = student, teacher
+        self.temperature, self.alpha = temperature, alpha
+        # The teacher is not frozen by setting teacher.trainable (that would
+        # change the user's model); only the student's variables are updated.
+        self.student_probs, self.teacher_probs = _probabilities(student), _probabilities(teacher)
+        # Keras reports epoch logs from tracked metrics, not from train_step's return value.
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.accuracy_tracker = keras.metrics.Mean(name="accuracy")
+
+    @property
+    def metrics(self) -> list[Any]:
+        return [self.loss_tracker, self.accuracy_tracker]
+
+    def call(self, x: Any, training: bool = False) -> Any:
+        return self.student(x, training=training)
+
+    @staticmethod
+    def _logits(y: Any, probs: bool) -> Any:
+        return tf.math.log(tf.clip_by_value(y, 1e-12, 1.0)) if probs else y
+
+    def train_step(self, data: Any) -> dict[str, Any]:
+        x, y = data[0], data[1]
+        teacher = self._logits(self.teacher(x, training=False), self.teacher_probs)
+        with tf.GradientTape() as tape:
+            student = self._logits(self.student(x, training=True), self.student_probs)
+            loss = distillation_loss(y, student, teacher, self.temperature, self.alpha)
+            if self.student.losses:  # e.g. Blend range penalties
+                loss = loss + tf.add_n(self.student.losses)
+        variables = self.student.trainable_variables
+        grads = tape.gradient(loss, variables)
+        self.optimizer.apply(grads, variables)
+        self.loss_tracker.update_state(loss)
+        return {"loss": self.loss_tracker.result()}
+
+    def test_step(self, data: Any) -> dict[str, Any]:
+        x, y = data[0], data[1]
+        pred = self.student(x, training=False)
+        correct = tf.cast(tf.equal(tf.argmax(pred, -1), tf.cast(tf.reshape(y, [-1]), tf.int64)), tf.float32)
+        self.accuracy_tracker.update_state(tf.reduce_mean(correct))
+        return {"accuracy": self.accuracy_tracker.result()}
+
+
