@@ -349,16 +349,20 @@ def _check_finite(
         f"the converted model outputs NaN/Inf on {where} ({n} value(s) of output '{name}'), where the "
         f"original's outputs are finite: {what} overflowed"
     )
+    # actswap recover takes Keras 3 models; other formats are fine-tuned by their owner.
+    keras3 = plan.fmt in (Format.KERAS, Format.H5) and plan.legacy_kind is None
     if allow:
-        report.needs_recovery = (
-            f"{message}; it needs accuracy recovery before use: "
-            f"actswap recover {plan.model} {plan.out} --data train.npz"
+        report.needs_recovery = f"{message}; it needs accuracy recovery before use: " + (
+            f"actswap recover {plan.model} {plan.out} --data train.npz" if keras3
+            else "fine-tune it after the swap (actswap recover takes Keras 3 models)"
         )
         report.notes.append(f"warning: {report.needs_recovery}")
         return
     raise NonFiniteOutputError(
-        f"{message}; nothing written (--strict); recover accuracy in one step with "
-        f"`actswap recover {plan.model} --to {plan.to} --data train.npz`, or drop --strict to write it anyway"
+        f"{message}; nothing written (--strict); "
+        + (f"recover accuracy in one step with `actswap recover {plan.model} --to {plan.to} --data train.npz`"
+           if keras3 else "fine-tune it after the swap")
+        + ", or drop --strict to write it anyway"
     )
 
 

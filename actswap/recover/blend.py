@@ -31,8 +31,8 @@ class Blend(keras.layers.Layer):
 
     For x² (``coefficients`` (0, 0, 1)), ``p(x) = scale * (x + shift)²``: the
     shifted square that :func:`finalize` turns into ``Square(scale=scale)``
-    with ``shift`` folded into the layer producing x (:mod:`actswap.shifts`);
-    ``scale`` is a (non-trainable) weight, ``shift`` a constant.
+    with ``shift`` folded into the layer producing x (:mod:`actswap.recover.shifts`);
+    both are constants of the config.
     """
 
     actswap_target = True  # its weight is its own, not a copy of the original's
@@ -47,15 +47,13 @@ class Blend(keras.layers.Layer):
         self.is_square = self.coefficients == SQUARE
         if not self.is_square and (scale != 1.0 or shift != 0.0):
             raise ValueError(f"scale and shift are for x² only, not the polynomial {self.coefficients}")
-        self.shift = float(shift)
+        self.scale, self.shift = float(scale), float(shift)
         self.factor = self.add_weight(
             name="blend", shape=(), initializer="zeros", trainable=False,
         )
         # Largest |input| of the last training batch: what the guard watches.
         self.peak = self.add_weight(name="peak", shape=(), initializer="zeros", trainable=False,
                                     aggregation="mean")
-        self.scale = self.add_weight(name="scale", shape=(), initializer=keras.initializers.Constant(scale),
-                                     trainable=False) if self.is_square else None
 
     def call(self, inputs: Any, training: Any = None, mask: Any = None) -> Any:
         from ..activations import poly_op
@@ -64,7 +62,7 @@ class Blend(keras.layers.Layer):
         if training:
             self.peak.assign(tf.cast(tf.reduce_max(tf.abs(tf.stop_gradient(inputs))), tf.float32))
         if self.is_square:
-            p = poly_op(inputs + self.shift if self.shift else inputs, SQUARE) * tf.cast(self.scale, inputs.dtype)
+            p = poly_op(inputs + self.shift if self.shift else inputs, SQUARE) * self.scale
         else:
             p = poly_op(inputs, self.coefficients)
         return (1.0 - a) * self.source(inputs) + a * p
@@ -75,9 +73,8 @@ class Blend(keras.layers.Layer):
     def get_config(self) -> dict[str, Any]:
         config = {**super().get_config(), "source": self.source_config, "coefficients": list(self.coefficients)}
         if self.is_square:
-            config.update(scale=float(self.scale.numpy()), shift=self.shift)
+            config.update(scale=self.scale, shift=self.shift)
         return config
-
 
 
 def blends(model: Any) -> list[Blend]:
@@ -233,7 +230,7 @@ def finalize(blended: Any) -> Any:
 
     def square_scale(site: Any) -> float | None:
         b = by_layer[site.path.split("/")[-1]]
-        return float(b.scale.numpy()) if b.is_square else None
+        return b.scale if b.is_square else None
 
     def make_layer(site: Any, node: dict[str, Any]) -> Any:
         scale = square_scale(site)
