@@ -85,7 +85,7 @@ def save(
 
     if hasattr(converted, "actswap_signatures"):
         def check_dir(tmp: Path) -> None:
-            from .verify import read_back_savedmodel
+            from .readback import read_back_savedmodel
 
             # Read as data first (protobuf and checkpoint): a load restores and
             # re-traces every function; it decides only what reading cannot confirm.

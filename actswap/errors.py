@@ -75,3 +75,10 @@ class RecoveryFailedError(ConversionError):
     def __init__(self, message: str, model: object = None, result: object = None) -> None:
         super().__init__(message)
         self.model, self.result = model, result
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name if it has none):
+    third-party errors are quoted in actswap's one-line messages this way."""
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

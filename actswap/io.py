@@ -25,14 +25,9 @@ from typing import Any
 from collections.abc import Callable
 
 from . import scan
-from .errors import InvariantError, LoadError, UnsupportedFormatError
+from .errors import InvariantError, LoadError, UnsupportedFormatError, first_line
 from .formats import Format, detect
 from .paths import check_output_path, disk_full, ensure_space, is_disk_full, remove_stale_temps, temp_prefix
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def load_with_notes(path: str | os.PathLike[str], *, trust_code: bool = False) -> tuple[Any, list[str]]:
@@ -60,9 +55,9 @@ def load_with_notes(path: str | os.PathLike[str], *, trust_code: bool = False) -
         try:
             model = keras.saving.load_model(p, compile=False, safe_mode=safe)
         except Exception as e:  # noqa: BLE001
-            raise LoadError(f"could not load '{p}': {_first_line(e)}") from e
+            raise LoadError(f"could not load '{p}': {first_line(e)}") from e
         notes.append(
-            f"loaded without its training configuration ({_first_line(first)}); "
+            f"loaded without its training configuration ({first_line(first)}); "
             "compile the converted model before training it"
         )
     if not isinstance(model, keras.Model):
@@ -130,7 +125,7 @@ def save(
     With ``verify``, the written file is read back before the rename and must
     equal ``model`` (sites and weights, :func:`same_model`); ``check(sites)``
     may add checks on the sites read back. Either failing raises and writes
-    nothing. The read-back reads the file as data (:func:`actswap.verify.read_back`:
+    nothing. The read-back reads the file as data (:func:`actswap.readback.read_back`:
     ``config.json`` and the stored weights, no Keras load, which would rebuild
     every layer); only when that cannot confirm the model is the file reloaded
     (scanned, safe mode) to decide. ``trust_code`` lets such a reload through
@@ -146,7 +141,7 @@ def save(
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         if verify or check is not None:
-            from .verify import read_back
+            from .readback import read_back
 
             written = read_back(model, tmp, verify)
             if written is None:  # not confirmed by reading: reload, which decides

@@ -59,6 +59,7 @@ from .errors import (
     UnsupportedFormatError,
     UnsupportedModelError,
     UserError,
+    first_line,
 )
 from .report import REPLACED, SKIPPED, Report, Site
 
@@ -160,7 +161,7 @@ def _h5_attrs(path: Path) -> dict[str, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LoadError(f"'{path}': the model config is not valid JSON ({e})") from None
     except OSError as e:
-        raise LoadError(f"'{path}': cannot read the HDF5 file ({_first_line(e)})") from None
+        raise LoadError(f"'{path}': cannot read the HDF5 file ({first_line(e)})") from None
 
 
 def _metadata_nodes(path: Path) -> list[tuple[str, dict[str, Any]]]:
@@ -347,11 +348,6 @@ else:
 
 
 # --- finding sites ------------------------------------------------------------
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def _is_graph_model(obj: Any) -> bool:
@@ -560,7 +556,7 @@ def rewrite_legacy_model(model: Any, grad: str = "exact") -> tuple[Any, Report]:
         raise
     except Exception as e:  # noqa: BLE001 - tf_keras raises anything
         raise ConversionError(
-            f"could not rebuild the model with tf_keras: {_first_line(e)}"
+            f"could not rebuild the model with tf_keras: {first_line(e)}"
         ) from e
     _sync_trainable(model, new, mapping)
     for old_leaf, new_leaf in leaves:
@@ -610,10 +606,10 @@ def _load(path: Path) -> tuple[Any, bool, list[str]]:
         try:
             model = tf_keras.models.load_model(str(path), compile=False, safe_mode=True)
         except Exception as e:  # noqa: BLE001
-            raise LoadError(f"could not load '{path}' with tf_keras: {_first_line(e)}") from e
+            raise LoadError(f"could not load '{path}' with tf_keras: {first_line(e)}") from e
         compiled = False
         notes.append(
-            f"loaded without its training configuration ({_first_line(first)}); "
+            f"loaded without its training configuration ({first_line(first)}); "
             "compile the converted model before training it"
         )
     if not isinstance(model, tf_keras.Model):
@@ -775,7 +771,7 @@ def convert_legacy(
             new.compile(**saving_utils.compile_args_from_training_config(tc))
         except Exception as e:  # noqa: BLE001 - reported, not fatal
             notes.append(
-                f"could not restore the training configuration ({_first_line(e)}); "
+                f"could not restore the training configuration ({first_line(e)}); "
                 "compile before fit"
             )
         notes.append("optimizer state (e.g. Adam moments) is not carried over; it starts fresh")
@@ -803,7 +799,7 @@ def convert_legacy(
     except Exception as e:  # noqa: BLE001
         if is_disk_full(e):
             raise disk_full(dest, e) from e
-        raise ConversionError(f"could not write '{dest}' with tf_keras: {_first_line(e)}") from e
+        raise ConversionError(f"could not write '{dest}' with tf_keras: {first_line(e)}") from e
     report.output = str(dest)
     return report
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import gradients, registry, scan
-from .errors import InvariantError, NonFiniteOutputError, UserError
+from .errors import InvariantError, NonFiniteOutputError, UserError, first_line
 from .formats import Format, detect
 from .report import REPLACED, SKIPPED, Report
 
@@ -264,7 +264,7 @@ def _output_check(plan: ConvertPlan, report: Report, trust_code: bool) -> Any:
             if plan.fmt is Format.SAVEDMODEL:
                 # First read as protobuf (every function's ops); the load and
                 # re-trace of inspect_savedmodel decides only on a difference.
-                from .verify import saved_op_counts
+                from .readback import saved_op_counts
 
                 for op, n in saved_op_counts(tmp).items():
                     if op in registry.TF_OP_ACTIVATIONS:
@@ -330,7 +330,7 @@ def _check_finite(
     except Exception as e:  # noqa: BLE001 - a model random inputs cannot drive
         if sample is not None:
             raise
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         report.notes.append(f"outputs not checked for NaN/Inf (running on random inputs failed: {first}); pass --sample data")
         return
     del keep

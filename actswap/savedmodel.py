@@ -24,7 +24,7 @@ from . import graph, registry
 from collections.abc import Callable
 
 from . import scan
-from .errors import InvariantError, LoadError, UserError
+from .errors import InvariantError, LoadError, UserError, first_line
 from .paths import (
     check_output_dir, check_output_pb, disk_full, ensure_space, is_disk_full, remove_stale_temps,
     temp_prefix, write_atomically,
@@ -35,11 +35,6 @@ from .report import REPLACED, SKIPPED, Report, Site
 FORM = "graph op"
 
 
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
-
-
 def load_signatures(path: Path, trust_code: bool = False) -> tuple[Any, dict[str, Any]]:
     """Scan a SavedModel (:func:`actswap.scan.check`: TF runs initializers while
     loading), load it, and return it with its signatures (refusing none)."""
@@ -47,7 +42,7 @@ def load_signatures(path: Path, trust_code: bool = False) -> tuple[Any, dict[str
     try:
         loaded = tf.saved_model.load(str(path))
     except Exception as e:  # noqa: BLE001 - any loader failure is the file's
-        raise LoadError(f"could not load SavedModel '{path}': {_first_line(e)}") from e
+        raise LoadError(f"could not load SavedModel '{path}': {first_line(e)}") from e
     sigs = dict(getattr(loaded, "signatures", {}) or {})
     if not sigs:
         raise UserError(
@@ -246,7 +241,7 @@ def read_graphdef(path: Path, trust_code: bool = False) -> Any:
     try:
         graph_def.ParseFromString(path.read_bytes())
     except Exception as e:  # noqa: BLE001 - a protobuf decode error is the file's
-        raise LoadError(f"'{path}' is not a valid frozen GraphDef ({_first_line(e)})") from None
+        raise LoadError(f"'{path}' is not a valid frozen GraphDef ({first_line(e)})") from None
     if not graph_def.node:
         raise LoadError(f"'{path}' is a GraphDef with no nodes")
     return graph_def

@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from . import allowlists
-from .errors import LoadError, UnsafeModelError
+from .errors import LoadError, UnsafeModelError, first_line
 from .formats import _HDF5_OFFSETS, HDF5_MAGIC, Format, detect
 from .zipmember import stored_member
 
@@ -420,7 +420,7 @@ def _scan_h5_links(source: Any, label: str, report: ScanReport) -> dict[str, Any
                     attrs[key] = f.attrs[key]
             report.checked.append(f"{label}: {count} HDF5 links checked (no external links, storage or virtual datasets)")
     except OSError as e:
-        report.add(ERROR, DAMAGED, label, f"'{label}' is a damaged HDF5 file ({_first_line(e)})")
+        report.add(ERROR, DAMAGED, label, f"'{label}' is a damaged HDF5 file ({first_line(e)})")
     return attrs
 
 
@@ -437,11 +437,6 @@ def _scan_h5_file(p: Path, report: ScanReport) -> None:
             if config is not None:
                 n = _walk_config(config, report, allowlists.KERAS_CLASSES | allowlists.TF_KERAS_CLASSES, legacy=True)
                 report.checked.append(f"{key}: {n} objects checked against the Keras allow-list")
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 # --- JSON configs -----------------------------------------------------------------
@@ -481,7 +476,7 @@ def _json(raw: Any, what: str, report: ScanReport) -> Any:
     try:
         value = json.loads(raw)
     except (ValueError, RecursionError) as e:
-        report.add(ERROR, DAMAGED, what, f"{what} is not valid JSON ({_first_line(e)})")
+        report.add(ERROR, DAMAGED, what, f"{what} is not valid JSON ({first_line(e)})")
         return None
     if not isinstance(value, dict):
         report.add(ERROR, DAMAGED, what, f"{what} is not a JSON object")
@@ -695,7 +690,7 @@ def _parse(name: str, data: bytes, what: str, report: ScanReport, text: bool = F
         else:
             msg.ParseFromString(data)
     except (pb_message.DecodeError, text_format.ParseError, UnicodeDecodeError, ValueError, RuntimeError) as e:
-        report.add(ERROR, DAMAGED, what, f"{what} is not a valid {name} protobuf ({_first_line(e)})")
+        report.add(ERROR, DAMAGED, what, f"{what} is not a valid {name} protobuf ({first_line(e)})")
         return None
     return msg
 

@@ -4,7 +4,7 @@
   into the result (``rewrite(consume=True)``) instead of rebuilding them: the
   result must equal the conversion of the same model passed as an object.
 * Written outputs are verified by reading them back as data
-  (:func:`actswap.verify.read_back`, :func:`actswap.verify.read_back_savedmodel`)
+  (:func:`actswap.readback.read_back`, :func:`actswap.readback.read_back_savedmodel`)
   rather than by a Keras/TF load; when that reading cannot confirm the output,
   the load decides, as before.
 * The square's custom gradient computes its local derivative only once the
@@ -25,7 +25,7 @@ from conftest import FIXTURES, weights_bytes
 from tf_cases import ControlFlowModule
 
 import actswap
-from actswap import activations, io, verify
+from actswap import activations, io, readback
 from actswap.errors import InvariantError
 from actswap.sites import config_sites, find_sites
 
@@ -72,20 +72,20 @@ def test_read_back_confirms_a_written_file_and_rejects_a_different_model(tmp_pat
     model, _ = actswap.convert(FIXTURES / "mnist_cnn.keras", to="square")
     path = tmp_path / "m.keras"
     model.save(path)
-    sites = verify.read_back(model, path)
+    sites = readback.read_back(model, path)
     assert sites is not None and sorted(s.activation for s in sites) == ["softmax", "square", "square", "square"]
 
     other, _ = actswap.convert(FIXTURES / "mnist_cnn.keras", to="poly:0,0.5,0.25")
-    assert verify.read_back(other, path) is None  # other sites
+    assert readback.read_back(other, path) is None  # other sites
     w = model.weights[0]
     w.assign(w.numpy() + 1.0)
-    assert verify.read_back(model, path) is None  # a weight not in the file
-    assert verify.read_back(model, path, verify=False) is not None  # the sites alone
+    assert readback.read_back(model, path) is None  # a weight not in the file
+    assert readback.read_back(model, path, verify=False) is not None  # the sites alone
 
 
 def test_save_falls_back_to_the_reload_when_reading_cannot_confirm(tmp_path, monkeypatch):
     model, _ = actswap.convert(FIXTURES / "mnist_cnn.keras", to="square")
-    monkeypatch.setattr(verify, "read_back", lambda *a, **k: None)
+    monkeypatch.setattr(readback, "read_back", lambda *a, **k: None)
     seen = []
     io.save(model, tmp_path / "ok.keras", verify=True, check=seen.append)
     assert (tmp_path / "ok.keras").exists()
@@ -105,12 +105,12 @@ def test_read_back_savedmodel(tmp_path):
     converted, _ = actswap.convert(src, to="square")
     out = tmp_path / "out"
     tf.saved_model.save(converted, str(out), signatures=converted.actswap_signatures)
-    assert verify.read_back_savedmodel(converted, out)
-    counts = verify.saved_op_counts(out)
+    assert readback.read_back_savedmodel(converted, out)
+    counts = readback.saved_op_counts(out)
     assert counts["Relu"] == 0 and counts["Relu6"] == 1  # every plain Relu replaced, the Relu6 kept
     v = converted.actswap_variables[0]
     v.assign(v + 1.0)
-    assert not verify.read_back_savedmodel(converted, out)
+    assert not readback.read_back_savedmodel(converted, out)
 
 
 def _op_types(fn, *args):
