@@ -206,10 +206,10 @@ def test_cli_recover_defaults_are_the_api_defaults():
     # the benchmark measures the API's, so they must not drift apart.
     import inspect
 
-    from actswap import cli
+    from actswap.cli import recover as cli_recover
 
     api = inspect.signature(R.recover).parameters
-    options = {p.name: p.default.default for p in inspect.signature(cli.recover).parameters.values()
+    options = {p.name: p.default.default for p in inspect.signature(cli_recover.recover).parameters.values()
                if hasattr(p.default, "default")}
     pairs = {"epochs": "epochs", "ramp": "ramp_epochs", "batch_size": "batch_size", "learning_rate": "learning_rate"}
     assert {k: options[k] for k in pairs} == {k: api[v].default for k, v in pairs.items()}

@@ -1,0 +1,5 @@
+"""``python -m actswap.cli``: the same as the ``actswap`` command."""
+
+from . import main
+
+main()

@@ -1,0 +1,84 @@
+"""``actswap export``: ONNX export proven equal to TensorFlow before it is written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from ..errors import UserError
+from ..formats import Format, detect
+from ..paths import check_output_onnx
+from ..policy import PARITY_TOL as DEFAULT_TOL
+from .base import (
+    _console, _import_tensorflow_quietly, _run, _scan_first, _state, _warn_trust_code, app,
+)
+
+
+def _export_error_data(e: Exception) -> dict[str, Any]:
+    report = getattr(e, "report", None)
+    data = report.to_dict() if report is not None else {}
+    data["error"] = str(e)
+    return data
+
+
+@app.command()
+def export(
+    model: Path = typer.Argument(..., help="Keras file (.keras/.h5) or SavedModel directory."),
+    out: Path = typer.Argument(..., help="Output .onnx file."),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset [default: tf2onnx's preferred]."),
+    sample: Optional[Path] = typer.Option(
+        None, "--sample", help="Parity inputs: .npz (arrays named like the inputs, or x) or .npy."
+    ),
+    tol: float = typer.Option(DEFAULT_TOL, "--tol", help="Parity tolerance, relative to the output's largest value."),
+    signature: Optional[str] = typer.Option(None, "--signature", help="SavedModel signature to export."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
+    trust_code: bool = typer.Option(
+        False, "--trust-code", help="DANGEROUS: load a file although the scan found code in it (Lambda, custom ops...)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+) -> None:
+    """Export MODEL to ONNX; the export is checked (standard ops only, onnx.checker,
+    onnxruntime parity with TensorFlow) and written only if every check passes."""
+
+    def body() -> int:
+        fmt = detect(model)
+        check_output_onnx(out, overwrite=force)
+        if fmt is Format.GRAPHDEF:
+            raise UserError("export takes a Keras file or a SavedModel directory, not a frozen graph")
+        if trust_code:
+            _warn_trust_code()
+        _scan_first(model, trust_code)
+        _import_tensorflow_quietly(debug or _state["debug"])
+        from ..export import ExportCheckError, export_onnx
+
+        if fmt is Format.SAVEDMODEL:
+            from ..savedmodel import load_signatures
+
+            obj, _ = load_signatures(model, trust_code)
+        else:
+            from ..io import load_with_notes
+
+            obj, _ = load_with_notes(model, trust_code=trust_code)
+        try:
+            report = export_onnx(obj, out, opset=opset, sample=sample, tol=tol, signature=signature, overwrite=force)
+        except ExportCheckError as e:
+            if as_json:
+                typer.echo(json.dumps(_export_error_data(e)))
+            raise
+        data = report.to_dict()
+        if as_json:
+            typer.echo(json.dumps(data))
+            return 0
+        console = _console()
+        counts = ", ".join(f"{k} {v}" for k, v in data["op_counts"].items())
+        console.print(f"ops: {counts}")
+        console.print(f"Relu nodes: {data['relu_nodes']}, Pow nodes: {data['pow_nodes']}, Mul nodes: {data['mul_nodes']}")
+        console.print(f"parity: {report.parity.describe()}")
+        console.print(f"wrote {report.output} (opset {report.opset})")
+        return 0
+
+    _run(debug, body)

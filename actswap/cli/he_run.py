@@ -1,0 +1,94 @@
+"""``actswap he-run``: run a converted model on CKKS-encrypted data (TenSEAL)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import UserError
+from ..formats import detect
+from .base import (
+    _console, _import_tensorflow_quietly, _run, _state, app,
+)
+
+
+@app.command("he-run")
+def he_run(
+    model: Path = typer.Argument(..., help="Converted model (.keras/.h5): affine layers and polynomial activations."),
+    data: Path = typer.Option(..., "--data", help="Samples: .npz with x (inputs) and, for accuracies, y (labels)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Run only the first N samples."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+) -> None:
+    """Run MODEL on CKKS-encrypted samples (TenSEAL) and compare with plaintext."""
+
+    def body() -> int:
+        from ..paths import read_arrays
+
+        detect(model)
+        arrays = read_arrays(data, "data")
+        if "x" not in arrays:
+            raise UserError(f"data '{data}' has arrays {sorted(arrays)}; it needs 'x' (inputs), and 'y' for accuracies")
+        x, y = arrays["x"], arrays.get("y")
+        if y is not None and len(y) != len(x):
+            raise UserError(f"data '{data}': x has {len(x)} rows but y has {len(y)}")
+        if limit is not None and limit < 1:
+            raise UserError(f"--limit must be at least 1, got {limit}")
+        try:
+            # Before TensorFlow: loaded after it, TenSEAL's serialize() crashes (protobuf clash).
+            import tenseal  # noqa: F401
+        except ImportError:
+            raise UserError("he-run needs TenSEAL: pip install 'actswap[he]'") from None
+        _import_tensorflow_quietly(debug or _state["debug"])
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from ..encrypted import run as run_encrypted
+
+        console = _console()
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+        progress = Progress(*columns, console=Console(stderr=True), disable=as_json)
+        task = progress.add_task("encrypted samples", total=min(len(x), limit or len(x)))
+
+        def parameters_chosen(p: Any) -> None:
+            # The bar starts only now: a refusal before this point stays one line on stderr.
+            if not as_json:
+                console.print(p.describe())
+            progress.start()
+
+        try:
+            report = run_encrypted(
+                model, x, y, limit=limit, on_parameters=parameters_chosen,
+                progress=lambda done, total: progress.update(task, completed=done),
+            )
+        finally:
+            progress.stop()
+        r = report.to_dict()
+        if as_json:
+            typer.echo(json.dumps(r))
+            return 0
+        lat, size = r["latency_seconds"], r["ciphertext_bytes"]
+        table = Table(title=f"he-run {model} ({r['samples']} samples)")
+        table.add_column("figure")
+        table.add_column("value")
+        table.add_row("top-1 agreement", f"{r['top1_agreement']:.4f} ({len(r['disagreements'])} differ)")
+        table.add_row("max abs logit error", f"{r['max_abs_logit_error']:.3g} (relative {r['max_rel_logit_error']:.2g})")
+        if r["plaintext_accuracy"] is not None:
+            table.add_row("accuracy plaintext / encrypted", f"{r['plaintext_accuracy']:.4f} / {r['encrypted_accuracy']:.4f}")
+        table.add_row("latency encrypt / evaluate / decrypt", " / ".join(f"{lat[k]['mean']:.3g} s" for k in lat))
+        if size:
+            table.add_row("ciphertext in / out, public context",
+                          f"{size['input']:,} / {size['output']:,}, {size['public_context']:,} bytes")
+        table.add_row("key generation", f"{r['setup_seconds']:.2g} s")
+        console.print(table)
+        for i, stage in enumerate(r["stages"]):
+            console.print(f"stage {i + 1}: {stage}")
+        for note in r["notes"]:
+            console.print(f"note: {note}")
+        return 0
+
+    _run(debug, body)

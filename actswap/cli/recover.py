@@ -1,0 +1,144 @@
+"""``actswap recover``: recover accuracy after the swap; fails when it does not recover."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .. import registry
+from ..errors import UserError
+from ..formats import detect
+from .base import (
+    _console, _import_tensorflow_quietly, _run, _scan_first, _state, app,
+)
+
+
+@app.command()
+def recover(
+    original: Path = typer.Argument(..., help="The trained model before conversion (.keras/.h5)."),
+    converted: Optional[Path] = typer.Argument(
+        None, help="Its conversion (.keras): which sites, which polynomials. Omit it and give --to instead."
+    ),
+    data: Path = typer.Option(..., "--data", help="Training data: .npz with x (inputs) and y (integer labels)."),
+    val: Optional[Path] = typer.Option(
+        None, "--val", help="Validation data, same keys [default: the last tenth of --data, held out]."
+    ),
+    to: Optional[str] = typer.Option(
+        None, "--to", help="Without CONVERTED: the target, as for convert (square, poly:..., approx) [default: square]."
+    ),
+    sources: str = typer.Option("relu", "--from", help="Without CONVERTED: source activations, as for convert."),
+    degree: Optional[int] = typer.Option(None, "--degree", help="Without CONVERTED, approx: polynomial degree."),
+    fit_range: Optional[str] = typer.Option(None, "--range", help="Without CONVERTED, approx: fit interval LO,HI."),
+    epochs: int = typer.Option(2, "--epochs", help="Epochs of recovery."),
+    ramp: float = typer.Option(0.5, "--ramp", help="Epochs over which each site blends into its polynomial."),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    learning_rate: float = typer.Option(2e-3, "--lr", help="Adam learning rate (gradients clipped to norm 1)."),
+    no_distill: bool = typer.Option(False, "--no-distill", help="Train on labels only, without the original as teacher."),
+    plain: bool = typer.Option(
+        False, "--plain", help="Blend x² sites towards plain x² (no fitted scale and shift s·(x + b)²)."
+    ),
+    max_drop: float = typer.Option(
+        1.0, "--max-drop", help="Fail (exit 1) if the recovered accuracy is more than this many points below the original's."
+    ),
+    output: Optional[Path] = typer.Option(
+        None, "-o", "--output",
+        help="Output .keras [default: <converted>.recovered.keras, or <original>.<target>.recovered.keras].",
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Overwrite OUTPUT if it exists; write it even if the recovery failed (still exit 1)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+) -> None:
+    """Fine-tune ORIGINAL into polynomials gradually (blend, distil, guard); fail if it does not recover."""
+
+    def body() -> int:
+        from ..paths import check_output_path
+        from ..recover.files import default_output
+
+        if converted is not None and (to is not None or degree is not None or fit_range is not None):
+            raise UserError("give either CONVERTED or --to (with --from/--degree/--range), not both")
+        detect(original)
+        _scan_first(original)
+        if converted is not None:
+            detect(converted)
+            _scan_first(converted)
+        out = output if output is not None else default_output(original, converted, to)
+        check_output_path(out, overwrite=force)
+        if epochs < 1 or not 0 <= ramp <= epochs:
+            raise UserError(f"--epochs must be >= 1 and --ramp between 0 and --epochs; got {epochs}, {ramp}")
+        if max_drop < 0:
+            raise UserError(f"--max-drop must be >= 0 (points of accuracy), got {max_drop}")
+        conversion = None
+        if converted is None:
+            from ..pipeline import parse_interval
+
+            target, bounds = to or "square", parse_interval(fit_range)
+            chosen = registry.resolve_sources(sources)
+            if sources.strip() != "all":
+                registry.check_pairs(chosen, registry.get_target(target, degree=degree, interval=bounds))
+            conversion = {"to": target, "sources": chosen, "degree": degree, "interval": bounds}
+        _import_tensorflow_quietly(debug or _state["debug"])
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        import keras
+
+        from ..errors import RecoveryFailedError
+        from ..recover.files import run
+
+        class Bar(keras.callbacks.Callback):
+            def __init__(self, progress: Any) -> None:
+                super().__init__()
+                self.progress, self.task = progress, None
+
+            def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+                self.task = self.progress.add_task(f"epoch {epoch + 1}/{epochs}", total=self.params.get("steps"))
+
+            def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+                self.progress.advance(self.task)
+
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
+        failure: RecoveryFailedError | None = None
+        with Progress(*columns, console=Console(stderr=True), disable=as_json) as progress:
+            try:
+                result = run(
+                    original, converted, data, val=val, output=out, force=force, conversion=conversion,
+                    callbacks=[Bar(progress)], epochs=epochs, ramp_epochs=ramp, distill=not no_distill,
+                    learning_rate=learning_rate, batch_size=batch_size, fit=not plain,
+                    max_drop=max_drop,
+                )
+            except RecoveryFailedError as e:
+                failure, result = e, e.result
+        if as_json:
+            if failure is not None:
+                result = {**result, "error": str(failure)}
+            typer.echo(json.dumps(result))
+        else:
+            table = Table(title=f"recover {converted or original}")
+            for col in ("epoch", "loss", "val accuracy"):
+                table.add_column(col)
+            for e in result["epochs"]:
+                acc = e["val_accuracy"]
+                table.add_row(str(e["epoch"]), f"{e['loss']:.4g}", "" if acc is None else f"{acc:.4f}")
+            console = _console()
+            console.print(table)
+            restores = "" if result["nan_restores"] is None else (
+                f"; restores {result['nan_restores']} ({result['explosions']} finite explosions)")
+            written = f"wrote {result['output']}" if result["output"] else "nothing written"
+            console.print(
+                f"accuracy on {result['check_samples']} check samples: original {result['original_accuracy']:.4f}, "
+                f"converted {result['converted_accuracy']:.4f}, recovered {result['recovered_accuracy']:.4f}"
+                f"{restores}; {written}"
+            )
+        if failure is not None:
+            where = f"; written anyway (--force): {result['output']}" if result["output"] else "; nothing written"
+            typer.echo(f"error: {failure}{where}", err=True)
+            return 1
+        return 0
+
+    _run(debug, body)
