@@ -169,7 +169,7 @@ def fit_squares(original: Any, polynomials: dict[str, tuple[float, ...]], x: Any
     shifted square ``s·(z + b)²`` that is the least-squares quadratic to the
     source activation on the site's measured input range [-R, R] (``original``
     run on inputs ``x``), when ``b`` can be folded into the layer producing z
-    (:func:`actswap.shifts.producers`); elsewhere ``b = 0`` and ``s`` is that
+    (:func:`actswap.recover.shifts.producers`); elsewhere ``b = 0`` and ``s`` is that
     quadratic's x² coefficient. Layer name -> (s, b)."""
     from ..calibrate import calibrate
     from .shifts import producers
@@ -182,13 +182,14 @@ def fit_squares(original: Any, polynomials: dict[str, tuple[float, ...]], x: Any
     for s in sites:
         r = ranges.get(s.path)
         name = s.path.split("/")[-1]
-        if r is None or s.detail or s.path != name:
+        if r is None or s.detail:
             continue
         bound = max(abs(r.min), abs(r.max), 1e-3)
         c0, c1, c2 = registry.fit_coefficients(s.activation, s.detail, 2, (-bound, bound))
         if c2 <= 0:
             continue
-        out[name] = (c2, c1 / (2.0 * c2) if name in foldable else 0.0)
+        top_level = s.path == name  # producers() looks at the top-level graph only
+        out[name] = (c2, c1 / (2.0 * c2) if top_level and name in foldable else 0.0)
     return out
 
 
@@ -212,7 +213,7 @@ def _blend_by_layer(model: Any) -> dict[str, Blend]:
 def finalize(blended: Any) -> Any:
     """The polynomial model: every Blend (factor 1) becomes its polynomial (x²:
     ``Square(scale=s)``, its shift folded into the layer producing its input,
-    :mod:`actswap.shifts`); weights kept. ``blended`` is not modified."""
+    :mod:`actswap.recover.shifts`); weights kept. ``blended`` is not modified."""
     from .shifts import fold, producers
 
     for b in blends(blended):
