@@ -71,6 +71,10 @@ def _import_tensorflow_quietly(debug: bool) -> None:
             import tensorflow as tf
 
             tf.config.list_physical_devices()  # device probing logs too (cuInit)
+            # TensorFlow's Python-side advice (e.g. "tf.function retracing" when a
+            # command evaluates several models) is for developers, not a user's
+            # terminal; errors still show.
+            tf.get_logger().setLevel("ERROR")
     finally:
         os.dup2(saved, 2)
         os.close(saved)

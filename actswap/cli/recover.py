@@ -120,7 +120,9 @@ def recover(
             typer.echo(json.dumps(result))
         else:
             table = Table(title=f"recover {converted or original}")
-            for col in ("epoch", "loss", "val accuracy"):
+            # Keras validates with the BatchNorm statistics of the moment; the final
+            # figures below are after they are re-estimated, and can differ a lot.
+            for col in ("epoch", "loss", "val accuracy (running stats)"):
                 table.add_column(col)
             for e in result["epochs"]:
                 acc = e["val_accuracy"]

@@ -32,19 +32,36 @@ Layout: :mod:`.blend` (the blended model and its two ends), :mod:`.training`
 Invariant: the models passed in are not modified.
 """
 
-from ..errors import RecoveryFailedError
-from .blend import (
-    SQUARE, Blend, blend_model, blends, finalize, fit_squares, polynomials_of, reestimate_statistics,
-)
-from .run import (
-    CALIBRATION_SAMPLES, CHECK_SAMPLES, MAX_DROP, REESTIMATE_BATCHES, accuracy, check_recovery, load_xy, recover,
-    site_growth,
-)
-from .training import BlendSchedule, Distiller, NaNGuard, distillation_loss
+from __future__ import annotations
 
-__all__ = [
-    "CALIBRATION_SAMPLES", "CHECK_SAMPLES", "MAX_DROP", "REESTIMATE_BATCHES", "SQUARE", "Blend", "BlendSchedule",
-    "Distiller", "NaNGuard", "RecoveryFailedError", "accuracy", "blend_model", "blends", "check_recovery",
-    "distillation_loss", "finalize", "fit_squares", "load_xy", "polynomials_of", "recover",
-    "reestimate_statistics", "site_growth",
-]
+import importlib
+from typing import Any
+
+# Names are resolved on first use (PEP 562), so that importing a TensorFlow-free
+# part of the package (``actswap.recover.files``, which the CLI needs before it
+# imports TensorFlow quietly) does not import TensorFlow.
+_HOMES = {
+    "SQUARE": "blend", "Blend": "blend", "blend_model": "blend", "blends": "blend", "finalize": "blend",
+    "fit_squares": "blend", "polynomials_of": "blend", "reestimate_statistics": "blend",
+    "CALIBRATION_SAMPLES": "run", "CHECK_SAMPLES": "run", "MAX_DROP": "run", "REESTIMATE_BATCHES": "run",
+    "accuracy": "run", "check_recovery": "run", "load_xy": "run", "recover": "run", "site_growth": "run",
+    "BlendSchedule": "training", "Distiller": "training", "NaNGuard": "training",
+    "distillation_loss": "training",
+}
+__all__ = sorted([*_HOMES, "RecoveryFailedError"])
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RecoveryFailedError":
+        from ..errors import RecoveryFailedError
+
+        return RecoveryFailedError
+    if name in _HOMES:
+        value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
