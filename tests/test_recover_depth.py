@@ -6,6 +6,7 @@ finalizes as s·x² with b folded into the layer before it."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -209,3 +210,25 @@ def reference_forward(m, x):
         else:
             h = layer(h, training=False) if isinstance(layer, keras.layers.BatchNormalization) else layer(h)
     return h.numpy()
+
+
+def test_recover_usage_errors_are_one_line_before_tensorflow_is_imported(tmp_path, fixtures_dir):
+    code = textwrap.dedent("""
+        import sys
+        from actswap.cli import main
+        try:
+            main(sys.argv[1:])
+        finally:
+            print("tensorflow imported:", "tensorflow" in sys.modules)
+    """)
+    model = str(fixtures_dir / "mnist_cnn.keras")
+    for args, fragment in [
+        (["--data", "t.npz", "--epochs", "0"], "--epochs must be >= 1"),
+        (["--data", "t.npz", "--max-drop", "-1"], "--max-drop must be >= 0"),
+        ([model, "--to", "square", "--data", "t.npz"], "either CONVERTED or --to"),
+    ]:
+        p = subprocess.run([sys.executable, "-c", code, "recover", model, *args, "-o", str(tmp_path / "o.keras")],
+                           capture_output=True, text=True, timeout=120, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0"})
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and fragment in lines[0], p.stderr
+        assert p.stdout.strip().endswith("tensorflow imported: False")
