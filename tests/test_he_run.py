@@ -18,7 +18,11 @@ ts = pytest.importorskip("tenseal")
 
 from typer.testing import CliRunner  # noqa: E402
 
-from actswap import encrypted as E  # noqa: E402
+from actswap.he import encrypted as he_encrypted  # noqa: E402
+from actswap.he import evaluate as he_evaluate  # noqa: E402
+from actswap.he import limits as he_limits  # noqa: E402
+from actswap.he import params as he_params  # noqa: E402
+from actswap.he import program as he_program  # noqa: E402
 from actswap.activations import Polynomial, PolynomialActivation, Square, SquareActivation  # noqa: E402
 from actswap.cli import app  # noqa: E402
 
@@ -83,8 +87,8 @@ def test_affine_compilation_equals_the_layers(case):
     model = AFFINE_CASES[case]()
     if case == "chain":
         randomize(model)
-    program = E.compile_model(model)
-    assert [type(s) for s in program.stages] == [E.Affine]  # one stretch, one matrix
+    program = he_program.compile_model(model)
+    assert [type(s) for s in program.stages] == [he_program.Affine]  # one stretch, one matrix
     x = rand((6,) + program.input_shape, seed=7)  # not the compiler's probes
     expected = np.asarray(model(x, training=False), "float64").reshape(len(x), -1)
     got = program.plain(x)
@@ -95,7 +99,7 @@ def test_affine_compilation_equals_the_layers(case):
 def test_dense_matrix_is_its_kernel_exactly():
     # Basis vectors through a float64 clone: f(e_i) - f(0) is the kernel row, bit for bit.
     model = single(L.Dense(4), (3,))
-    stage = E.compile_model(model).stages[0]
+    stage = he_program.compile_model(model).stages[0]
     kernel, bias = (np.asarray(w, "float64") for w in model.layers[-1].get_weights())
     assert np.array_equal(stage.matrix, kernel) and np.array_equal(stage.bias, bias)
 
@@ -120,14 +124,14 @@ POLY_CASES = {
 @pytest.mark.parametrize("case", sorted(POLY_CASES))
 def test_polynomial_stages_equal_the_model(case):
     model = POLY_CASES[case]()
-    program = E.compile_model(model)
-    assert any(isinstance(s, E.Poly) for s in program.stages)
+    program = he_program.compile_model(model)
+    assert any(isinstance(s, he_program.Poly) for s in program.stages)
     x = rand((5,) + program.input_shape, seed=11)
     expected = np.asarray(model(x), "float64").reshape(len(x), -1)
     np.testing.assert_allclose(program.plain(x), expected, atol=PLAIN_TOL * max(1.0, np.abs(expected).max()))
 
 
-class _Drifting(E._PlainBackend):
+class _Drifting(he_evaluate._PlainBackend):
     """Plaintext stand-in that misbehaves like TenSEAL: each rescale into level l
     multiplies the value by drift(l) (TenSEAL resets the scale to 2^s after
     dividing by a prime q != 2^s)."""
@@ -150,14 +154,14 @@ class _Drifting(E._PlainBackend):
 
 @pytest.mark.parametrize("case", ["square_layer", "poly_layer", "per_channel"])
 def test_evaluator_compensates_rescale_drift(case):
-    program = E.compile_model(POLY_CASES[case]())
+    program = he_program.compile_model(POLY_CASES[case]())
     x = rand((4, program.input_size), seed=5).astype("float64")
-    _, out = E._evaluate(program, _Drifting(), x)
+    _, out = he_evaluate._evaluate(program, _Drifting(), x)
     np.testing.assert_allclose(out.data / out.factor, program.plain(x), rtol=1e-12, atol=1e-12)
 
 
 def test_depth_counting_rule():
-    depth = lambda m: E.depth_and_magnitudes(E.compile_model(m), rand((1,) + tuple(m.inputs[0].shape[1:])))[0]  # noqa: E731
+    depth = lambda m: he_params.depth_and_magnitudes(he_program.compile_model(m), rand((1,) + tuple(m.inputs[0].shape[1:])))[0]  # noqa: E731
     # matrix 1 + x² 1 + matrix 1
     assert depth(POLY_CASES["square_layer"]()) == 3
     # matrix 1 + degree 3 with coefficients: ceil(log2 3) + 1 = 3
@@ -167,19 +171,19 @@ def test_depth_counting_rule():
 def test_parameters_fit_security_and_slots():
     for d in range(1, 12):
         for slots in (10, 3000, 7000):
-            p = E.choose_parameters(d, slots, {d: 100.0})
-            assert p.total_bits <= E.MAX_MODULUS_BITS[p.poly_modulus_degree]
+            p = he_params.choose_parameters(d, slots, {d: 100.0})
+            assert p.total_bits <= he_limits.MAX_MODULUS_BITS[p.poly_modulus_degree]
             assert p.poly_modulus_degree // 2 >= slots
             assert len(p.coeff_mod_bit_sizes) == d + 2 and max(p.coeff_mod_bit_sizes) <= 60
-            assert p.scale_bits >= E.MIN_SCALE_BITS
+            assert p.scale_bits >= he_limits.MIN_SCALE_BITS
             assert p.coeff_mod_bit_sizes[0] - p.scale_bits >= np.log2(100.0) + 1
 
 
 def test_parameters_refused_when_nothing_fits():
-    with pytest.raises(E.ParameterError, match="depth 40"):
-        E.choose_parameters(40, 100, {})
-    with pytest.raises(E.ParameterError, match="slots"):
-        E.choose_parameters(2, 20000, {})
+    with pytest.raises(he_limits.ParameterError, match="depth 40"):
+        he_params.choose_parameters(40, 100, {})
+    with pytest.raises(he_limits.ParameterError, match="slots"):
+        he_params.choose_parameters(2, 20000, {})
 
 
 def tiny_model():
@@ -213,7 +217,7 @@ def test_encrypted_run_matches_plaintext():
     # Two samples keep it fast: each costs one rotation per input of every matrix.
     x = rand((2, 3, 3, 1), seed=9)
     y = np.array([0, 2])
-    report = E.run(model, x, y)
+    report = he_encrypted.run(model, x, y)
     reference = logits_of(model, x)
     np.testing.assert_allclose(report.plaintext_logits, reference, atol=1e-5)
     err = np.abs(report.encrypted_logits - reference).max()
@@ -222,7 +226,7 @@ def test_encrypted_run_matches_plaintext():
     assert report.encrypted_accuracy == float((reference.argmax(1) == y).mean())
     p = report.parameters
     assert p.depth == 6  # conv+BN 1, x² 1, dense 1, degree 2 per channel 2, dense 1
-    assert p.total_bits <= E.MAX_MODULUS_BITS[p.poly_modulus_degree]
+    assert p.total_bits <= he_limits.MAX_MODULUS_BITS[p.poly_modulus_degree]
     assert set(report.latency) == {"encrypt", "evaluate", "decrypt"}
 
 
@@ -249,7 +253,7 @@ def test_tenseal_rescale_leaves_a_measurable_factor():
     compensation is a no-op and could go."""
     ctx = ts.context(ts.SCHEME_TYPE.CKKS, 8192, coeff_mod_bit_sizes=[40, 27, 27, 40])
     ctx.global_scale = 2.0**27
-    factors = E._measure_drift(ctx, 2)
+    factors = he_params._measure_drift(ctx, 2)
     assert all(1e-5 < abs(f - 1) < 1e-2 for f in factors), factors
 
 
@@ -280,8 +284,8 @@ def out_of_scope(name):
 @pytest.mark.parametrize("name", ["maxpool", "relu", "relu_layer", "softmax_inside", "branch", "product"])
 def test_out_of_scope_is_refused_naming_the_layer(name):
     model, layer, hint = out_of_scope(name)
-    with pytest.raises(E.OutOfScopeError) as info:
-        E.compile_model(model)
+    with pytest.raises(he_limits.OutOfScopeError) as info:
+        he_program.compile_model(model)
     message = str(info.value)
     assert f"'{layer}'" in message and hint in message, message
     assert info.value.exit_code == 2 and "\n" not in message

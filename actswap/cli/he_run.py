@@ -47,7 +47,7 @@ def he_run(
         _import_tensorflow_quietly(debug or _state["debug"])
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from ..encrypted import run as run_encrypted
+        from ..he.encrypted import run as run_encrypted
 
         console = _console()
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]

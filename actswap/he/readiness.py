@@ -26,9 +26,9 @@ counts are given (``ct_ct``, ``ct_pt``), and ``depth`` is their sum.
 
 Invariant: reads the model, changes nothing.
 
-:func:`run` goes one step further and runs the model on CKKS-encrypted data
-(TenSEAL), comparing with plaintext; it lives in :mod:`actswap.encrypted`,
-whose evaluator counts levels by the same rule (x² 1, a matrix 1, a
+:func:`actswap.he.run` goes one step further and runs the model on
+CKKS-encrypted data (TenSEAL), comparing with plaintext
+(:mod:`actswap.he.encrypted`), whose evaluator counts levels by the same rule (x² 1, a matrix 1, a
 polynomial's coefficients 1 more), measured rather than estimated.
 """
 
@@ -40,7 +40,7 @@ from typing import Any
 
 import keras
 
-from .sites import find_sites, is_graph_model
+from ..sites import find_sites, is_graph_model
 
 CT_PT_LAYERS = {
     "Dense": 1, "EinsumDense": 1, "Conv1D": 1, "Conv2D": 1, "Conv3D": 1, "Conv1DTranspose": 1,
@@ -98,7 +98,7 @@ def _poly_cost(coefficients: tuple[float, ...]) -> tuple[int, int]:
 
 def _activation_cost(value: Any) -> tuple[int, int]:
     """Cost of an actswap polynomial activation object or config."""
-    from .activations import Polynomial, PolynomialActivation, SquareActivation, square
+    from ..activations import Polynomial, PolynomialActivation, SquareActivation, square
 
     if value is square:
         return 1, 0
@@ -110,7 +110,7 @@ def _activation_cost(value: Any) -> tuple[int, int]:
 
 
 def _leaf_cost(leaf: Any) -> tuple[int, int]:
-    from .activations import Polynomial, Square
+    from ..activations import Polynomial, Square
 
     if isinstance(leaf, Square):  # s·x²: one ct_ct, and one ct_pt when s != 1
         return _poly_cost((0.0, 0.0, leaf.scale))
@@ -146,7 +146,7 @@ def _walk(model: Any, inputs: list[Depth]) -> list[Depth]:
 
 
 def _non_polynomial(model: Any) -> list[dict[str, str]]:
-    from .sites import iter_nodes
+    from ..sites import iter_nodes
 
     found: list[dict[str, str]] = []
     activation_sites = {s.path: s for s in find_sites(model)}
@@ -168,18 +168,9 @@ def _non_polynomial(model: Any) -> list[dict[str, str]]:
 def he_report(model: Any) -> HEReport:
     """Remaining non-polynomial operations and the multiplicative depth of ``model``."""
     if not is_graph_model(model):
-        from .errors import UnsupportedModelError
+        from ..errors import UnsupportedModelError
 
         raise UnsupportedModelError("the HE report needs a Sequential or Functional model")
     n_inputs = len(keras.tree.flatten(model.inputs))
     outs = _walk(model, [Depth()] * n_inputs)
     return HEReport(_non_polynomial(model), max(outs) if outs else Depth())
-
-
-def run(model: Any, x: Any, y: Any = None, **options: Any) -> Any:
-    """Run ``model`` (a Keras model or a path) on the samples ``x`` encrypted with CKKS
-    (TenSEAL) and compare with plaintext; labels ``y`` add accuracies. Returns an
-    :class:`actswap.encrypted.HERunReport`; options and invariants: :func:`actswap.encrypted.run`."""
-    from .encrypted import run as _run
-
-    return _run(model, x, y, **options)

@@ -1,0 +1,163 @@
+"""``run``: compile, choose parameters, encrypt, evaluate, decrypt, compare."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import UserError
+from .evaluate import _evaluate_from, _TenSEALBackend
+from .params import CKKSParameters, _measure_drift, choose_parameters, depth_and_magnitudes, make_context, slots_needed
+from .program import _softmax, compile_model
+
+
+@dataclass
+class HERunReport:
+    samples: int
+    parameters: CKKSParameters
+    stages: list[str]
+    agreement: float
+    max_abs_logit_error: float
+    max_rel_logit_error: float
+    plaintext_accuracy: float | None
+    encrypted_accuracy: float | None
+    compile_check: float  # largest |softmax(program) - model| (or logits) on the samples
+    latency: dict[str, dict[str, float]]  # phase -> mean, max (seconds per sample)
+    sizes: dict[str, int]  # bytes (serialized); empty when they could not be measured (notes)
+    setup_seconds: float
+    final_softmax: bool
+    disagreements: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    # Per sample (not in to_dict): decrypted logits and the plaintext program's.
+    encrypted_logits: np.ndarray | None = None
+    plaintext_logits: np.ndarray | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "samples": self.samples, "parameters": self.parameters.to_dict(), "stages": list(self.stages),
+            "top1_agreement": self.agreement, "max_abs_logit_error": self.max_abs_logit_error,
+            "max_rel_logit_error": self.max_rel_logit_error,
+            "plaintext_accuracy": self.plaintext_accuracy, "encrypted_accuracy": self.encrypted_accuracy,
+            "plaintext_check": self.compile_check, "latency_seconds": self.latency,
+            "ciphertext_bytes": self.sizes, "setup_seconds": self.setup_seconds,
+            "final_softmax": self.final_softmax, "disagreements": list(self.disagreements),
+            "notes": list(self.notes),
+        }
+
+
+def run(
+    model: Any,
+    x: np.ndarray,
+    y: np.ndarray | None = None,
+    *,
+    limit: int | None = None,
+    params: CKKSParameters | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    on_parameters: Callable[[CKKSParameters], None] | None = None,
+) -> HERunReport:
+    """Run ``model`` (a Keras model or a path) on the samples ``x`` encrypted, one
+    ciphertext per sample, and compare with plaintext.
+
+    The plaintext reference is the model itself: top-1 agreement is against its
+    predictions, and the logits it compiles to (checked against its own outputs
+    on these samples: ``plaintext_check``) are what the decrypted logits are
+    compared with. ``progress(done, total)`` is called after each sample;
+    ``on_parameters`` once the parameters are chosen (before the slow part).
+    """
+    try:
+        import tenseal  # noqa: F401
+    except ImportError:
+        raise UserError("the encrypted run needs TenSEAL: pip install 'actswap[he]'") from None
+    if not hasattr(model, "inputs"):
+        from .. import io
+
+        model = io.load(model)
+    x = np.asarray(x)
+    if y is not None and len(y) != len(x):
+        raise UserError(f"x has {len(x)} samples but y has {len(y)} labels")
+    if limit is not None:
+        if limit < 1:
+            raise UserError(f"--limit must be at least 1, got {limit}")
+        x = x[:limit]
+        y = None if y is None else np.asarray(y)[:limit]
+    if len(x) == 0:
+        raise UserError("no samples to run")
+    want = tuple(model.inputs[0].shape[1:]) if len(getattr(model, "inputs", [])) == 1 else None
+    if want is not None and None not in want and tuple(x.shape[1:]) != want:
+        if int(np.prod(x.shape[1:])) != int(np.prod(want)):
+            raise UserError(f"the samples have shape {tuple(x.shape[1:])}, the model takes {want}")
+        x = x.reshape((len(x),) + want)  # e.g. MNIST without its channel axis
+    x = x.astype("float32")
+    program = compile_model(model, x[:16])
+    plain_logits = program.plain(x)
+    model_out = np.asarray(model.predict(x, batch_size=256, verbose=0), "float64").reshape(len(x), -1)
+    mine = _softmax(plain_logits) if program.final_softmax else plain_logits
+    compile_check = float(np.abs(mine - model_out).max())
+    depth, magnitude = depth_and_magnitudes(program, x)
+    if params is None:
+        params = choose_parameters(depth, slots_needed(program), magnitude)
+    elif params.depth < depth or params.poly_modulus_degree // 2 < slots_needed(program):
+        raise UserError(
+            f"the parameters given have depth {params.depth} and {params.poly_modulus_degree // 2} slots; "
+            f"this model needs depth {depth} and {slots_needed(program)} slots"
+        )
+    if on_parameters is not None:
+        on_parameters(params)
+    t0 = time.perf_counter()
+    ctx = make_context(params)
+    backend = _TenSEALBackend(ctx, _measure_drift(ctx, params.depth))
+    setup = time.perf_counter() - t0
+    flat = x.reshape(len(x), -1).astype("float64")
+    enc_logits = np.zeros((len(x), program.output_size))
+    times = {"encrypt": [], "evaluate": [], "decrypt": []}
+    sizes: dict[str, int] = {}
+    for i in range(len(x)):
+        t = time.perf_counter()
+        enc = backend.encrypt(flat[i])
+        t1 = time.perf_counter()
+        out = _evaluate_from(program, backend, enc)
+        t2 = time.perf_counter()
+        enc_logits[i] = np.asarray(out.data.decrypt()) / out.factor
+        t3 = time.perf_counter()
+        times["encrypt"].append(t1 - t)
+        times["evaluate"].append(t2 - t1)
+        times["decrypt"].append(t3 - t2)
+        if i == 0 and _serialize_is_safe():
+            sizes = {"input": len(enc.serialize()), "output": len(out.data.serialize())}
+        if progress is not None:
+            progress(i + 1, len(x))
+    notes = []
+    if sizes:
+        sizes["public_context"] = len(ctx.serialize(save_public_key=True, save_secret_key=False,
+                                                    save_galois_keys=True, save_relin_keys=True))
+    else:
+        notes.append("ciphertext sizes not measured: TensorFlow was imported before TenSEAL, and then "
+                     "TenSEAL's serialize() crashes (their protobuf libraries clash); import tenseal first")
+    err = np.abs(enc_logits - plain_logits)
+    rel = err.max() / max(1e-12, float(np.abs(plain_logits).max()))
+    model_top1 = model_out.argmax(axis=1)
+    enc_top1 = enc_logits.argmax(axis=1)
+    agree = enc_top1 == model_top1
+    latency = {k: {"mean": float(np.mean(v)), "max": float(np.max(v))} for k, v in times.items()}
+    return HERunReport(
+        samples=len(x), parameters=params, stages=[s.describe() for s in program.stages],
+        agreement=float(agree.mean()), max_abs_logit_error=float(err.max()), max_rel_logit_error=float(rel),
+        plaintext_accuracy=None if y is None else float((model_top1 == y).mean()),
+        encrypted_accuracy=None if y is None else float((enc_top1 == y).mean()),
+        compile_check=compile_check, latency=latency, sizes=sizes, setup_seconds=setup,
+        final_softmax=program.final_softmax, disagreements=[int(i) for i in np.flatnonzero(~agree)],
+        notes=notes, encrypted_logits=enc_logits, plaintext_logits=plain_logits,
+    )
+
+
+def _serialize_is_safe() -> bool:
+    """Whether TenSEAL was loaded before TensorFlow (sys.modules keeps import order):
+    the other way round, TenSEAL's serialize() segfaults (TF 2.21, TenSEAL 0.3.18)."""
+    import sys
+
+    names = list(sys.modules)
+    return "tensorflow" not in sys.modules or names.index("tenseal") < names.index("tensorflow")
