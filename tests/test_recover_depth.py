@@ -232,3 +232,21 @@ def test_recover_usage_errors_are_one_line_before_tensorflow_is_imported(tmp_pat
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 2 and len(lines) == 1 and fragment in lines[0], p.stderr
         assert p.stdout.strip().endswith("tensorflow imported: False")
+
+
+def test_a_blended_model_reloads_after_import_actswap_alone(tmp_path):
+    model = residual_net()
+    converted, _ = actswap.convert(model)
+    blended = R.blend_model(model, polynomials=R.polynomials_of(converted),
+                            squares={"r_add": (0.25, 1.5)})
+    path = actswap.save(blended, tmp_path / "blended.keras")
+    code = textwrap.dedent("""
+        import sys, numpy as np
+        import actswap, keras  # nothing of actswap.recover imported by hand
+        m = keras.models.load_model(sys.argv[1])
+        blends = [l for l in m.layers if type(l).__name__ == "Blend"]
+        print(len(blends), [(b.scale, b.shift) for b in blends if b.name == "r_add"])
+    """)
+    p = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip().splitlines()[-1] == "3 [(0.25, 1.5)]"
