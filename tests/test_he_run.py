@@ -114,6 +114,10 @@ POLY_CASES = {
     "square_layer": lambda: keras.Sequential([keras.Input((4,)), L.Dense(3), Square(), L.Dense(2)]),
     "square_activation": lambda: keras.Sequential(
         [keras.Input((4,)), L.Dense(3, activation=SquareActivation("clip:1")), L.Dense(2)]),
+    # what recover leaves: s·x² (layer and activation)
+    "scaled_square_layer": lambda: keras.Sequential([keras.Input((4,)), L.Dense(3), Square(scale=0.3), L.Dense(2)]),
+    "scaled_square_activation": lambda: keras.Sequential(
+        [keras.Input((4,)), L.Dense(3, activation=SquareActivation(scale=0.3)), L.Dense(2)]),
     "poly_layer": lambda: keras.Sequential([keras.Input((4,)), L.Dense(3), Polynomial([0.1, -0.5, 0.25, 0.05])]),
     "poly_activation": lambda: keras.Sequential(
         [keras.Input((4,)), L.Dense(3, activation=PolynomialActivation([0, 1, 0.5])), L.Dense(2)]),
