@@ -255,7 +255,9 @@ def write_doc(rows: list[dict], args, seconds: float) -> None:
     lines += ["", f"Target (issue 14): within 0.5 points of ReLU with at most 3 epochs, never a NaN/Inf: met in "
               f"{sum(met)} of {len(met)} runs.", ""]
     if any("peaks" in r for r in rows):
-        lines += ["Largest |input| per site (ReLU original → recovered), first seed:", ""]
+        lines += ["Largest |input| per site (ReLU original → recovered), first seed. A recovered site's input "
+                  "includes the shift b folded into the layer before it (about half the site's range), which "
+                  "is most of the growth shown; magnitudes no longer compound from site to site:", ""]
         for r in rows:
             if r["seed"] == args.seeds[0] and "peaks" in r:
                 lines.append(f"- {r['arch']}: " + ", ".join(f"{k} {b:.3g}→{a:.3g}" for k, (b, a) in r["peaks"].items()))
