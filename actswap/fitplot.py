@@ -78,10 +78,10 @@ def calibrated_site(
 ) -> tuple[str, tuple[float, float], np.ndarray]:
     """The chosen site's path, calibrated fit interval and input samples."""
     from .calibrate import calibrate
-    from .io import load
+    from .formats import load_keras_model
     from .sites import find_sites
 
-    model = load(model_path)
+    model = load_keras_model(model_path)[0]
     sites = [s for s in find_sites(model) if (s.path == path if path else s.activation == activation)]
     if not sites:
         wanted = f"site '{path}'" if path else f"a {activation} site"

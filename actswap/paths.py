@@ -73,6 +73,17 @@ def check_output_pb(path: str | os.PathLike[str], *, overwrite: bool = False) ->
     return _check_file(path, ".pb", "a frozen graph", overwrite)
 
 
+def check_output_h5(path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """A Keras 2 ``.h5``/``.hdf5`` destination (tf_keras picks its writer from the name)."""
+    dest = Path(path)
+    if dest.suffix.lower() not in (".h5", ".hdf5"):
+        return _check_file(path, ".h5", "tf_keras reads the format from the name", overwrite)
+    if dest.is_dir():
+        raise UserError(f"output '{dest}' is a directory; give a file name ending in .h5")
+    _common(dest, overwrite)
+    return dest
+
+
 def check_output_onnx(path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
     """An ``.onnx`` file destination."""
     return _check_file(path, ".onnx", "an ONNX model", overwrite)

@@ -21,16 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from . import gradients, registry, scan
-from .errors import InvariantError, NonFiniteOutputError, UserError, first_line
-from .formats import Format, detect
-from .report import REPLACED, SKIPPED, Report
+from .errors import NonFiniteOutputError, UserError, first_line
+from .formats import Backend, ConvertOptions, backend_for, base
+from .formats.base import require
+from .report import Report
 
 
 @dataclass(frozen=True)
 class ConvertPlan:
     model: Path
-    fmt: Format
-    legacy_kind: str | None  # "h5"/"savedmodel": a Keras 2 file for tf_keras
+    backend: Backend  # reads the input, writes the output (its family)
     out: Path
     to: str
     grad: str
@@ -49,27 +49,6 @@ class ConvertPlan:
     scan_report: scan.ScanReport | None = None
 
 
-def legacy_kind(model: Path, fmt: Format) -> str | None:
-    """"h5"/"savedmodel" for Keras 2 files that go to tf_keras, else None."""
-    from . import legacy
-
-    if fmt is Format.SAVEDMODEL and legacy.is_keras2_savedmodel(model):
-        return "savedmodel"
-    if fmt is Format.H5 and legacy.h5_needs_legacy(model):
-        return "h5"
-    return None
-
-
-def default_output(model: Path, target: str, fmt: Format, legacy: str | None = None) -> Path:
-    """Beside the input, same family: x.keras -> x.square.keras, dir -> dir.square/, x.pb -> x.square.pb."""
-    target = target.split(":")[0]  # poly:0,0.5,0.25 -> poly
-    if fmt is Format.SAVEDMODEL:
-        return model.with_name(f"{model.name}.{target}")
-    stem = model.name[: -len(model.suffix)] if model.suffix else model.name
-    ext = {Format.GRAPHDEF: ".pb", Format.H5: ".h5" if legacy else ".keras"}.get(fmt, ".keras")
-    return model.with_name(f"{stem}.{target}{ext}")
-
-
 def _same_path(a: Path, b: Path) -> bool:
     try:
         if b.exists() and os.path.samefile(a, b):
@@ -77,22 +56,6 @@ def _same_path(a: Path, b: Path) -> bool:
     except OSError:
         pass
     return a.resolve() == b.resolve()
-
-
-def _check_output(out: Path, fmt: Format, force: bool) -> None:
-    from . import paths
-
-    if fmt is Format.SAVEDMODEL:
-        if out.suffix == ".keras":
-            raise UserError(
-                f"-o '{out}': a SavedModel converts to a SavedModel directory, not a .keras file "
-                "(its graph has no Keras layers to rebuild); give a directory path"
-            )
-        paths.check_output_dir(out, overwrite=force)
-    elif fmt is Format.GRAPHDEF:
-        paths.check_output_pb(out, overwrite=force)
-    else:
-        paths.check_output_path(out, overwrite=force)
 
 
 def plan_convert(
@@ -132,35 +95,31 @@ def plan_convert(
     chosen = registry.resolve_sources(sources)
     if sources.strip() != "all":
         registry.check_pairs(chosen, target)
-    fmt = detect(model)
-    report = scan.check(model, trust_code=trust_code)
-    if signature is not None and fmt is not Format.SAVEDMODEL:
-        raise UserError(f"--signature applies to SavedModel input; '{model}' is a {fmt.value} file")
-    legacy = legacy_kind(model, fmt)
-    out = Path(output) if output is not None else default_output(model, to, fmt, legacy)
+    backend = backend_for(model)
+    report = scan.check(model, trust_code=trust_code, backend=backend)
+    if signature is not None:
+        require(backend, base.SIGNATURE, model)
+    if to != "square" or chosen != frozenset({"relu"}):
+        require(backend, base.ANY_TARGET, model)
+    out = Path(output) if output is not None else backend.default_output(model, to)
     if _same_path(model, out):
         raise UserError(f"output '{out}' is the input; choose another -o path")
-    if fmt is Format.SAVEDMODEL and model.resolve() in out.resolve().parents:
-        raise UserError(f"output '{out}' is inside the input SavedModel '{model}'; write it elsewhere")
-    if legacy is None:  # tf_keras has its own family rules, checked by convert_legacy
-        _check_output(out, fmt, force)
+    backend.check_output(model, out, force)
+    if pool is not None:
+        require(backend, base.POOL, model)
     onnx_path = Path(onnx_out) if onnx_out is not None else None
     if onnx_path is not None:
-        if legacy is not None or fmt is Format.GRAPHDEF:
-            raise UserError("--onnx is supported for Keras 3 models and SavedModels")
+        require(backend, base.ONNX, model)
         paths.check_output_onnx(onnx_path, overwrite=force)
-    if legacy is not None and (to != "square" or chosen != frozenset({"relu"})):
-        raise UserError("Keras 2 (tf_keras) files convert with --to square --from relu only, for now")
     calib = Path(calibrate) if calibrate is not None else None
     if calib is not None:
-        if fmt not in (Format.KERAS, Format.H5) or legacy is not None:
-            raise UserError("--calibrate is supported for Keras 3 models (.keras/.h5) only, for now")
+        require(backend, base.CALIBRATE, model)
         if not calib.is_file():
             raise UserError(f"calibration data '{calib}' is not a file; pass an .npz (array x) or .npy")
         if not margin >= 0:
             raise UserError(f"--margin must be >= 0, got {margin}")
     return ConvertPlan(
-        model, fmt, legacy, out, to, grad_mode, signature, force, onnx_path, chosen, degree, bounds,
+        model, backend, out, to, grad_mode, signature, force, onnx_path, chosen, degree, bounds,
         calib, margin, trainable, per_channel, pool, trust_code, report,
     )
 
@@ -197,23 +156,15 @@ def run_convert(
     recover`` command; with ``strict`` (and not ``allow_nonfinite``) that is a
     :class:`NonFiniteOutputError` instead (exit 1, nothing written)."""
     trust = plan.trust_code if trust_code is None else trust_code
-    if plan.legacy_kind is not None:
-        from . import legacy  # Keras 2 family in, Keras 2 family out
-
-        report = legacy.convert_legacy(
-            plan.model, plan.out, plan.grad, overwrite=plan.force, trust_code=trust, strict=strict,
-            write_unchanged=plan.force,
-        )
-        _note_nothing(report, plan)
-        return report, strict and report.skipped_relu_like > 0
-    from . import api
-
-    converted, report = api.convert(
-        plan.model, to=plan.to, grad=plan.grad, signature=plan.signature, trust_code=trust,
-        sources=plan.sources, degree=plan.degree, interval=plan.interval,
-        calibrate=plan.calibrate, margin=plan.margin, trainable=plan.trainable, per_channel=plan.per_channel,
-        pool=plan.pool,
+    options = ConvertOptions(
+        target=registry.get_target(
+            plan.to, degree=plan.degree, interval=plan.interval, trainable=plan.trainable,
+            per_channel=plan.per_channel,
+        ),
+        grad=plan.grad, sources=plan.sources, signature=plan.signature, trust_code=trust,
+        calibrate=plan.calibrate, margin=plan.margin, pool=plan.pool,
     )
+    converted, report = plan.backend.convert(plan.model, options)
     if strict and report.skipped_relu_like > 0:
         return report, True
     if report.replaced == 0 and not plan.force:
@@ -229,9 +180,8 @@ def run_convert(
             converted, plan.onnx_out, opset=opset, sample=sample,
             tol=DEFAULT_TOL if tol is None else tol, overwrite=plan.force,
         )
-    report.output = str(api.save(
-        converted, plan.out, overwrite=plan.force, check=_output_check(plan, report, trust), trust_code=trust
-    ))
+    check = plan.backend.written_check(report, plan.sources, trust)
+    report.output = str(plan.backend.save(converted, plan.out, overwrite=plan.force, check=check, trust_code=trust))
     if exported is not None:
         report.notes.append(f"ONNX: wrote {exported.output}; parity: {exported.parity.describe()}")
         report.export = exported.to_dict()
@@ -247,60 +197,6 @@ def _note_nothing(report: Report, plan: ConvertPlan) -> None:
         )
 
 
-def _output_check(plan: ConvertPlan, report: Report, trust_code: bool) -> Any:
-    """What the written output must hold, checked on the temporary copy before
-    it is moved into place: every replaced site is a square (or polynomial), and
-    (graphs) exactly the skipped activation ops remain."""
-    replaced = [s for s in report.sites if s.action == REPLACED and s.activation != registry.POOL_SOURCE]
-    expected = "square" if report.target == "square" else "poly"
-    if plan.fmt is Format.SAVEDMODEL or plan.fmt is Format.GRAPHDEF:
-        def check_graph(tmp: Path) -> None:
-            from collections import Counter
-
-            from . import savedmodel
-
-            kept = Counter(s.activation for s in report.sites if s.action == SKIPPED)
-            after: Counter[str] = Counter()
-            if plan.fmt is Format.SAVEDMODEL:
-                # First read as protobuf (every function's ops); the load and
-                # re-trace of inspect_savedmodel decides only on a difference.
-                from .readback import saved_op_counts
-
-                for op, n in saved_op_counts(tmp).items():
-                    if op in registry.TF_OP_ACTIVATIONS:
-                        after[registry.TF_OP_ACTIVATIONS[op]] += n
-                if any(after[s.activation] != kept[s.activation] for s in replaced):
-                    written = savedmodel.inspect_savedmodel(tmp, plan.sources, trust_code=trust_code)
-                    after = Counter(s.activation for s in written.sites)
-            else:
-                written = savedmodel.inspect_graphdef(tmp, plan.sources, trust_code=trust_code)
-                after = Counter(s.activation for s in written.sites)
-            for act in {s.activation for s in replaced}:
-                if after[act] != kept[act]:
-                    raise InvariantError(
-                        f"the written model still has {after[act]} {act} op(s) where {kept[act]} were "
-                        "kept; nothing written"
-                    )
-
-        return check_graph
-
-    def check_keras(after: list[Any]) -> None:
-        # ``after``: the sites read back from the written file (io.save).
-        from collections import Counter
-
-        # A layer can hold several sites (activation=, recurrent_activation=).
-        got = Counter((s.path, s.activation) for s in after)
-        for (path, act), n in Counter((s.path, expected) for s in replaced).items():
-            if got[(path, act)] < n:
-                found = sorted({s.activation for s in after if s.path == path}) or ["no activation"]
-                raise InvariantError(
-                    f"the written model has {', '.join(found)} at '{path}' where {expected} was put; "
-                    "nothing written"
-                )
-
-    return check_keras
-
-
 def _check_finite(
     plan: ConvertPlan, converted: Any, report: Report, sample: Any, allow: bool, trust_code: bool
 ) -> None:
@@ -310,8 +206,10 @@ def _check_finite(
 
     from .export import sample_inputs, tf_callable
 
-    if plan.fmt is Format.GRAPHDEF:
-        report.notes.append("outputs not checked for NaN/Inf: a frozen graph is not run")
+    if not plan.backend.supports(base.RUN):
+        note = getattr(plan.backend, "not_run_note", None)
+        if note:
+            report.notes.append(note)
         return
     where = "the sample data" if sample is not None else "seeded random inputs"
     try:
@@ -350,7 +248,7 @@ def _check_finite(
         f"original's outputs are finite: {what} overflowed"
     )
     # actswap recover takes Keras 3 models; other formats are fine-tuned by their owner.
-    keras3 = plan.fmt in (Format.KERAS, Format.H5) and plan.legacy_kind is None
+    keras3 = plan.backend.supports(base.KERAS_MODEL)
     if allow:
         report.needs_recovery = f"{message}; it needs accuracy recovery before use: " + (
             f"actswap recover {plan.model} {plan.out} --data train.npz" if keras3
@@ -372,14 +270,7 @@ def _original_outputs(plan: ConvertPlan, inputs: list[Any], trust_code: bool) ->
     from .export import tf_callable
 
     try:
-        if plan.fmt is Format.SAVEDMODEL:
-            from .savedmodel import load_signatures
-
-            original, _ = load_signatures(plan.model, trust_code)
-        else:
-            from .io import load_with_notes
-
-            original, _ = load_with_notes(plan.model, trust_code=trust_code)
+        original, _ = plan.backend.load(plan.model, trust_code)
         call, keep = tf_callable(original)
         return [np.asarray(t) for t in call.function(*inputs)]
     except Exception:  # noqa: BLE001 - then the converted model's NaN/Inf is reported as such

@@ -55,7 +55,7 @@ from typing import Any
 
 from . import allowlists
 from .errors import LoadError, UnsafeModelError, first_line
-from .formats import _HDF5_OFFSETS, HDF5_MAGIC, Format, detect
+from .containers import _HDF5_OFFSETS, HDF5_MAGIC, Format
 from .zipmember import stored_member
 
 ERROR, WARNING = "error", "warning"
@@ -186,16 +186,26 @@ class ScanReport:
 # --- entry points ---------------------------------------------------------------
 
 
-def scan(path: str | os.PathLike[str]) -> ScanReport:
+def scan(path: str | os.PathLike[str], backend: Any = None) -> ScanReport:
     """Scan the model at ``path`` without loading it; return every finding.
 
+    The backend that reads ``path`` (:func:`actswap.formats.backend_for`, or
+    ``backend`` when the caller already has it) says what to read.
     Raises :class:`~actswap.errors.UserError` (exit 2) only when the path is not
-    a model at all (missing, special file, unrecognised content), as
-    :func:`actswap.formats.detect` does; everything else is a finding.
+    a model at all (missing, special file, unrecognised content); everything
+    else is a finding.
     """
+    from .formats import backend_for
+
     p = Path(path)
-    fmt = detect(p)
-    report = ScanReport(str(p), fmt.value)
+    backend = backend or backend_for(p)
+    report = ScanReport(str(p), backend.container.value if backend.container is not None else backend.name)
+    backend.scan(p, report)
+    return report
+
+
+def scan_container(p: Path, fmt: Format, report: ScanReport) -> None:
+    """Read the container ``fmt`` at ``p`` as data, adding findings to ``report``."""
     _check_name(p, fmt, report)
     if fmt is Format.KERAS:
         _scan_keras(p, report)
@@ -205,17 +215,30 @@ def scan(path: str | os.PathLike[str]) -> ScanReport:
         _scan_savedmodel(p, report)
     else:
         _scan_graphdef(p, report)
-    return report
 
 
-def check(path: str | os.PathLike[str], *, trust_code: bool = False) -> ScanReport:
+def check(path: str | os.PathLike[str], *, trust_code: bool = False, backend: Any = None) -> ScanReport:
     """Scan, and refuse (:class:`UnsafeModelError`, exit 2) a file with an error.
 
     With ``trust_code`` (the CLI's loudly-warned ``--trust-code``), findings of
     kind ``code`` are let through (returned in the report, for the caller to
     warn about); ``structure`` findings never are.
     """
-    report = scan(path)
+    from .formats import backend_for
+
+    return (backend or backend_for(Path(path))).check(Path(path), trust_code)
+
+
+def check_container(p: Path, fmt: Format, trust_code: bool = False) -> ScanReport:
+    """:func:`check` for a path whose container the caller knows (its backend's)."""
+    report = ScanReport(str(p), fmt.value)
+    scan_container(Path(p), fmt, report)
+    return refuse(report, trust_code)
+
+
+def refuse(report: ScanReport, trust_code: bool = False) -> ScanReport:
+    """Raise for the report's errors (``code`` ones let through with ``trust_code``);
+    damaged content is a LoadError, anything else an UnsafeModelError."""
     refused = [f for f in report.errors if not (trust_code and f.kind == CODE)]
     if refused and all(f.kind == DAMAGED for f in refused):
         more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""

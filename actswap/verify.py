@@ -166,7 +166,7 @@ def verify(
 ) -> VerifyReport:
     """Run the checks; see the module docstring. Models or paths to Keras files
     (scanned before loading; ``trust_code`` lets code findings through)."""
-    from .io import load_with_notes
+    from .formats import load_keras_model as load_with_notes
 
     if isinstance(original, (str, os.PathLike)):
         original = load_with_notes(original, trust_code=trust_code)[0]

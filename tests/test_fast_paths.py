@@ -25,7 +25,8 @@ from conftest import FIXTURES, weights_bytes
 from tf_cases import ControlFlowModule
 
 import actswap
-from actswap import activations, io, readback
+from actswap import activations, readback
+from actswap.formats import keras_file as io
 from actswap.errors import InvariantError
 from actswap.sites import config_sites, find_sites
 
@@ -87,14 +88,14 @@ def test_save_falls_back_to_the_reload_when_reading_cannot_confirm(tmp_path, mon
     model, _ = actswap.convert(FIXTURES / "mnist_cnn.keras", to="square")
     monkeypatch.setattr(readback, "read_back", lambda *a, **k: None)
     seen = []
-    io.save(model, tmp_path / "ok.keras", verify=True, check=seen.append)
+    io.save_keras(model, tmp_path / "ok.keras", verify=True, check=seen.append)
     assert (tmp_path / "ok.keras").exists()
     assert sorted(s.activation for s in seen[0]) == ["softmax", "square", "square", "square"]
 
     # The reload finds what the reading could not confirm: nothing is written.
     monkeypatch.setattr(io, "same_model", lambda *a, **k: (_ for _ in ()).throw(InvariantError("differs")))
     with pytest.raises(InvariantError):
-        io.save(model, tmp_path / "bad.keras", verify=True)
+        io.save_keras(model, tmp_path / "bad.keras", verify=True)
     assert not (tmp_path / "bad.keras").exists()
 
 

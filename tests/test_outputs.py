@@ -104,8 +104,8 @@ def test_enospc_while_writing_cleans_up_and_says_so(tmp_path):
     temporary file is removed."""
     src = small_model(tmp_path / "m.keras", units=512)
     script = (
-        "import sys\nimport actswap.io, actswap.paths\n"
-        "actswap.io.ensure_space = lambda *a, **k: None  # the space was there when checked\n"
+        "import sys\nimport actswap.formats.keras_file, actswap.paths\n"
+        "actswap.formats.keras_file.ensure_space = lambda *a, **k: None  # the space was there when checked\n"
         "from actswap.cli import main\n"
         "main(['convert', sys.argv[1], '--to', 'square', '-o', sys.argv[2]])\n"
     )

@@ -146,10 +146,18 @@ def _warn_code_findings(report: scanning.ScanReport) -> None:
         typer.echo(f"WARNING: --trust-code: '{report.path}': and {len(code) - 5} more (actswap scan lists them)", err=True)
 
 
-def _scan_first(path: Path, trust_code: bool = False) -> scanning.ScanReport:
+def _scan_first(path: Path, trust_code: bool = False, needs: str | None = None) -> scanning.ScanReport:
     """Scan before anything loads ``path`` (and before TensorFlow is imported);
-    refuse (exit 2) unless --trust-code lets code findings through."""
-    report = scanning.check(path, trust_code=trust_code)
+    refuse (exit 2) unless --trust-code lets code findings through. ``needs``:
+    a feature the command requires of the file's format (e.g. a Keras 3 model),
+    refused first, with the formats that offer it."""
+    from ..formats import backend_for
+    from ..formats.base import require
+
+    backend = backend_for(path)
+    if needs is not None:
+        require(backend, needs, path)
+    report = scanning.check(path, trust_code=trust_code, backend=backend)
     if trust_code:
         _warn_code_findings(report)
     return report

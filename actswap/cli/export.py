@@ -8,8 +8,8 @@ from typing import Any, Optional
 
 import typer
 
-from ..errors import UserError
-from ..formats import Format, detect
+from ..formats import backend_for
+from ..formats.base import ONNX
 from ..paths import check_output_onnx
 from ..policy import PARITY_TOL as DEFAULT_TOL
 from .base import (
@@ -45,24 +45,15 @@ def export(
     onnxruntime parity with TensorFlow) and written only if every check passes."""
 
     def body() -> int:
-        fmt = detect(model)
         check_output_onnx(out, overwrite=force)
-        if fmt is Format.GRAPHDEF:
-            raise UserError("export takes a Keras file or a SavedModel directory, not a frozen graph")
         if trust_code:
             _warn_trust_code()
-        _scan_first(model, trust_code)
+        backend = backend_for(model)
+        _scan_first(model, trust_code, needs=ONNX)
         _import_tensorflow_quietly(debug or _state["debug"])
         from ..export import ExportCheckError, export_onnx
 
-        if fmt is Format.SAVEDMODEL:
-            from ..savedmodel import load_signatures
-
-            obj, _ = load_signatures(model, trust_code)
-        else:
-            from ..io import load_with_notes
-
-            obj, _ = load_with_notes(model, trust_code=trust_code)
+        obj, _ = backend.load(model, trust_code)
         try:
             report = export_onnx(obj, out, opset=opset, sample=sample, tol=tol, signature=signature, overwrite=force)
         except ExportCheckError as e:

@@ -10,7 +10,7 @@ import typer
 
 from .. import registry
 from ..errors import UserError
-from ..formats import detect
+from ..formats.base import KERAS_MODEL
 from .base import (
     _import_tensorflow_quietly, _run, _scan_first, _state, app,
 )
@@ -43,8 +43,7 @@ def fit(
         if (model is None) != (calibrate is None):
             raise UserError("--model and --calibrate go together")
         if model is not None:
-            detect(model)
-            _scan_first(model)
+            _scan_first(model, needs=KERAS_MODEL)
             _import_tensorflow_quietly(debug or _state["debug"])
             from ..fitplot import calibrated_site
 

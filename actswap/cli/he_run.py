@@ -11,7 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import UserError
-from ..formats import detect
+from ..formats import backend_for
+from ..formats.base import KERAS_MODEL, require
 from .base import (
     _console, _import_tensorflow_quietly, _run, _state, app,
 )
@@ -30,7 +31,7 @@ def he_run(
     def body() -> int:
         from ..paths import read_arrays
 
-        detect(model)
+        require(backend_for(model), KERAS_MODEL, model)
         arrays = read_arrays(data, "data")
         if "x" not in arrays:
             raise UserError(f"data '{data}' has arrays {sorted(arrays)}; it needs 'x' (inputs), and 'y' for accuracies")

@@ -8,9 +8,7 @@ from pathlib import Path
 import typer
 
 from .. import registry
-from ..errors import UserError
-from ..formats import Format, detect
-from ..pipeline import legacy_kind
+from ..formats.base import HE
 from .base import (
     _console, _import_tensorflow_quietly, _run, _scan_first, _sites_table, _state, _warn_trust_code,
     app,
@@ -36,22 +34,13 @@ def inspect(
     def body() -> int:
         target = registry.get_target(to)
         chosen = registry.resolve_sources(sources)
-        fmt = detect(model)
         if trust_code:
             _warn_trust_code()
-        _scan_first(model, trust_code)
-        legacy = legacy_kind(model, fmt)
-        if he and (legacy is not None or fmt in (Format.SAVEDMODEL, Format.GRAPHDEF)):
-            raise UserError("--he reports on Keras 3 models (.keras/.h5) only, for now")
+        _scan_first(model, trust_code, needs=HE if he else None)
         _import_tensorflow_quietly(debug or _state["debug"])
-        if legacy is not None:
-            from ..legacy import inspect_legacy
+        from .. import api
 
-            report = inspect_legacy(model, trust_code=trust_code)
-        else:
-            from .. import api
-
-            report = api.inspect(model, to=target, sources=chosen, trust_code=trust_code, he=he)
+        report = api.inspect(model, to=target, sources=chosen, trust_code=trust_code, he=he)
         data = report.to_dict()
         if as_json:
             typer.echo(json.dumps(data))

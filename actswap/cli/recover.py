@@ -12,7 +12,7 @@ from rich.table import Table
 
 from .. import registry
 from ..errors import UserError
-from ..formats import detect
+from ..formats.base import KERAS_MODEL
 from .base import (
     _console, _import_tensorflow_quietly, _run, _scan_first, _state, app,
 )
@@ -63,11 +63,9 @@ def recover(
 
         if converted is not None and (to is not None or degree is not None or fit_range is not None):
             raise UserError("give either CONVERTED or --to (with --from/--degree/--range), not both")
-        detect(original)
-        _scan_first(original)
+        _scan_first(original, needs=KERAS_MODEL)
         if converted is not None:
-            detect(converted)
-            _scan_first(converted)
+            _scan_first(converted, needs=KERAS_MODEL)
         out = output if output is not None else default_output(original, converted, to)
         check_output_path(out, overwrite=force)
         if epochs < 1 or not 0 <= ramp <= epochs:

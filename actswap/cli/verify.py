@@ -9,7 +9,6 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ..formats import detect
 from ..policy import PARITY_TOL as DEFAULT_TOL
 from .base import (
     _console, _import_tensorflow_quietly, _run, _scan_first, _state, _warn_trust_code, app,
@@ -33,8 +32,6 @@ def verify(
     outputs equal ORIGINAL with squares at those sites and finite (and ONNX parity). Exit 1 if any fails."""
 
     def body() -> int:
-        detect(original)
-        detect(converted)
         if trust_code:
             _warn_trust_code()
         _scan_first(original, trust_code)

@@ -73,9 +73,9 @@ def run(
     except ImportError:
         raise UserError("the encrypted run needs TenSEAL: pip install 'actswap[he]'") from None
     if not hasattr(model, "inputs"):
-        from .. import io
+        from ..formats import load_keras_model
 
-        model = io.load(model)
+        model = load_keras_model(model)[0]
     x = np.asarray(x)
     if y is not None and len(y) != len(x):
         raise UserError(f"x has {len(x)} samples but y has {len(y)} labels")

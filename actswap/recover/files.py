@@ -63,7 +63,8 @@ def run(
     :class:`~actswap.errors.RecoveryFailedError` when the result is not
     recovered; with ``force`` it is written first and the error carries the
     written path in ``result["output"]``."""
-    from .. import api, io
+    from .. import api
+    from ..formats import load_keras_model
     from .. import recover as R
     from ..errors import RecoveryFailedError
 
@@ -72,9 +73,9 @@ def run(
         train, check = (x, y), R.load_xy(val, "validation data")
     else:
         train, check = split_check(x, y)
-    teacher = io.load(original)
+    teacher = load_keras_model(original)[0]
     if converted is not None:
-        target = io.load(converted)
+        target = load_keras_model(converted)[0]
     else:
         target, report = api.convert(teacher, **(conversion or {}))
         if report.replaced == 0:

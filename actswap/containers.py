@@ -1,4 +1,7 @@
-"""Model-file format detection, from content, never from the file name.
+"""What a model path holds, judged from content, never from the file name:
+a zip archive with a Keras config, an HDF5 file with a Keras config, a
+SavedModel directory, a frozen GraphDef. These are *containers*; which
+backend reads one is :mod:`actswap.formats`' decision.
 
 Nothing here imports TensorFlow or Keras: detection runs before anything is
 deserialized, so that a bad path fails fast with a clear message and
@@ -35,7 +38,7 @@ class Format(str, enum.Enum):
         return self.value
 
 
-def _check_kind(path: Path) -> os.stat_result:
+def check_kind(path: Path) -> os.stat_result:
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -52,23 +55,63 @@ def _check_kind(path: Path) -> os.stat_result:
     return st
 
 
-def detect(path: str | os.PathLike[str]) -> Format:
-    """Return the format of the model at ``path``, judged by its content.
+def sniff(path: str | os.PathLike[str]) -> Format | None:
+    """The container at ``path``, or None when its content is none actswap knows.
 
     Raises :class:`UserError` (exit 2) for a missing path, a special file, a
-    directory that is not a SavedModel, a file that is neither a zip archive nor
-    HDF5, a truncated/corrupt ``.keras`` archive, or an HDF5 file without a
-    Keras model config.
+    truncated/corrupt ``.keras`` archive or an HDF5 file without a Keras
+    model config: content that says what it is but is damaged.
     """
     p = Path(path)
-    st = _check_kind(p)
+    st = check_kind(p)
     if stat.S_ISDIR(st.st_mode):
         if (p / "saved_model.pb").is_file() or (p / "saved_model.pbtxt").is_file():
             return Format.SAVEDMODEL
-        raise UnrecognisedFormatError(
+        return None
+    head, hdf5 = _head(p, st)
+    if head[:4] == ZIP_MAGIC:
+        _validate_keras_zip(p)
+        return Format.KERAS
+    if hdf5:
+        _validate_h5(p)
+        return Format.H5
+    if _looks_like_graphdef(p):
+        return Format.GRAPHDEF
+    return None
+
+
+def unrecognised(path: str | os.PathLike[str]) -> UnrecognisedFormatError:
+    """The error for a path whose content no backend claims."""
+    p = Path(path)
+    if p.is_dir():
+        return UnrecognisedFormatError(
             f"'{p}' is a directory but not a SavedModel (it has no saved_model.pb); "
             "pass a .keras or .h5 model file"
         )
+    try:
+        with open(p, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        head = b""
+    shown = head.hex() if head else "empty file"
+    return UnrecognisedFormatError(
+        f"'{p}' is not a model file actswap can read (first bytes: {shown}); "
+        "expected a Keras 3 .keras archive, a legacy .h5 file, a SavedModel directory "
+        "or a frozen GraphDef (.pb)"
+    )
+
+
+def detect(path: str | os.PathLike[str]) -> Format:
+    """The container at ``path`` (:func:`sniff`); :class:`UnrecognisedFormatError`
+    (exit 2) when it is none actswap knows."""
+    found = sniff(path)
+    if found is None:
+        raise unrecognised(path)
+    return found
+
+
+def _head(p: Path, st: os.stat_result) -> tuple[bytes, bool]:
+    """The first 8 bytes, and whether an HDF5 superblock is at an allowed offset."""
     try:
         with open(p, "rb") as f:
             head = f.read(8)
@@ -82,20 +125,7 @@ def detect(path: str | os.PathLike[str]) -> Format:
         raise UserError(f"cannot read '{p}': permission denied; check its permissions") from None
     except OSError as e:
         raise UserError(f"cannot read '{p}': {e.strerror}") from None
-    if head[:4] == ZIP_MAGIC:
-        _validate_keras_zip(p)
-        return Format.KERAS
-    if hdf5:
-        _validate_h5(p)
-        return Format.H5
-    if _looks_like_graphdef(p):
-        return Format.GRAPHDEF
-    shown = head.hex() if head else "empty file"
-    raise UnrecognisedFormatError(
-        f"'{p}' is not a model file actswap can read (first bytes: {shown}); "
-        "expected a Keras 3 .keras archive, a legacy .h5 file, a SavedModel directory "
-        "or a frozen GraphDef (.pb)"
-    )
+    return head, hdf5
 
 
 def _varint(data: bytes, i: int) -> tuple[int, int]:

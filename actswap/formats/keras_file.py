@@ -1,10 +1,11 @@
-"""Loading and saving model files.
+"""Keras 3 model files: loading (after the scan) and atomic, verified saving.
 
 Invariants:
 
 * a file is scanned (:mod:`actswap.scan`) before any loader sees it, and Keras
-  loads it in safe mode; ``trust_code`` lets code findings through (and turns
-  safe mode off), never malformed containers;
+  loads it in safe mode (:func:`actswap.formats.keras3.load_keras`);
+  ``trust_code`` lets code findings through (and turns safe mode off), never
+  malformed containers;
 * :func:`save` is atomic: the model is written to a temporary file beside the
   destination (named as :mod:`actswap.paths` describes), flushed to disk, then
   moved over it with ``os.replace``; an interrupted or failed save leaves no
@@ -24,50 +25,40 @@ from typing import Any
 
 from collections.abc import Callable
 
-from . import scan
-from .errors import InvariantError, LoadError, UnsupportedFormatError, first_line
-from .formats import Format, detect
-from .paths import check_output_path, disk_full, ensure_space, is_disk_full, remove_stale_temps, temp_prefix
+from ..containers import Format
+from ..errors import InvariantError, LoadError, first_line
+from ..paths import check_output_path, disk_full, ensure_space, is_disk_full, remove_stale_temps, temp_prefix
 
 
-def load_with_notes(path: str | os.PathLike[str], *, trust_code: bool = False) -> tuple[Any, list[str]]:
-    """Load a model file safely; also return notes on what could not be restored.
+def load_keras(
+    path: str | os.PathLike[str], trust_code: bool = False, container: Format = Format.KERAS
+) -> tuple[Any, list[str]]:
+    """Load a Keras 3 model file: scan first, then Keras in safe mode.
 
     ``trust_code=True`` (the CLI's loudly-warned ``--trust-code``) lets the
     scan's code findings through and Keras deserialize code (Lambda layers)
-    from the file; a malformed file is refused regardless."""
-    p = Path(path)
-    fmt = detect(p)
-    if fmt in (Format.SAVEDMODEL, Format.GRAPHDEF):
-        raise UnsupportedFormatError(
-            f"'{p}' is a TF {'SavedModel' if fmt is Format.SAVEDMODEL else 'frozen graph'}, not a "
-            "Keras model file; pass its path to actswap.convert or actswap.inspect, which rewrite "
-            "its graph"
-        )
-    scan.check(p, trust_code=trust_code)
-    from .keras_setup import keras
+    from the file; a malformed file is refused regardless. A file whose
+    training configuration cannot be restored loads without it, with a note."""
+    from .. import scan
+    from ..keras_setup import keras
 
+    scan.check_container(Path(path), container, trust_code)
     notes: list[str] = []
     safe = not trust_code
     try:
-        model = keras.saving.load_model(p, compile=True, safe_mode=safe)
+        model = keras.saving.load_model(path, compile=True, safe_mode=safe)
     except Exception as first:  # noqa: BLE001 - any loader failure is the file's
         try:
-            model = keras.saving.load_model(p, compile=False, safe_mode=safe)
+            model = keras.saving.load_model(path, compile=False, safe_mode=safe)
         except Exception as e:  # noqa: BLE001
-            raise LoadError(f"could not load '{p}': {first_line(e)}") from e
+            raise LoadError(f"could not load '{path}': {first_line(e)}") from e
         notes.append(
             f"loaded without its training configuration ({first_line(first)}); "
             "compile the converted model before training it"
         )
     if not isinstance(model, keras.Model):
-        raise LoadError(f"'{p}' holds a {type(model).__name__}, not a Keras model")
+        raise LoadError(f"'{path}' holds a {type(model).__name__}, not a Keras model")
     return model, notes
-
-
-def load(path: str | os.PathLike[str]) -> Any:
-    """Load a ``.keras`` or legacy ``.h5`` model safely (scan, then Keras safe mode)."""
-    return load_with_notes(path)[0]
 
 
 def nbytes(model: Any) -> int:
@@ -93,7 +84,7 @@ def _itemsize(dtype: Any) -> int:
 def same_model(expected: Any, reloaded: Any, what: str) -> None:
     """Raise InvariantError unless ``reloaded`` has the sites (path -> activation)
     and bit-identical weights of ``expected``."""
-    from .sites import find_sites
+    from ..sites import find_sites
 
     # A layer can hold several sites (activation=, recurrent_activation=): keyed by form too.
     want = {(s.path, s.form): s.activation for s in find_sites(expected)}
@@ -111,7 +102,7 @@ def same_model(expected: Any, reloaded: Any, what: str) -> None:
             raise InvariantError(f"{what}: weight '{x.path}' does not reload bit-identically; nothing written")
 
 
-def save(
+def save_keras(
     model: Any,
     path: str | os.PathLike[str],
     *,
@@ -141,13 +132,13 @@ def save(
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         if verify or check is not None:
-            from .readback import read_back
+            from ..readback import read_back
 
             written = read_back(model, tmp, verify)
             if written is None:  # not confirmed by reading: reload, which decides
-                from .sites import find_sites
+                from ..sites import find_sites
 
-                reloaded = load_with_notes(tmp, trust_code=trust_code)[0]
+                reloaded = load_keras(tmp, trust_code)[0]
                 if verify:
                     same_model(model, reloaded, f"the written '{dest.name}'")
                 written = find_sites(reloaded)
