@@ -1,6 +1,7 @@
 """Keras 3 ``.keras`` archives: the zip container, ``config.json`` and the embedded weights.
 
-:func:`scan_keras_archive` checks, in order: the file's name; member names
+:func:`scan_keras_archive` checks, in order: the file's name, and that it is
+not also an HDF5 file (:mod:`actswap.safety.names`); member names
 (no ``..``, absolute paths or duplicates), encryption, declared sizes,
 expansion ratios and overlapping members (zip bombs); then, only if none of
 those was found, every member's real size and CRC; then ``config.json``
@@ -33,7 +34,10 @@ from .report import (
 
 
 def scan_keras_archive(p: Path, report: ScanReport) -> None:
-    """Scan the ``.keras`` archive ``p``: its name, the zip container, then what it holds."""
+    """Scan the ``.keras`` archive ``p``: its name, the zip container, then what it holds.
+
+    Findings from the name checks also stop the scan before members are read.
+    """
     if not p.name.endswith(".keras"):
         misnamed(p, "a Keras 3 zip archive", ".keras", report)
     check_polyglot(p, report)

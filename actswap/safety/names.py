@@ -6,7 +6,8 @@ disagreement would load something other than what was scanned. Each
 container's scanner applies its own rule with :func:`misnamed`; the zip and
 HDF5 ones also call :func:`check_polyglot`.
 
-Invariants: reads at most a few header bytes; never writes.
+Invariants: reads only headers (the HDF5 signature offsets, the zip end
+record), never a member or a dataset; never writes.
 """
 
 from __future__ import annotations
