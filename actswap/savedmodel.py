@@ -23,8 +23,8 @@ import tensorflow as tf
 from . import graph, registry
 from collections.abc import Callable
 
-from . import scan
 from .containers import Format
+from .safety import check_container
 from .errors import InvariantError, LoadError, UserError, first_line
 from .paths import (
     check_output_dir, check_output_pb, disk_full, ensure_space, is_disk_full, remove_stale_temps,
@@ -37,9 +37,9 @@ FORM = "graph op"
 
 
 def load_signatures(path: Path, trust_code: bool = False) -> tuple[Any, dict[str, Any]]:
-    """Scan a SavedModel (:func:`actswap.scan.check`: TF runs initializers while
+    """Scan a SavedModel (:func:`actswap.safety.check_container`: TF runs initializers while
     loading), load it, and return it with its signatures (refusing none)."""
-    scan.check_container(path, Format.SAVEDMODEL, trust_code)
+    check_container(path, Format.SAVEDMODEL, trust_code)
     try:
         loaded = tf.saved_model.load(str(path))
     except Exception as e:  # noqa: BLE001 - any loader failure is the file's
@@ -236,8 +236,8 @@ def save_savedmodel(
 
 
 def read_graphdef(path: Path, trust_code: bool = False) -> Any:
-    """Scan (:func:`actswap.scan.check`), then parse a frozen GraphDef."""
-    scan.check_container(path, Format.GRAPHDEF, trust_code)
+    """Scan (:func:`actswap.safety.check_container`), then parse a frozen GraphDef."""
+    check_container(path, Format.GRAPHDEF, trust_code)
     graph_def = tf.compat.v1.GraphDef()
     try:
         graph_def.ParseFromString(path.read_bytes())

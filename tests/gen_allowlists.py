@@ -1,6 +1,6 @@
-"""Generate ``actswap/allowlists.py`` from the installed TensorFlow, Keras and tf_keras.
+"""Generate ``actswap/safety/allowlists.py`` from the installed TensorFlow, Keras and tf_keras.
 
-The scan (:mod:`actswap.scan`) must not import TensorFlow, so the names it
+The scan (:mod:`actswap.safety`) must not import TensorFlow, so the names it
 accepts are written down here, once, from the libraries themselves. Run
 
     python tests/gen_allowlists.py
@@ -41,7 +41,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent.parent / "actswap" / "allowlists.py"
+OUT = Path(__file__).resolve().parent.parent / "actswap" / "safety" / "allowlists.py"
 
 DENIED_CLASSES = frozenset({
     "Lambda",  # marshalled Python bytecode, or any function by name

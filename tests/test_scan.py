@@ -30,7 +30,7 @@ def test_allowlists_are_current():
 
 
 def test_allowlists_exclude_what_runs_code():
-    from actswap import allowlists
+    from actswap.safety import allowlists
 
     for name in ("Lambda", "TFSMLayer", "TorchModuleWrapper", "JaxLayer", "FlaxLayer"):
         assert name not in allowlists.KERAS_CLASSES and name not in allowlists.TF_KERAS_CLASSES

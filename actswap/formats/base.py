@@ -113,13 +113,18 @@ class Backend:
     # --- reading --------------------------------------------------------------
 
     def scan(self, path: Path, report: Any) -> None:
-        """Add the findings of reading ``path`` as data to ``report``."""
-        raise NotImplementedError
+        """Add the findings of reading ``path`` as data to ``report``: by default
+        the scanner of this backend's container (:data:`actswap.safety.SCANNERS`)."""
+        from ..safety import SCANNERS
+
+        if self.container is None:
+            raise NotImplementedError(f"{type(self).__name__} must define scan()")
+        SCANNERS[self.container](path, report)
 
     def check(self, path: Path, trust_code: bool = False) -> Any:
         """Scan ``path`` with :meth:`scan` and refuse it (exit 2) on an error;
         ``trust_code`` lets code findings through. Return the scan report."""
-        from ..scan import ScanReport, refuse
+        from ..safety import ScanReport, refuse
 
         report = ScanReport(str(path), self.container.value if self.container is not None else self.name)
         self.scan(path, report)

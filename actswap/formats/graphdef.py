@@ -27,11 +27,6 @@ class GraphDefBackend(Backend):
     #: said in the report instead of checking the outputs for NaN/Inf
     not_run_note = "outputs not checked for NaN/Inf: a frozen graph is not run"
 
-    def scan(self, path: Path, report: Any) -> None:
-        from ..scan import scan_container
-
-        scan_container(path, self.container, report)
-
     def inspect(self, path: Path, options: ConvertOptions) -> Report:
         from ..savedmodel import inspect_graphdef
 

@@ -52,11 +52,6 @@ class KerasArchiveBackend(Backend):
         base.ONNX, base.CALIBRATE, base.ANY_TARGET, base.HE, base.RUN, base.KERAS_MODEL, base.POOL,
     })
 
-    def scan(self, path: Path, report: Any) -> None:
-        from ..scan import scan_container
-
-        scan_container(path, self.container, report)
-
     def load(self, path: Path, trust_code: bool = False) -> tuple[Any, list[str]]:
         from .keras_file import load_keras
 

@@ -39,10 +39,10 @@ def load_keras(
     scan's code findings through and Keras deserialize code (Lambda layers)
     from the file; a malformed file is refused regardless. A file whose
     training configuration cannot be restored loads without it, with a note."""
-    from .. import scan
     from ..keras_setup import keras
+    from ..safety import check_container
 
-    scan.check_container(Path(path), container, trust_code)
+    check_container(Path(path), container, trust_code)
     notes: list[str] = []
     safe = not trust_code
     try:

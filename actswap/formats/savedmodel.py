@@ -47,11 +47,6 @@ class SavedModelBackend(Backend):
     suffix = ""
     features = frozenset({base.SIGNATURE, base.ONNX, base.ANY_TARGET, base.RUN})
 
-    def scan(self, path: Path, report: Any) -> None:
-        from ..scan import scan_container
-
-        scan_container(path, self.container, report)
-
     def load(self, path: Path, trust_code: bool = False) -> tuple[Any, list[str]]:
         from ..savedmodel import load_signatures
 

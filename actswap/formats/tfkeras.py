@@ -46,11 +46,6 @@ class TfKerasH5Backend(Backend):
     def _claims(self, path: Path, legacy: Any) -> bool:
         return legacy.h5_needs_legacy(path)
 
-    def scan(self, path: Path, report: Any) -> None:
-        from ..scan import scan_container
-
-        scan_container(path, self.container, report)
-
     def _options(self, options: ConvertOptions) -> str:
         if options.target.name != "square" or options.sources != frozenset({"relu"}):
             raise UserError("Keras 2 (tf_keras) files convert with --to square --from relu only, for now")
@@ -108,9 +103,9 @@ class TfKerasH5Backend(Backend):
         ensure_space(dest.parent, sum(len(w[2]) for w in legacy._weights(converted)), f"'{dest.name}'")
 
         def check_written(tmp: Path) -> None:
-            from .. import scan
+            from ..safety import check_container
 
-            scan.check_container(tmp, Format.H5 if h5 else Format.SAVEDMODEL, trust_code)
+            check_container(tmp, Format.H5 if h5 else Format.SAVEDMODEL, trust_code)
             reloaded, _, _ = legacy._load(tmp)
             after = legacy.find_legacy_sites(reloaded)
             if check is not None:

@@ -65,6 +65,7 @@ def run(
     written path in ``result["output"]``."""
     from .. import api
     from ..formats import load_keras_model
+    from ..formats.keras_file import save_keras
     from .. import recover as R
     from ..errors import RecoveryFailedError
 
@@ -106,7 +107,7 @@ def run(
         check_samples=figures["samples"],
     )
     if failure is None or force:
-        result["output"] = str(io.save(model, Path(output), overwrite=force))
+        result["output"] = str(save_keras(model, Path(output), overwrite=force))
     if failure is not None:
         failure.result = result
         raise failure
