@@ -131,15 +131,17 @@ TF_OPS: dict[str, tuple[str, ...]] = {}  # name -> its TensorFlow op types
 TF_KERAS_SYMBOLS: dict[str, str] = {}  # TFOpLambda symbol -> name
 OWN_OBJECTS: dict[str, str] = {}  # registered name of an own object -> source name
 OWN_LAYERS: dict[str, str] = {}  # own layer class -> source name
+_VIEWS: dict[str, dict[str, Any]] = {
+    "SOURCES": SOURCES, "ALIASES": ALIASES, "ACTIVATION_LAYERS": ACTIVATION_LAYERS,
+    "TF_KERAS_ACTIVATION_LAYERS": TF_KERAS_ACTIVATION_LAYERS, "OP_ACTIVATIONS": OP_ACTIVATIONS,
+    "TF_OP_ACTIVATIONS": TF_OP_ACTIVATIONS, "TF_OPS": TF_OPS, "TF_KERAS_SYMBOLS": TF_KERAS_SYMBOLS,
+    "OWN_OBJECTS": OWN_OBJECTS, "OWN_LAYERS": OWN_LAYERS,
+}
 
 
 def _views(records: Mapping[str, Source], own: Mapping[str, OwnActivation]) -> dict[str, dict[str, Any]]:
     """Every view computed from ``records`` and ``own``; ValueError if a form is claimed twice."""
-    out: dict[str, dict[str, Any]] = {
-        "SOURCES": {}, "ALIASES": {}, "ACTIVATION_LAYERS": {}, "TF_KERAS_ACTIVATION_LAYERS": {},
-        "OP_ACTIVATIONS": {}, "TF_OP_ACTIVATIONS": {}, "TF_OPS": {}, "TF_KERAS_SYMBOLS": {},
-        "OWN_OBJECTS": {}, "OWN_LAYERS": {},
-    }
+    out: dict[str, dict[str, Any]] = {name: {} for name in _VIEWS}
 
     def put(view: str, key: str, name: str) -> None:
         claimed = out[view].get(key)
@@ -181,10 +183,9 @@ def _rebuild(records: dict[str, Source], own: dict[str, OwnActivation]) -> None:
     RECORDS.update(records)
     OWN.clear()
     OWN.update(own)
-    for name, content in views.items():
-        view = globals()[name]
+    for name, view in _VIEWS.items():
         view.clear()
-        view.update(content)
+        view.update(views[name])
 
 
 def register_source(record: Source) -> Source:

@@ -1,8 +1,11 @@
-"""Registries: the activations actswap can recognise, and the targets it can put in.
+"""Registries: the targets actswap can put in, and the policy of which sites they take.
 
-Policy lives here; the rewriting engine (:mod:`actswap.rewrite`) only asks a
-target what to put at a site, and never names one. The names users see in the
-CLI and in reports are the keys of these dicts.
+The activations actswap recognises are the records of :mod:`actswap.catalog`;
+the tables this module always had (``SOURCES``, ``TF_OP_ACTIVATIONS`` ...) are
+its views, re-exported. Policy lives here; the rewriting engine
+(:mod:`actswap.rewrite`) only asks a target what to put at a site, and never
+names one. The names users see in the CLI and in reports are the keys of these
+dicts.
 
 Importing this module does not import TensorFlow; a target builds Keras
 objects only when asked to.
@@ -40,7 +43,7 @@ from .catalog import (  # noqa: F401  (re-exported)
 from .catalog import reference_function as _source_function  # fitplot's name for it
 from .errors import UserError
 
-# --- Source activations ---------------------------------------------------
+# --- Pooling ----------------------------------------------------------------
 
 # Max pooling is not an activation, but HE cannot compute a maximum either;
 # --pool avg swaps it for average pooling (same window, strides, padding).

@@ -149,3 +149,25 @@ def test_inspect_he_without_the_record_cannot_tell(tmp_path):
     model.save(path)
     found = he_non_polynomial(path)
     assert found == [{"path": sin_node(model), "op": "Sin", "why": "unknown to actswap: check it by hand"}]
+
+
+def test_the_encrypted_compiler_names_it(sine):
+    from actswap.he import limits, program
+
+    model = sine_model()
+    with pytest.raises(limits.OutOfScopeError, match=f"'{sin_node(model)}': sine is not a polynomial"):
+        program.compile_model(model)
+
+
+def test_own_records_name_what_actswap_registers():
+    """Every registered name of an own record is a Keras object actswap registers,
+    and its layers are of the record's layer classes."""
+    import actswap.recover  # noqa: F401  (registers Blend)
+
+    for reg, source in catalog.OWN_OBJECTS.items():
+        obj = keras.saving.get_registered_object(reg)
+        assert obj is not None, reg
+        if isinstance(obj, type) and issubclass(obj, keras.layers.Layer):
+            assert obj.__name__ in catalog.OWN[source].layer_classes, reg
+    for source, own in catalog.OWN.items():
+        assert catalog.SOURCES[source] in catalog.NOT_CONVERTED_FAMILIES, source

@@ -37,7 +37,7 @@ CT_CT_LAYERS: dict[str, int] = {"Multiply": 1, "Dot": 1}
 # Layers that cost nothing in themselves: the input, and Keras's activation
 # layers, whose cost is that of their activation (a site, or linear).
 PASS_THROUGH = frozenset({"InputLayer", "Activation", "ReLU"})
-# Layers that are no polynomial of their input and are not activation sites.
+# Layers that are no polynomial of their input (besides the catalog's activation layers).
 NON_POLYNOMIAL_LAYERS = frozenset(registry.POOL_SWAPS) | {
     "LayerNormalization", "GroupNormalization", "UnitNormalization", "Maximum", "Minimum",
     "MultiHeadAttention", "Attention", "AdditiveAttention", "Lambda",

@@ -122,7 +122,7 @@ def _non_polynomial(model: Any) -> list[dict[str, str]]:
         if is_graph_model(obj) or path in activation_sites:
             continue
         name = type(obj).__name__
-        if name in NON_POLYNOMIAL_LAYERS:
+        if name in NON_POLYNOMIAL_LAYERS or name in catalog.ACTIVATION_LAYERS:  # (those are sites)
             found.append({"path": path, "op": name, "why": "not a polynomial"})
         elif not (name in FREE_LAYERS or name in CT_PT_LAYERS or name in CT_CT_LAYERS
                   or name in catalog.OWN_LAYERS):
