@@ -136,12 +136,8 @@ def classify_node(
     found = dialect.other_node(module, cls, config)
     if found:
         return found
-    if cls == "Square" and dialect.is_own_module(module):
-        return "square", "", OWN_LAYER_FORM
-    if cls == "Polynomial" and dialect.is_own_module(module):
-        return "poly", "", OWN_LAYER_FORM
-    if cls == "Blend" and dialect.is_own_module(module):
-        return "blend", "", OWN_LAYER_FORM
+    if cls in registry.OWN_LAYERS and dialect.is_own_module(module):
+        return registry.OWN_LAYERS[cls], "", OWN_LAYER_FORM
     return None
 
 
@@ -249,34 +245,13 @@ KERAS3 = Dialect(
 # --- Keras 2 (tf_keras) -----------------------------------------------------------
 
 # tf_keras layer classes that are an activation in themselves (besides
-# Activation and ReLU, which carry their activation in their config).
-TF_KERAS_ACTIVATION_LAYERS: dict[str, str] = {
-    **registry.ACTIVATION_LAYERS,
-    "ThresholdedReLU": "relu_variant",
-}
-# ``tf.nn.relu(x)`` on a Keras 2 symbolic tensor becomes a TFOpLambda layer
-# whose config names the TensorFlow symbol (so do tf_keras.activations.relu(x)
-# and tf_keras.backend.relu(x), which dispatch to it).
-TF_OP_ACTIVATIONS: dict[str, str] = {
-    "nn.relu": "relu",
-    "nn.relu6": "relu6",
-    "nn.leaky_relu": "leaky_relu",
-    "nn.elu": "elu",
-    "nn.selu": "selu",
-    "nn.gelu": "gelu",
-    "nn.silu": "silu",
-    "nn.swish": "silu",
-    "math.sigmoid": "sigmoid",
-    "nn.sigmoid": "sigmoid",
-    "sigmoid": "sigmoid",
-    "math.tanh": "tanh",
-    "nn.tanh": "tanh",
-    "tanh": "tanh",
-    "nn.softmax": "softmax",
-    "math.softmax": "softmax",
-    "math.softplus": "softplus",
-    "nn.softplus": "softplus",
-}
+# Activation and ReLU, which carry their activation in their config), and the
+# TensorFlow symbols a Keras 2 TFOpLambda names: ``tf.nn.relu(x)`` on a Keras 2
+# symbolic tensor becomes a TFOpLambda layer whose config names the symbol (so
+# do tf_keras.activations.relu(x) and tf_keras.backend.relu(x), which dispatch
+# to it). Both are views of the catalog (:mod:`actswap.catalog`).
+TF_KERAS_ACTIVATION_LAYERS: dict[str, str] = registry.TF_KERAS_ACTIVATION_LAYERS
+TF_OP_ACTIVATIONS: dict[str, str] = registry.TF_KERAS_SYMBOLS
 
 
 def _tf_keras_own_object(value: dict[str, Any]) -> str | None:

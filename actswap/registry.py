@@ -1,8 +1,11 @@
-"""Registries: the activations actswap can recognise, and the targets it can put in.
+"""Registries: the targets actswap can put in, and the policy of which sites they take.
 
-Policy lives here; the rewriting engine (:mod:`actswap.rewrite`) only asks a
-target what to put at a site, and never names one. The names users see in the
-CLI and in reports are the keys of these dicts.
+The activations actswap recognises are the records of :mod:`actswap.catalog`;
+the tables this module always had (``SOURCES``, ``TF_OP_ACTIVATIONS`` ...) are
+its views, re-exported. Policy lives here; the rewriting engine
+(:mod:`actswap.rewrite`) only asks a target what to put at a site, and never
+names one. The names users see in the CLI and in reports are the keys of these
+dicts.
 
 Importing this module does not import TensorFlow; a target builds Keras
 objects only when asked to.
@@ -15,31 +18,33 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from . import catalog
+
+# The source activations and their forms are records of :mod:`actswap.catalog`;
+# these names are its views, the same dict objects (kept in step in place), so
+# ``registry.TF_OP_ACTIVATIONS`` and the rest read as they always did.
+from .catalog import (  # noqa: F401  (re-exported)
+    ACTIVATION_LAYERS,
+    ALIASES,
+    OP_ACTIVATIONS,
+    OWN_LAYERS,
+    OWN_OBJECTS,
+    SOURCES,
+    TF_KERAS_ACTIVATION_LAYERS,
+    TF_KERAS_SYMBOLS,
+    TF_OP_ACTIVATIONS,
+    TF_OPS,
+    Source,
+    canonical,
+    family,
+    register_source,
+    unregister_source,
+)
+from .catalog import reference_function as _source_function  # fitplot's name for it
 from .errors import UserError
 
-# --- Source activations ---------------------------------------------------
+# --- Pooling ----------------------------------------------------------------
 
-# Canonical name -> family. A family groups variants that a user converting
-# "ReLU" cares about: a skipped member of the relu family fails --strict.
-SOURCES: dict[str, str] = {}
-
-# Spellings Keras accepts for the same function -> canonical name.
-ALIASES: dict[str, str] = {"swish": "silu", "hard_swish": "hard_silu"}
-
-
-def register_source(name: str, family: str | None = None) -> None:
-    SOURCES[name] = family or name
-
-
-for _name in ("relu", "relu6", "leaky_relu", "relu_variant"):
-    register_source(_name, "relu")
-for _name in (
-    "elu", "selu", "celu", "gelu", "silu", "hard_silu", "sigmoid", "hard_sigmoid",
-    "tanh", "hard_tanh", "softplus", "softsign", "softmax", "log_softmax", "prelu",
-    "mish", "glu", "exponential", "sparse_plus", "squareplus", "tanh_shrink",
-    "soft_shrink", "hard_shrink", "log_sigmoid", "sparsemax", "threshold",
-):
-    register_source(_name)
 # Max pooling is not an activation, but HE cannot compute a maximum either;
 # --pool avg swaps it for average pooling (same window, strides, padding).
 POOL_SWAPS: dict[str, str] = {
@@ -48,57 +53,6 @@ POOL_SWAPS: dict[str, str] = {
     "GlobalMaxPooling2D": "GlobalAveragePooling2D", "GlobalMaxPooling3D": "GlobalAveragePooling3D",
 }
 POOL_SOURCE = "max_pool"
-register_source(POOL_SOURCE, "pool")
-# Activations actswap itself puts in; recognised so that re-converting a
-# converted model reports them instead of ignoring them.
-register_source("square", "polynomial")
-register_source("poly", "polynomial")
-# A site on its way from its source activation to a polynomial (actswap.recover).
-register_source("blend", "blend")
-
-# Keras layer classes (module keras.layers) that are an activation in themselves.
-ACTIVATION_LAYERS: dict[str, str] = {
-    "LeakyReLU": "leaky_relu",
-    "ELU": "elu",
-    "PReLU": "prelu",
-    "Softmax": "softmax",
-}
-
-# keras.ops operations (module keras.src.ops.*) that are activations; they
-# appear in a functional graph when e.g. keras.ops.relu(x) is called on a
-# KerasTensor.
-OP_ACTIVATIONS: dict[str, str] = {
-    "Relu": "relu", "Relu6": "relu6", "LeakyRelu": "leaky_relu", "Elu": "elu",
-    "Selu": "selu", "Celu": "celu", "Gelu": "gelu", "Silu": "silu",
-    "HardSilu": "hard_silu", "Sigmoid": "sigmoid", "HardSigmoid": "hard_sigmoid",
-    "Tanh": "tanh", "HardTanh": "hard_tanh", "Softplus": "softplus",
-    "Softsign": "softsign", "Softmax": "softmax", "LogSoftmax": "log_softmax",
-    "Glu": "glu", "SparsePlus": "sparse_plus", "Squareplus": "squareplus",
-    "TanhShrink": "tanh_shrink", "SoftShrink": "soft_shrink",
-    "HardShrink": "hard_shrink", "LogSigmoid": "log_sigmoid",
-    "Sparsemax": "sparsemax", "Threshold": "threshold",
-}
-
-
-# TensorFlow op types that are activations, as they appear in graphs
-# (SavedModels, frozen GraphDefs, traced functions).
-TF_OP_ACTIVATIONS: dict[str, str] = {
-    "Relu": "relu", "Relu6": "relu6", "LeakyRelu": "leaky_relu", "Elu": "elu", "Selu": "selu",
-    "Sigmoid": "sigmoid", "Tanh": "tanh", "Softplus": "softplus", "Softsign": "softsign",
-    "Softmax": "softmax", "LogSoftmax": "log_softmax", "Square": "square",
-}
-# The reverse: source activation -> op types computing it.
-TF_OPS: dict[str, tuple[str, ...]] = {}
-for _op, _act in TF_OP_ACTIVATIONS.items():
-    TF_OPS[_act] = TF_OPS.get(_act, ()) + (_op,)
-
-
-def canonical(name: str) -> str:
-    return ALIASES.get(name, name)
-
-
-def family(name: str) -> str | None:
-    return SOURCES.get(name)
 
 
 # --- Targets --------------------------------------------------------------
@@ -130,6 +84,9 @@ class Target:
     # coefficients(site) -> ascending polynomial coefficients put at the site
     # (reported); None for targets that are not fixed polynomials.
     coefficients: Callable[[Any], tuple[float, ...]] | None = None
+    # What the target puts in: its layer classes, registered names and HE
+    # cost (a record of the catalog, registered with the target).
+    emits: catalog.OwnActivation | None = None
 
 
 TARGETS: dict[str, Target] = {}
@@ -138,6 +95,10 @@ TARGET_FACTORIES: dict[str, Callable[[str, dict[str, Any]], Target]] = {}
 
 
 def register_target(target: Target) -> Target:
+    """Add a target; what it emits joins the catalog, so site finding and the
+    HE modules recognise it in the models it writes."""
+    if target.emits is not None and catalog.OWN.get(target.emits.source) is not target.emits:
+        catalog.register_own(target.emits)
     TARGETS[target.name] = target
     return target
 
@@ -206,6 +167,7 @@ register_target(
         activation=_square_activation,
         tensor=_square_tensor,
         graph_op="Square",
+        emits=catalog.OWN["square"],
     )
 )
 
@@ -251,18 +213,14 @@ def polynomial_target(name: str, description: str, coefficients_for: Callable[[A
         _no_custom_gradient_function(grad)
         return activations.poly_op_without_custom_gradient(x, coefficients_for(site), grad)
 
-    return Target(name, description, refuses, layer, activation, tensor, None, coefficients_for)
-
-
-# Activations a per-element polynomial cannot stand in for: they mix elements
-# (softmax), split their input (glu) or carry weights (prelu).
-NOT_ELEMENTWISE = frozenset({"softmax", "log_softmax", "sparsemax", "glu", "prelu"})
+    return Target(name, description, refuses, layer, activation, tensor, None, coefficients_for,
+                  emits=catalog.OWN["poly"])
 
 
 def _known(activation: str, detail: str) -> str | None:
     if activation.startswith("custom"):
         return "unrecognised custom activation"
-    if activation in NOT_ELEMENTWISE:
+    if not catalog.is_elementwise(activation):
         return f"{activation} is not an element-wise function"
     return None
 
@@ -280,32 +238,6 @@ def _poly_factory(args: str, options: dict[str, Any]) -> Target:
     return polynomial_target(
         f"poly:{args}", "a fixed polynomial (ascending coefficients)", lambda site: coeffs, _known
     )
-
-
-# NumPy reference implementations of source activations, for fitting.
-def _source_function(activation: str, detail: str) -> Callable[[Any], Any] | None:
-    import numpy as np
-
-    params = dict(p.split("=") for p in detail.split(", ") if "=" in p) if detail else {}
-    erf = np.vectorize(math.erf)
-    table: dict[str, Callable[[Any], Any]] = {
-        "relu": lambda x: np.maximum(x, 0.0),
-        "relu6": lambda x: np.clip(x, 0.0, 6.0),
-        "leaky_relu": lambda x: np.where(
-            x > 0, x, x * float(params.get("negative_slope", params.get("alpha", 0.2)))
-        ),
-        "elu": lambda x: np.where(x > 0, x, np.expm1(x)),
-        "selu": lambda x: 1.0507009873554805 * np.where(x > 0, x, 1.6732632423543772 * np.expm1(x)),
-        "gelu": lambda x: 0.5 * x * (1.0 + erf(x / math.sqrt(2.0))),
-        "silu": lambda x: x / (1.0 + np.exp(-x)),
-        "sigmoid": lambda x: 1.0 / (1.0 + np.exp(-x)),
-        "hard_sigmoid": lambda x: np.clip(x / 6.0 + 0.5, 0.0, 1.0),
-        "hard_silu": lambda x: x * np.clip(x / 6.0 + 0.5, 0.0, 1.0),
-        "tanh": np.tanh,
-        "softplus": lambda x: np.logaddexp(0.0, x),
-        "softsign": lambda x: x / (1.0 + np.abs(x)),
-    }
-    return table.get(activation)
 
 
 APPROX_DEFAULT_INTERVAL = (-4.0, 4.0)
@@ -398,25 +330,14 @@ def resolve_sources(spec: str) -> frozenset[str]:
     """``--from`` names (comma-separated) or ``all`` (every non-polynomial source)."""
     names = [n.strip() for n in spec.split(",") if n.strip()]
     if names == ["all"]:
-        return frozenset(n for n, fam in SOURCES.items() if fam not in ("polynomial", "pool", "blend"))
+        return frozenset(n for n, fam in SOURCES.items() if fam not in catalog.NOT_CONVERTED_FAMILIES)
     unknown = [
         n for n in names
-        if canonical(n) not in SOURCES or SOURCES[canonical(n)] in ("polynomial", "pool", "blend")
+        if canonical(n) not in SOURCES or SOURCES[canonical(n)] in catalog.NOT_CONVERTED_FAMILIES
     ]
     if unknown or not names:
         raise UserError(
             f"unknown source activation(s) {', '.join(unknown) or repr(spec)} for --from; "
-            f"use 'all' or names from: {', '.join(n for n, f in SOURCES.items() if f != 'polynomial')}"
+            f"use 'all' or names from: {', '.join(n for n, f in SOURCES.items() if f != catalog.POLYNOMIAL_FAMILY)}"
         )
     return frozenset(canonical(n) for n in names)
-
-
-# Registered Keras names of actswap's own objects -> the source name they report as.
-OWN_OBJECTS: dict[str, str] = {
-    "actswap>square": "square",
-    "actswap>SquareActivation": "square",
-    "actswap>Square": "square",
-    "actswap>PolynomialActivation": "poly",
-    "actswap>Polynomial": "poly",
-    "actswap>Blend": "blend",
-}

@@ -2,8 +2,9 @@
 operations, multiplicative depth), and running it on CKKS-encrypted data
 (TenSEAL), compared with plaintext.
 
-Layout: :mod:`.readiness` (``he_report``), :mod:`.program` (compile a model
-into affine stages and polynomials), :mod:`.params` (CKKS parameters),
+Layout: :mod:`.readiness` (``he_report``), :mod:`.layers` (what both know of
+Keras layers; activations come from :mod:`actswap.catalog`), :mod:`.program`
+(compile a model into affine stages and polynomials), :mod:`.params` (CKKS parameters),
 :mod:`.evaluate` (plaintext and TenSEAL backends), :mod:`.encrypted`
 (``run``, its report), :mod:`.limits` (security limits, the refusals).
 

@@ -11,7 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from .. import registry
 from ..errors import InvariantError
+from . import layers
 from .limits import MAX_SLOTS, OutOfScopeError, ParameterError
 
 
@@ -21,16 +23,8 @@ from .limits import MAX_SLOTS, OutOfScopeError, ParameterError
 COMPILE_TOL = 1e-4
 
 
-AFFINE_LAYERS = {
-    "Dense", "EinsumDense", "Conv1D", "Conv2D", "Conv3D", "Conv1DTranspose", "Conv2DTranspose",
-    "Conv3DTranspose", "DepthwiseConv1D", "DepthwiseConv2D", "SeparableConv1D", "SeparableConv2D",
-    "AveragePooling1D", "AveragePooling2D", "AveragePooling3D", "GlobalAveragePooling1D",
-    "GlobalAveragePooling2D", "GlobalAveragePooling3D", "Flatten", "Reshape", "Permute",
-    "BatchNormalization", "Rescaling", "ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D",
-    "Cropping1D", "Cropping2D", "Cropping3D", "Dropout", "SpatialDropout1D", "SpatialDropout2D",
-    "SpatialDropout3D", "GaussianNoise", "GaussianDropout", "AlphaDropout", "Identity", "Add",
-    "Subtract", "Concatenate", "Average",
-}
+# The affine layers the compiler runs: the HE table's, less those it does not compile yet.
+AFFINE_LAYERS = set(layers.AFFINE_LAYERS) - layers.NOT_COMPILED
 
 
 # keras.ops called on a KerasTensor in a functional graph: affine when every
@@ -41,8 +35,7 @@ AFFINE_OPS = {"Add", "Subtract", "Negative", "Reshape", "Transpose", "Multiply",
 ONE_TENSOR_OPS = {"Multiply", "Divide", "TrueDivide"}
 
 
-POOL_LAYERS = {"MaxPooling1D", "MaxPooling2D", "MaxPooling3D", "GlobalMaxPooling1D", "GlobalMaxPooling2D",
-               "GlobalMaxPooling3D"}
+POOL_LAYERS = set(registry.POOL_SWAPS)
 
 
 @dataclass
@@ -231,7 +224,6 @@ class _Compiler:
 
     def call(self, op: Any, *args: Any, **kwargs: Any) -> Any:
         keras = self.keras
-        from ..activations import Polynomial, Square
         from ..sites import is_graph_model
 
         vals = [a for a in keras.tree.flatten((args, kwargs)) if isinstance(a, _Val)]
@@ -257,7 +249,7 @@ class _Compiler:
         if is_layer and getattr(op, "_call_has_training_arg", False):
             kwargs["training"] = False
         v = vals[0]
-        if isinstance(op, (Square, Polynomial)):
+        if layers.polynomial_cost(op) is not None:  # one of actswap's polynomial layers
             return self.polynomial(v, op, name, op(v.probe))
         act = getattr(op, "activation", None) if is_layer else None
         act_name = _act_name(act) if act is not None else "linear"
@@ -271,8 +263,10 @@ class _Compiler:
             raise self.not_polynomial(name, act_name)
         if kind == "Softmax":
             return _Val(v.seg, v.rows, op(v.probe), softmaxed=name)
-        if kind in ("ReLU", "LeakyReLU", "PReLU", "ELU"):
+        if is_layer and (kind == "ReLU" or kind in registry.ACTIVATION_LAYERS):
             raise self.not_polynomial(name, kind)
+        if not is_layer and kind in registry.OP_ACTIVATIONS:  # keras.ops.relu(x) and the like
+            raise self.not_polynomial(name, registry.OP_ACTIVATIONS[kind])
         if kind in POOL_LAYERS:
             raise OutOfScopeError(
                 f"'{name}' ({kind}) is not a polynomial; convert with `actswap convert MODEL --to square "

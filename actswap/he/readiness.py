@@ -11,13 +11,15 @@ Two findings, for Sequential/Functional Keras models (nested ones included):
 Counting rule (stated in the README too):
 
 * ciphertext x plaintext (``ct_pt``): 1 for each Dense, Conv*, Depthwise*,
-  BatchNormalization (its scale), Rescaling/Normalization, AveragePooling and
-  GlobalAveragePooling (a sum times a constant); SeparableConv is 2.
+  BatchNormalization (its scale), Rescaling/Normalization, AveragePooling,
+  GlobalAveragePooling and Average (a sum times a constant); SeparableConv is 2
+  (the table is :data:`actswap.he.layers.AFFINE_LAYERS`).
 * ciphertext x ciphertext (``ct_ct``): a polynomial activation of degree d
   costs ceil(log2 d) (x² is 1, degree 3 or 4 is 2, degree 8 is 3: one level
   per doubling of the degree, as in Paterson-Stockmeyer/tree evaluation);
   coefficients other than 0/1 add 1 ct_pt (so the scaled square ``s·x²``
-  that recovery leaves is 1 ct_ct + 1 ct_pt); a Multiply of two tensors is 1.
+  that recovery leaves is 1 ct_ct + 1 ct_pt): each target's cost is declared
+  in its catalog record (:mod:`actswap.catalog`); a Multiply of two tensors is 1.
 * Flatten, Reshape, Add, Concatenate, padding, cropping, dropout and the
   input cost nothing.
 
@@ -34,34 +36,18 @@ polynomial's coefficients 1 more), measured rather than estimated.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import keras
 
+from .. import catalog
 from ..sites import find_sites, is_graph_model
+from .layers import AFFINE_LAYERS, CT_CT_LAYERS, NON_POLYNOMIAL_LAYERS, PASS_THROUGH, polynomial_cost
 
-CT_PT_LAYERS = {
-    "Dense": 1, "EinsumDense": 1, "Conv1D": 1, "Conv2D": 1, "Conv3D": 1, "Conv1DTranspose": 1,
-    "Conv2DTranspose": 1, "Conv3DTranspose": 1, "DepthwiseConv1D": 1, "DepthwiseConv2D": 1,
-    "SeparableConv1D": 2, "SeparableConv2D": 2, "BatchNormalization": 1, "Rescaling": 1,
-    "Normalization": 1, "AveragePooling1D": 1, "AveragePooling2D": 1, "AveragePooling3D": 1,
-    "GlobalAveragePooling1D": 1, "GlobalAveragePooling2D": 1, "GlobalAveragePooling3D": 1,
-}
-FREE_LAYERS = {
-    "InputLayer", "Flatten", "Reshape", "Permute", "Dropout", "SpatialDropout1D", "SpatialDropout2D",
-    "SpatialDropout3D", "GaussianNoise", "GaussianDropout", "AlphaDropout", "ZeroPadding1D",
-    "ZeroPadding2D", "ZeroPadding3D", "Cropping1D", "Cropping2D", "Cropping3D", "Concatenate", "Add",
-    "Subtract", "Identity", "RepeatVector", "Activation", "ReLU", "Square", "Polynomial",
-}
-CT_CT_LAYERS = {"Multiply": 1, "Dot": 1}
-NON_POLYNOMIAL_LAYERS = {
-    "MaxPooling1D", "MaxPooling2D", "MaxPooling3D", "GlobalMaxPooling1D", "GlobalMaxPooling2D",
-    "GlobalMaxPooling3D", "Softmax", "LayerNormalization", "GroupNormalization", "UnitNormalization",
-    "Maximum", "Minimum", "MultiHeadAttention", "Attention", "AdditiveAttention", "Lambda",
-}
-POLYNOMIAL_SOURCES = {"square", "poly"}
+# Views of the one table in :mod:`.layers`, under the names this module always had.
+CT_PT_LAYERS = {name: n for name, n in AFFINE_LAYERS.items() if n}
+FREE_LAYERS = {name for name, n in AFFINE_LAYERS.items() if not n} | PASS_THROUGH
 
 
 @dataclass(frozen=True, order=True)
@@ -89,39 +75,17 @@ class HEReport:
         }
 
 
-def _poly_cost(coefficients: tuple[float, ...]) -> tuple[int, int]:
-    degree = len(coefficients) - 1
-    ct_ct = math.ceil(math.log2(degree)) if degree > 1 else 0
-    scaled = any(c not in (0.0, 1.0) for c in coefficients)
-    return ct_ct, 1 if scaled else 0
-
-
-def _activation_cost(value: Any) -> tuple[int, int]:
-    """Cost of an actswap polynomial activation object or config."""
-    from ..activations import Polynomial, PolynomialActivation, SquareActivation, square
-
-    if value is square:
-        return 1, 0
-    if isinstance(value, SquareActivation):
-        return _poly_cost((0.0, 0.0, value.scale))
-    if isinstance(value, (PolynomialActivation, Polynomial)):
-        return _poly_cost(value.coefficients)
-    return 0, 0
-
-
 def _leaf_cost(leaf: Any) -> tuple[int, int]:
-    from ..activations import Polynomial, Square
-
-    if isinstance(leaf, Square):  # s·x²: one ct_ct, and one ct_pt when s != 1
-        return _poly_cost((0.0, 0.0, leaf.scale))
-    if isinstance(leaf, Polynomial):
-        return _poly_cost(leaf.coefficients)
+    """(ct_ct, ct_pt) of one layer or op, its activation included (the catalog
+    prices actswap's own polynomials, layers and ``activation=`` values alike)."""
+    own = polynomial_cost(leaf)
+    if own is not None:
+        return own
     name = type(leaf).__name__
     ct_ct, ct_pt = CT_CT_LAYERS.get(name, 0), CT_PT_LAYERS.get(name, 0)
     if name == "Rescaling" and getattr(leaf, "scale", 1.0) == 1.0:
         ct_pt = 0
-    act = getattr(leaf, "activation", None)
-    a_ct, a_pt = _activation_cost(act)
+    a_ct, a_pt = polynomial_cost(getattr(leaf, "activation", None)) or (0, 0)
     return ct_ct + a_ct, ct_pt + a_pt
 
 
@@ -151,16 +115,17 @@ def _non_polynomial(model: Any) -> list[dict[str, str]]:
     found: list[dict[str, str]] = []
     activation_sites = {s.path: s for s in find_sites(model)}
     for s in activation_sites.values():
-        if s.activation not in POLYNOMIAL_SOURCES:
+        if not catalog.is_polynomial(s.activation):
             found.append({"path": s.path, "op": f"{s.activation} ({s.form})", "why": "not a polynomial"})
     nodes = list(iter_nodes(model)) if is_graph_model(model) else []
     for path, obj in nodes:
         if is_graph_model(obj) or path in activation_sites:
             continue
         name = type(obj).__name__
-        if name in NON_POLYNOMIAL_LAYERS:
+        if name in NON_POLYNOMIAL_LAYERS or name in catalog.ACTIVATION_LAYERS:  # (those are sites)
             found.append({"path": path, "op": name, "why": "not a polynomial"})
-        elif not (name in FREE_LAYERS or name in CT_PT_LAYERS or name in CT_CT_LAYERS):
+        elif not (name in FREE_LAYERS or name in CT_PT_LAYERS or name in CT_CT_LAYERS
+                  or name in catalog.OWN_LAYERS):
             found.append({"path": path, "op": name, "why": "unknown to actswap: check it by hand"})
     return found
 

@@ -155,12 +155,13 @@ def _op_reason(op: str) -> str:
 
 
 def _note_graph_precision(graph: Any, report: ScanReport, in_label: str) -> None:
+    from ..catalog import is_converted_tf_op
     from ..tfproto import DT_BFLOAT16, DT_HALF
 
     names = {DT_HALF: "float16", DT_BFLOAT16: "bfloat16"}
     nodes = list(graph.node) + [n for f in graph.library.function for n in f.node_def]
     for node in nodes:
-        if node.op not in ("Relu", "Relu6", "Elu", "Selu", "LeakyRelu", "Sigmoid", "Tanh", "Softplus"):
+        if not is_converted_tf_op(node.op):  # the ops a conversion turns into x² (the catalog's)
             continue
         for entry in node.attr:
             if entry.key == "T" and entry.value.type in names:
