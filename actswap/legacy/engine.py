@@ -84,7 +84,10 @@ def check_structure(model: Any, path: str = "") -> None:
 def _serialize_layer(layer: Any) -> Any:
     import tf_keras
 
-    return tf_keras.layers.serialize(layer)
+    # The legacy form names the class by its registered name
+    # ("actswap_legacy>Square"), which both of tf_keras's deserializers find;
+    # a wrapper's from_config (TimeDistributed(ReLU())) uses the legacy one.
+    return tf_keras.layers.serialize(layer, use_legacy_format=True)
 
 
 def _serialize_activation(fn: Any) -> Any:
