@@ -264,7 +264,6 @@ def _verify_written(tmp: Path, new: Any, report: Report, trust_code: bool = Fals
         ) from None
 
 
-
 def inspect_legacy(path: Path, trust_code: bool = False) -> Report:
     """Every activation site of a Keras 2 model, loaded with tf_keras after the safety check."""
     src = Path(path)
