@@ -182,7 +182,7 @@ class Engine:
     ``value(variable)`` is what ``assign`` copies from (None: ``.value``);
     ``signature(model)`` is what must not change (input/output names, shapes,
     dtypes). ``trainable_cascades``: setting a model's flag overwrites its
-    layers' flags (tf_keras), so the top model's flag is set first.
+    layers' flags (tf_keras), so flags are set top down, along every path.
     """
 
     flavor: Flavor
@@ -321,22 +321,26 @@ def _rewrite(
 
     new_model, cache = engine.clone(model, clone_leaf)
 
-    if engine.trainable_cascades:
-        new_model.trainable = model.trainable
+    cascades = engine.trainable_cascades
     # Parents first: setting trainable on a model cascades to its layers, and a
     # frozen sub-model must stay frozen whatever its layers' own flags were.
     for oid, (path, old) in olds.items():
         new = cache.get(oid)
         if new is None:
             raise InvariantError(f"'{path}' was not rebuilt by clone_model")
-        if hasattr(old, "trainable") and hasattr(new, "trainable"):  # ops have no flag
+        if not cascades and hasattr(old, "trainable") and hasattr(new, "trainable"):  # ops have no flag
             new.trainable = old.trainable
         if not flavor.is_graph_model(old) and hasattr(old, "weights"):
             _copy_weights(old, new, path, engine.value)
         if flavor.is_model(old) and not flavor.is_graph_model(old) and check_subclassed:
             check_subclassed(path, new)
-    if not engine.trainable_cascades:
-        new_model.trainable = model.trainable
+    new_model.trainable = model.trainable
+    if cascades:
+        # A model's flag overwrites every flag below it (tf_keras): top down,
+        # along every path, so a layer shared by two nested models is set
+        # again after each of them.
+        for _, old in iter_nodes(model, "", flavor):
+            cache[id(old)].trainable = old.trainable
 
     signature = engine.signature
     if signature(new_model) != signature(model):
