@@ -66,8 +66,9 @@ class Dialect:
     other_node: Callable[[str, str, dict[str, Any]], Found | None] = _no_node
     # ``max_value`` is shown as ``f"{float(v):g}"`` (True) or ``f"{v:g}"`` (False).
     max_value_as_float: bool = False
-    # The pointer of a nested layer that is itself an activation locates its
-    # ``config`` dict (True) or its ``{"class_name", "config"}`` node (False).
+    # The pointer of a layer that is itself an activation locates its
+    # ``config`` dict (True) or its ``{"class_name", "config"}`` node (False);
+    # the rewrite engine (:mod:`actswap.rewrite`) replaces the node either way.
     layer_pointer_at_config: bool = False
 
 

@@ -16,8 +16,18 @@ from .report import Site
 PARITY_TOL = 1e-4
 
 
-def decide(site: Site, target: registry.Target, sources: frozenset[str]) -> str | None:
-    """None if the site is to be replaced, else the (short) reason it is skipped."""
+def decide(
+    site: Site,
+    target: registry.Target,
+    sources: frozenset[str],
+    *,
+    more_sources: str | None = "--from adds others",
+) -> str | None:
+    """None if the site is to be replaced, else the (short) reason it is skipped.
+
+    ``more_sources`` is how the caller's user selects other sources, appended to
+    a "not selected" reason; None for a caller that offers no choice (tf_keras
+    files convert ReLU only, so pointing at ``--from`` there would mislead)."""
     fam = registry.family(site.activation)
     if site.activation.startswith("custom"):
         return "unrecognised custom activation"
@@ -29,5 +39,6 @@ def decide(site: Site, target: registry.Target, sources: frozenset[str]) -> str 
         # with the target's own reason when it has one: that is the real why.
         if refusal and fam in sources:
             return refusal
-        return f"not selected (converting {', '.join(sorted(sources))}; --from adds others)"
+        hint = f"; {more_sources}" if more_sources else ""
+        return f"not selected (converting {', '.join(sorted(sources))}{hint})"
     return refusal

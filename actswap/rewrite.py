@@ -1,4 +1,4 @@
-"""The rewriting engine for Keras 3 Sequential/Functional models.
+"""The rewriting engine for Sequential/Functional models, of either Keras.
 
 Mechanism only: the engine is handed sites already marked ``replaced`` and two
 builders (what to put where a whole layer/op stood, what to put in an
@@ -10,6 +10,10 @@ holds a replaced site, the leaf's serialized config is edited at the site and
 deserialized (safe mode); every other leaf is cloned from its config. Cloning
 creates fresh weights, so afterwards every variable is assigned from its
 original, and the result is checked.
+
+What differs between Keras 3 and tf_keras is an :class:`Engine` record:
+:data:`KERAS3` here, ``actswap.legacy``'s for tf_keras (whose ``clone_model``
+is not recursive, so its ``clone`` rebuilds nested models itself).
 
 Invariants (checked, an :class:`InvariantError` otherwise): the input model is
 not modified; every weight of the input is in the result, bit-identical, in
@@ -24,6 +28,7 @@ import contextlib
 import copy
 import gc
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import keras
@@ -31,7 +36,8 @@ import numpy as np
 
 from .errors import InvariantError, UnsupportedModelError
 from .report import REPLACED, Site
-from .sites import is_graph_model, iter_nodes
+from .sites import KERAS3 as KERAS3_FLAVOR
+from .sites import Flavor, iter_nodes
 
 LayerBuilder = Callable[[Site, dict[str, Any]], Any]
 # (site, config of the layer that holds the activation= argument) -> activation
@@ -69,24 +75,33 @@ def _put(tree: Any, pointer: tuple[Any, ...], value: Any) -> Any:
 
 
 def _edited_leaf(
-    leaf: Any, sites: list[Site], make_layer: LayerBuilder, make_activation: ActivationBuilder
+    leaf: Any,
+    sites: list[Site],
+    make_layer: LayerBuilder,
+    make_activation: ActivationBuilder,
+    engine: Engine,
 ) -> Any:
-    tree = copy.deepcopy(keras.saving.serialize_keras_object(leaf))
+    """A new layer built from ``leaf``'s config with each site's activation replaced."""
+    tree = copy.deepcopy(engine.flavor.serialize(leaf))
     # A subclassed leaf's own class may not be registered; it is the class of
     # an object already in memory, so naming it is not loading new code.
     own = {type(leaf).__name__: type(leaf)}
+    at_config = engine.flavor.dialect.layer_pointer_at_config
     for site in sites:
-        old = _get(tree, site.pointer)
         if not site.is_argument:
-            new = keras.saving.serialize_keras_object(make_layer(site, old))
+            # The site is a whole layer: replace its node (which the pointer
+            # locates, or the node just above the config it locates).
+            where = site.pointer[:-1] if at_config else site.pointer
+            new = engine.serialize_layer(make_layer(site, _get(tree, where)))
         else:
+            where = site.pointer
             owner = _get(tree, site.pointer[:-1])
-            new = keras.activations.serialize(make_activation(site, owner))
-        tree = _put(tree, site.pointer, new)
-    return keras.saving.deserialize_keras_object(tree, custom_objects=own, safe_mode=True)
+            new = engine.serialize_activation(make_activation(site, owner))
+        tree = _put(tree, where, new)
+    return engine.deserialize(tree, own)
 
 
-def _copy_weights(old: Any, new: Any, where: str) -> None:
+def _copy_weights(old: Any, new: Any, where: str, value: Callable[[Any], Any] | None = None) -> None:
     if new is old:  # a layer moved by ``rewrite(consume=True)``
         return
     ow, nw = copied_weights(old), copied_weights(new)
@@ -100,7 +115,7 @@ def _copy_weights(old: Any, new: Any, where: str) -> None:
                 f"'{where}': weight {o.name} is {o.dtype}{tuple(o.shape)} in the original "
                 f"but {n.dtype}{tuple(n.shape)} after rewriting"
             )
-        n.assign(o.value)
+        n.assign(o.value if value is None else value(o))
 
 
 def check_same_weights(old: Any, new: Any) -> None:
@@ -114,7 +129,8 @@ def check_same_weights(old: Any, new: Any) -> None:
             continue
         a, b = np.asarray(o.numpy()), np.asarray(n.numpy())
         if a.shape != b.shape or a.dtype != b.dtype or a.tobytes() != b.tobytes():
-            raise InvariantError(f"weight '{o.path}' is not bit-identical after rewriting")
+            where = getattr(o, "path", None) or o.name  # tf_keras variables have no path
+            raise InvariantError(f"weight '{where}' is not bit-identical after rewriting")
 
 
 def output_layer_names(model: Any) -> list[str]:
@@ -136,12 +152,68 @@ def _signature(model: Any) -> tuple[Any, ...]:
     )
 
 
+def _clone_keras3(model: Any, clone_leaf: Callable[[Any], Any]) -> tuple[Any, dict[int, Any]]:
+    """``keras.models.clone_model``, recursive; returns the clone and its cache
+    (``id(old)`` -> new, for every nested model and leaf)."""
+    cache: dict[int, Any] = {}
+    # clone_model names new inputs after the old KerasTensors ('keras_tensor_4'
+    # for an unnamed keras.Input); the saved input names are the InputLayers'.
+    # (A Sequential rebuilds its InputLayer under its own name.)
+    inputs = None if isinstance(model, keras.Sequential) else keras.tree.map_structure(
+        lambda t: keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t._keras_history[0].name), model.input
+    )
+    new_model = keras.models.clone_model(
+        model, input_tensors=inputs, clone_function=clone_leaf, recursive=True, cache=cache
+    )
+    if not new_model.built:
+        new_model.build(model.input_shape)
+    return new_model, cache
+
+
+@dataclass(frozen=True)
+class Engine:
+    """How the engine rebuilds one Keras's models; one instance per Keras.
+
+    ``deserialize(tree, own)`` rebuilds a leaf from an edited config tree
+    (``own``: the leaf's own class by name) and must not run stored code;
+    ``clone(model, clone_leaf)`` rebuilds a graph model, nested ones included,
+    calling ``clone_leaf`` once per leaf, and returns ``(new, cache)`` where
+    ``cache`` maps ``id(old)`` to its new twin for every nested model and leaf;
+    ``value(variable)`` is what ``assign`` copies from (None: ``.value``);
+    ``signature(model)`` is what must not change (input/output names, shapes,
+    dtypes). ``trainable_cascades``: setting a model's flag overwrites its
+    layers' flags (tf_keras), so flags are set top down, along every path.
+    """
+
+    flavor: Flavor
+    serialize_layer: Callable[[Any], Any]
+    serialize_activation: Callable[[Any], Any]
+    deserialize: Callable[[Any, dict[str, Any]], Any]
+    clone: Callable[[Any, Callable[[Any], Any]], tuple[Any, dict[int, Any]]]
+    signature: Callable[[Any], tuple[Any, ...]]
+    value: Callable[[Any], Any] | None = None
+    trainable_cascades: bool = False
+
+
+KERAS3 = Engine(
+    flavor=KERAS3_FLAVOR,
+    serialize_layer=keras.saving.serialize_keras_object,
+    serialize_activation=keras.activations.serialize,
+    deserialize=lambda tree, own: keras.saving.deserialize_keras_object(
+        tree, custom_objects=own, safe_mode=True
+    ),
+    clone=_clone_keras3,
+    signature=_signature,
+)
+
+
 def _rewrite_subclassed(
     model: Any, sites: list[Site], make_layer: LayerBuilder, make_activation: ActivationBuilder
 ) -> Any:
+    # Keras 3 only: tf_keras refuses subclassed models before it gets here.
     mine = [s for s in sites if s.action == REPLACED]
     if mine:
-        new = _edited_leaf(model, mine, make_layer, make_activation)
+        new = _edited_leaf(model, mine, make_layer, make_activation, KERAS3)
     else:
         new = keras.saving.deserialize_keras_object(
             keras.saving.serialize_keras_object(model),
@@ -182,6 +254,7 @@ def rewrite(
     check_subclassed: Callable[[str, Any], None] | None = None,
     *,
     consume: bool = False,
+    engine: Engine = KERAS3,
 ) -> keras.Model:
     """Return a new model with every ``replaced`` site rebuilt; ``model`` is untouched.
 
@@ -196,6 +269,9 @@ def rewrite(
     copied, so conversion costs no second copy of the weights and no
     re-initialisation. ``model`` must not be used afterwards (its layers now
     belong to the result's graph only).
+
+    ``engine`` says which Keras the model is of (default Keras 3); a
+    subclassed model is rewritten with Keras 3 only.
     """
     if not model.built:
         raise UnsupportedModelError(
@@ -203,7 +279,7 @@ def rewrite(
             "add a keras.Input or call it once on data before converting"
         )
     with _cyclic_gc_paused():
-        return _rewrite(model, sites, make_layer, make_activation, check_subclassed, consume)
+        return _rewrite(model, sites, make_layer, make_activation, check_subclassed, consume, engine)
 
 
 def _rewrite(
@@ -213,14 +289,18 @@ def _rewrite(
     make_activation: ActivationBuilder,
     check_subclassed: Callable[[str, Any], None] | None,
     consume: bool,
+    engine: Engine,
 ) -> keras.Model:
-    if not is_graph_model(model):
+    flavor = engine.flavor
+    if not flavor.is_graph_model(model):
+        if engine is not KERAS3:
+            raise UnsupportedModelError(f"subclassed model {type(model).__name__}: not a graph model")
         new = _rewrite_subclassed(model, sites, make_layer, make_activation)
         if check_subclassed is not None:
             check_subclassed("", new)
         check_same_weights(model, new)
         return new
-    olds: dict[int, tuple[str, Any]] = {id(obj): (path, obj) for path, obj in iter_nodes(model)}
+    olds: dict[int, tuple[str, Any]] = {id(obj): (path, obj) for path, obj in iter_nodes(model, "", flavor)}
     edits: dict[int, list[Site]] = {}
     for site in sites:
         if site.action == REPLACED:
@@ -228,7 +308,7 @@ def _rewrite(
 
     def clone_leaf(layer: Any) -> Any:
         if id(layer) in edits:
-            return _edited_leaf(layer, edits[id(layer)], make_layer, make_activation)
+            return _edited_leaf(layer, edits[id(layer)], make_layer, make_activation, engine)
         if consume:
             # Moved, not copied. Forget the input graph's nodes first (clone
             # calls each layer once here, before wiring it into the new graph),
@@ -239,36 +319,33 @@ def _rewrite(
             return layer
         return layer.__class__.from_config(layer.get_config())
 
-    cache: dict[int, Any] = {}
-    # clone_model names new inputs after the old KerasTensors ('keras_tensor_4'
-    # for an unnamed keras.Input); the saved input names are the InputLayers'.
-    # (A Sequential rebuilds its InputLayer under its own name.)
-    inputs = None if isinstance(model, keras.Sequential) else keras.tree.map_structure(
-        lambda t: keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t._keras_history[0].name), model.input
-    )
-    new_model = keras.models.clone_model(
-        model, input_tensors=inputs, clone_function=clone_leaf, recursive=True, cache=cache
-    )
-    if not new_model.built:
-        new_model.build(model.input_shape)
+    new_model, cache = engine.clone(model, clone_leaf)
 
+    cascades = engine.trainable_cascades
     # Parents first: setting trainable on a model cascades to its layers, and a
     # frozen sub-model must stay frozen whatever its layers' own flags were.
     for oid, (path, old) in olds.items():
         new = cache.get(oid)
         if new is None:
             raise InvariantError(f"'{path}' was not rebuilt by clone_model")
-        if hasattr(old, "trainable") and hasattr(new, "trainable"):  # ops have no flag
+        if not cascades and hasattr(old, "trainable") and hasattr(new, "trainable"):  # ops have no flag
             new.trainable = old.trainable
-        if not is_graph_model(old) and hasattr(old, "weights"):
-            _copy_weights(old, new, path)
-        if isinstance(old, keras.Model) and not is_graph_model(old) and check_subclassed:
+        if not flavor.is_graph_model(old) and hasattr(old, "weights"):
+            _copy_weights(old, new, path, engine.value)
+        if flavor.is_model(old) and not flavor.is_graph_model(old) and check_subclassed:
             check_subclassed(path, new)
     new_model.trainable = model.trainable
+    if cascades:
+        # A model's flag overwrites every flag below it (tf_keras): top down,
+        # along every path, so a layer shared by two nested models is set
+        # again after each of them.
+        for _, old in iter_nodes(model, "", flavor):
+            cache[id(old)].trainable = old.trainable
 
-    if _signature(new_model) != _signature(model):
+    signature = engine.signature
+    if signature(new_model) != signature(model):
         raise InvariantError(
-            f"inputs/outputs changed: {_signature(model)} -> {_signature(new_model)}"
+            f"inputs/outputs changed: {signature(model)} -> {signature(new_model)}"
         )
     check_same_weights(model, new_model)
     return new_model

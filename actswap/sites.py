@@ -1,4 +1,4 @@
-"""Finding activation sites in Keras 3 models.
+"""Finding activation sites in live Keras models (Keras 3, and tf_keras through its flavor).
 
 A model is walked down to its *leaves* (layers and operations that are not
 Sequential/Functional models); each leaf is serialized with Keras's own
@@ -8,12 +8,18 @@ inside wrappers (``TimeDistributed``, ``Bidirectional``, RNN cells) with one
 mechanism, and it is exactly what the rewrite changes, so what is reported is
 what is rewritten.
 
+The walk is the same for both Kerases; what differs (which objects are
+graph models, how a model lists its children, how a leaf serializes, which
+:class:`~actswap.classify.Dialect` reads the config) is a :class:`Flavor`:
+:data:`KERAS3` here, ``actswap.legacy``'s for tf_keras.
+
 Invariant: finding sites never modifies the model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import keras
@@ -35,13 +41,41 @@ def children(model: Any) -> list[Any]:
     return [op for op in ops if not isinstance(op, keras.layers.InputLayer)]
 
 
-def iter_nodes(model: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+@dataclass(frozen=True)
+class Flavor:
+    """How one Keras's live models are walked; one instance per Keras.
+
+    ``serialize(leaf)`` returns a config tree that ``classify.node_sites`` reads
+    with ``dialect``; each site's pointer locates it in that tree, and the
+    rewrite engine edits the same tree, so what is reported is what is rewritten.
+    """
+
+    name: str
+    dialect: classify.Dialect
+    is_model: Callable[[Any], bool]
+    is_graph_model: Callable[[Any], bool]
+    # The layers/ops of a graph model, InputLayers excluded, in graph order.
+    children: Callable[[Any], list[Any]]
+    serialize: Callable[[Any], Any]
+
+
+KERAS3 = Flavor(
+    name="keras3",
+    dialect=classify.KERAS3,
+    is_model=lambda obj: isinstance(obj, keras.Model),
+    is_graph_model=is_graph_model,
+    children=children,
+    serialize=keras.saving.serialize_keras_object,
+)
+
+
+def iter_nodes(model: Any, prefix: str = "", flavor: Flavor = KERAS3) -> Iterator[tuple[str, Any]]:
     """Yield ``(path, obj)`` for every nested graph model and leaf, parents first."""
-    for child in children(model):
+    for child in flavor.children(model):
         path = prefix + child.name
         yield path, child
-        if is_graph_model(child):
-            yield from iter_nodes(child, path + "/")
+        if flavor.is_graph_model(child):
+            yield from iter_nodes(child, path + "/", flavor)
 
 
 def subclassed_models(model: Any) -> list[str]:
@@ -64,35 +98,40 @@ def sites_in_config(node: Any, prefix: str, pointer: tuple[Any, ...] = ()) -> It
     return classify.node_sites(node, prefix, classify.KERAS3, pointer)
 
 
-def leaf_sites(leaf: Any, prefix: str) -> list[Site]:
-    tree = keras.saving.serialize_keras_object(leaf)
-    sites = list(sites_in_config(tree, prefix))
+def leaf_sites(leaf: Any, prefix: str, flavor: Flavor = KERAS3) -> list[Site]:
+    """Sites of one leaf, read from ``flavor.serialize(leaf)``; each knows its leaf."""
+    tree = flavor.serialize(leaf)
+    sites = list(classify.node_sites(tree, prefix, flavor.dialect))
     for s in sites:
         s.leaf_id = id(leaf)
     return sites
 
 
-def find_sites(model: Any) -> list[Site]:
+def find_sites(model: Any, flavor: Flavor = KERAS3) -> list[Site]:
     """Every activation site of a model, in graph order.
+
+    Paths are named from the model down, without the model's own name
+    (``inner/dense_2``). A layer shared by several (nested) models is one
+    site; its other paths are in ``also_at``.
 
     For a subclassed model (top-level or nested) the sites are those of its
     *config* (constructor arguments such as ``activation='relu'``): that is
     what rebuilds it, so that is what can be rewritten soundly. Activations its
     Python code sets or calls are found by :func:`code_sites`.
     """
-    if not isinstance(model, keras.Model):
+    if not flavor.is_model(model):
         raise UnsupportedModelError(
             f"expected a keras.Model, got {type(model).__name__}"
         )
     sites: list[Site] = []
     by_leaf: dict[int, list[Site]] = {}
     first_path: dict[int, str] = {}
-    if is_graph_model(model):
-        nodes = list(iter_nodes(model))
+    if flavor.is_graph_model(model):
+        nodes = list(iter_nodes(model, "", flavor))
     else:
         nodes = [("", model)]
     for path, obj in nodes:
-        if is_graph_model(obj):
+        if flavor.is_graph_model(obj):
             continue
         if id(obj) in by_leaf:  # a shared layer: one site, several paths
             first = first_path[id(obj)]
@@ -100,7 +139,7 @@ def find_sites(model: Any) -> list[Site]:
                 s.also_at.append(path + s.path[len(first) :])
             continue
         prefix = path[: len(path) - len(obj.name)]
-        found = leaf_sites(obj, prefix)
+        found = leaf_sites(obj, prefix, flavor)
         by_leaf[id(obj)] = found
         first_path[id(obj)] = path
         sites.extend(found)
