@@ -58,7 +58,7 @@ def _register_with_keras(keras_module: Any) -> None:
     # user on another backend. actswap's API reports the backend problem itself.
     if keras_module.backend.backend() == "tensorflow":
         importlib.import_module("actswap.activations")
-        importlib.import_module("actswap.recover.blend")  # Blend: a recovery's model saves mid-way
+        importlib.import_module("actswap.recover.blend_layer")  # Blend: a recovery's model saves mid-way
 
 
 wrapt.register_post_import_hook(_register_with_keras, "keras")

@@ -18,11 +18,15 @@ import os
 import zipfile
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .errors import InvariantError
+from .registry import POOL_SOURCE
+from .report import REPLACED, Report
 from .zipmember import stored_member
 
 
@@ -128,3 +132,23 @@ def read_back_savedmodel(module: Any, path: str | os.PathLike[str]) -> bool:
     except Exception:  # noqa: BLE001 - anything unexpected: the load decides
         return False
     return not needed - stored
+
+
+def replaced_sites_check(report: Report) -> Callable[[list[Any]], None]:
+    """A check of the sites read back from a written Keras model: every site the
+    report replaced holds the target ("square" or "poly") at its path."""
+    replaced = [s for s in report.sites if s.action == REPLACED and s.activation != POOL_SOURCE]
+    expected = "square" if report.target == "square" else "poly"
+
+    def check(after: list[Any]) -> None:
+        # A layer can hold several sites (activation=, recurrent_activation=).
+        got = Counter((s.path, s.activation) for s in after)
+        for (path, act), n in Counter((s.path, expected) for s in replaced).items():
+            if got[(path, act)] < n:
+                found = sorted({s.activation for s in after if s.path == path}) or ["no activation"]
+                raise InvariantError(
+                    f"the written model has {', '.join(found)} at '{path}' where {expected} was put; "
+                    "nothing written"
+                )
+
+    return check

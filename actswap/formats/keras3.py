@@ -8,37 +8,15 @@ archives (:func:`actswap.io.save`: atomic, read back before the rename).
 from __future__ import annotations
 
 import sys
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .. import registry
 from ..containers import Format
-from ..errors import InvariantError
-from ..report import REPLACED, Report
+from ..readback import replaced_sites_check
+from ..report import Report
 from . import base
 from .base import Backend, ConvertOptions
-
-
-def replaced_sites_check(report: Report) -> Callable[[list[Any]], None]:
-    """A check of the sites read back from a written Keras model: every site the
-    report replaced holds the target ("square" or "poly") at its path."""
-    replaced = [s for s in report.sites if s.action == REPLACED and s.activation != registry.POOL_SOURCE]
-    expected = "square" if report.target == "square" else "poly"
-
-    def check(after: list[Any]) -> None:
-        # A layer can hold several sites (activation=, recurrent_activation=).
-        got = Counter((s.path, s.activation) for s in after)
-        for (path, act), n in Counter((s.path, expected) for s in replaced).items():
-            if got[(path, act)] < n:
-                found = sorted({s.activation for s in after if s.path == path}) or ["no activation"]
-                raise InvariantError(
-                    f"the written model has {', '.join(found)} at '{path}' where {expected} was put; "
-                    "nothing written"
-                )
-
-    return check
 
 
 class KerasArchiveBackend(Backend):

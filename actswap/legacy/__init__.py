@@ -33,7 +33,7 @@ Invariants:
 
 from __future__ import annotations
 
-from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -160,34 +160,18 @@ def rewrite_legacy_model(model: Any, grad: str = "exact") -> tuple[Any, Report]:
     return new, Report(sites=sites, target=TARGET, grad=mode, notes=notes)
 
 
-def convert_legacy(
-    path: Path,
-    out: Path,
-    grad: str = "exact",
-    overwrite: bool = False,
-    trust_code: bool = False,
-    strict: bool = False,
-    write_unchanged: bool = True,
-) -> Report:
-    """Convert a Keras 2 ``.h5`` file or SavedModel directory; write the same family.
-
-    With ``strict``, nothing is written when a ReLU-like site was skipped
-    (the report's ``output`` stays None); without ``write_unchanged``, nothing
-    is written when no site was replaced. What is written is reloaded (scanned,
-    tf_keras) before it is moved into place and must hold the same sites, with
-    squares where they were put, and bit-identical weights.
+def convert_file(path: Path, grad: str = "exact", trust_code: bool = False) -> tuple[Any, Report]:
+    """Load a Keras 2 ``.h5`` file or SavedModel directory and square every plain
+    ReLU; nothing is written (:func:`save_legacy` writes the result).
 
     The config is checked before anything is loaded (:func:`check_legacy_safe`);
-    then ``tf_keras`` loads the model (compiled if it can), every plain ReLU
-    becomes x² with gradient mode ``grad`` (``"exact"`` or ``"clip:C"``), and
-    the result is written atomically to ``out``. It reloads with
-    ``tf_keras.models.load_model`` after ``import actswap.legacy``.
+    then ``tf_keras`` loads the model (compiled if it can) and the copy is
+    recompiled from the file's training config (a note says when it cannot be).
     """
-    src, dest = Path(path), Path(out)
+    src = Path(path)
     mode = gradients.normalize(grad)
     _require_tf_keras()
     kind = _kind(src)
-    check_output(src, dest, kind, overwrite)
     check_legacy_safe(src, trust_code=trust_code)
     model, compiled, notes = _load(src)
     new, report = rewrite_legacy_model(model, mode)
@@ -207,54 +191,95 @@ def convert_legacy(
         notes.append("optimizer state (e.g. Adam moments) is not carried over; it starts fresh")
     report.notes = notes + report.notes
     report.source = str(src)
-    if strict and report.skipped_relu_like:
-        return report
-    if report.replaced == 0 and not write_unchanged:
-        return report
+    return new, report
+
+
+def save_legacy(
+    new: Any, out: Path, *, overwrite: bool = False, verify: bool = True,
+    check: Callable[[list[Site]], None] | None = None, trust_code: bool = False,
+) -> Path:
+    """Write a tf_keras model atomically: as ``.h5`` when ``out`` ends in
+    .h5/.hdf5, else as a Keras 2 SavedModel directory (tf_keras, too, picks the
+    format from the name).
+
+    Before the rename the temporary output is scanned and reloaded with
+    tf_keras; ``check(sites)`` gets the sites read back, and with ``verify`` they
+    and the weights must equal ``new``'s, bit for bit. A failure writes nothing.
+    """
     from ..paths import disk_full, ensure_space, is_disk_full, remove_stale_temps
 
+    dest = Path(out)
+    kind = "h5" if dest.suffix.lower() in H5_SUFFIXES else "savedmodel"
+    check_output(None, dest, kind, overwrite)
     remove_stale_temps(dest)
     size = sum(v.shape.num_elements() * v.dtype.size for v in new.weights)
     ensure_space(dest.parent, size, f"'{dest.name}'")
 
-    def check(tmp: Path) -> None:
-        _verify_written(tmp, new, report, trust_code)
+    def check_written(tmp: Path) -> None:
+        _verify_written(tmp, kind, new, check if check is not None else (lambda sites: None), verify, trust_code)
 
     try:
-        if kind == "h5":
-            save_h5(new, dest, check)
-        else:
-            save_savedmodel(new, dest, check)
+        (save_h5 if kind == "h5" else save_savedmodel)(new, dest, check_written)
     except (UserError, InvariantError):
         raise
     except Exception as e:  # noqa: BLE001
         if is_disk_full(e):
             raise disk_full(dest, e) from e
         raise ConversionError(f"could not write '{dest}' with tf_keras: {first_line(e)}") from e
+    return dest
+
+
+def convert_legacy(
+    path: Path,
+    out: Path,
+    grad: str = "exact",
+    overwrite: bool = False,
+    trust_code: bool = False,
+    strict: bool = False,
+    write_unchanged: bool = True,
+) -> Report:
+    """Convert a Keras 2 ``.h5`` file or SavedModel directory; write the same family.
+
+    :func:`convert_file`, then :func:`save_legacy` with the check that every
+    replaced site reads back as a square. With ``strict``, nothing is written
+    when a ReLU-like site was skipped (the report's ``output`` stays None);
+    without ``write_unchanged``, nothing is written when no site was replaced.
+    The result reloads with ``tf_keras.models.load_model`` after
+    ``import actswap.legacy``.
+    """
+    from ..readback import replaced_sites_check
+
+    src, dest = Path(path), Path(out)
+    _require_tf_keras()
+    check_output(src, dest, _kind(src), overwrite)
+    new, report = convert_file(src, grad, trust_code)
+    if strict and report.skipped_relu_like:
+        return report
+    if report.replaced == 0 and not write_unchanged:
+        return report
+    save_legacy(new, dest, overwrite=overwrite, check=replaced_sites_check(report), trust_code=trust_code)
     report.output = str(dest)
     return report
 
 
-def _verify_written(tmp: Path, new: Any, report: Report, trust_code: bool = False) -> None:
-    """The temporary output reloads (after the scan) with ``new``'s sites, squares
-    where the report says, and bit-identical weights; InvariantError otherwise."""
-    from .. import scan
+def _verify_written(
+    tmp: Path, kind: str, new: Any, check: Callable[[list[Site]], None], verify: bool, trust_code: bool
+) -> None:
+    """The temporary output passes the scan and reloads; ``check`` accepts the
+    sites read back; with ``verify`` they and the weights equal ``new``'s."""
+    from ..containers import Format
     from ..rewrite import check_same_weights
+    from ..safety import check_container
 
-    scan.check(tmp, trust_code=trust_code)
+    check_container(tmp, Format.H5 if kind == "h5" else Format.SAVEDMODEL, trust_code)
     reloaded, _, _ = _load(tmp)
+    after = find_legacy_sites(reloaded)
+    check(after)
+    if not verify:
+        return
     # A layer can hold several sites (activation=, recurrent_activation=): keyed by form too.
     want = {(s.path, s.form): s.activation for s in find_legacy_sites(new)}
-    after = find_legacy_sites(reloaded)
-    got = {(s.path, s.form): s.activation for s in after}
-    have = Counter((s.path, s.activation) for s in after)
-    for (path, act), n in Counter((s.path, TARGET) for s in report.sites if s.action == REPLACED).items():
-        if have[(path, act)] < n:
-            found = sorted({s.activation for s in after if s.path == path}) or ["no activation"]
-            raise InvariantError(
-                f"the written model has {', '.join(found)} at '{path}' where {TARGET} was put; nothing written"
-            )
-    if want != got:
+    if want != {(s.path, s.form): s.activation for s in after}:
         raise InvariantError("the written model does not reload with the sites that were written; nothing written")
     try:
         check_same_weights(new, reloaded)
@@ -285,5 +310,7 @@ __all__ = [
     "legacy_findings",
     "find_legacy_sites",
     "rewrite_legacy_model",
+    "convert_file",
     "convert_legacy",
+    "save_legacy",
 ]

@@ -22,9 +22,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-# First: importing Keras runs actswap's import hook, which imports modules that
-# import the engine; the engine must not be half-imported when that happens.
-from .. import keras_setup  # noqa: F401
 from ..classify import TF_KERAS
 from ..errors import UnsupportedModelError
 from ..rewrite import Engine

@@ -177,9 +177,19 @@ def read_legacy_config(path: Path) -> dict[str, Any]:
 def legacy_findings(path: Path) -> list[str]:
     """Every entry of the stored config(s) that would run code or import a module
     (the errors of :func:`actswap.scan.scan`)."""
-    from .. import scan
+    from ..safety import SCANNERS, ScanReport
 
-    return [f.message for f in scan.scan(Path(path)).errors]
+    p = Path(path)
+    container = _container(p)
+    report = ScanReport(str(p), container.value)
+    SCANNERS[container](p, report)
+    return [f.message for f in report.errors]
+
+
+def _container(path: Path) -> Any:
+    from ..containers import Format
+
+    return Format.H5 if kind(path) == "h5" else Format.SAVEDMODEL
 
 
 def check_legacy_safe(path: Path, trust_code: bool = False) -> None:
@@ -189,11 +199,12 @@ def check_legacy_safe(path: Path, trust_code: bool = False) -> None:
     ``trust_code=True`` the findings of kind ``code`` are only warned about,
     loudly; malformed containers are refused regardless.
     """
-    from .. import scan
+    from ..safety import check_container
+    from ..safety.report import CODE
 
     p = Path(path)
-    report = scan.check(p, trust_code=trust_code)
-    code = [f for f in report.errors if f.kind == scan.CODE]
+    report = check_container(p, _container(p), trust_code)
+    code = [f for f in report.errors if f.kind == CODE]
     if not code:
         return
     more = f" (and {len(code) - 1} more)" if len(code) > 1 else ""

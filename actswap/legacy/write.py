@@ -19,10 +19,13 @@ from ..errors import UserError
 H5_SUFFIXES = (".h5", ".hdf5")
 
 
-def check_output(src: Path, out: Path, kind: str, overwrite: bool) -> None:
+def check_output(src: Path | None, out: Path, kind: str, overwrite: bool) -> None:
+    """Refuse (UserError) an output ``out`` for a ``kind`` ("h5"/"savedmodel")
+    model: the input ``src`` itself or inside it (when given), an existing path
+    without ``overwrite``, a name that says the other family."""
     if out.exists() or out.is_symlink():
         try:
-            same = out.resolve() == src.resolve() or out.samefile(src)
+            same = src is not None and (out.resolve() == src.resolve() or out.samefile(src))
         except OSError:
             same = False
         if same:
@@ -49,7 +52,7 @@ def check_output(src: Path, out: Path, kind: str, overwrite: bool) -> None:
             "Keras 2 SavedModel directory)"
         )
     try:
-        if src.resolve() in out.resolve().parents:
+        if src is not None and src.resolve() in out.resolve().parents:
             raise UserError(f"output '{out}' is inside the input '{src}'; write it elsewhere")
     except OSError:
         pass
