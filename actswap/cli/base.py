@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -34,6 +34,13 @@ app = typer.Typer(
 )
 
 _state = {"debug": False}
+
+# The options several commands share, defined once (``debug: Debug = False``).
+TrustCode = Annotated[bool, typer.Option(
+    "--trust-code", help="DANGEROUS: load a file although the scan found code in it (Lambda, custom ops...).",
+)]
+AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
 
 
 def _version(value: bool) -> None:

@@ -12,8 +12,8 @@ from .. import registry
 from ..pipeline import plan_convert, run_convert
 from ..policy import PARITY_TOL as DEFAULT_TOL
 from .base import (
-    _console, _import_tensorflow_quietly, _run, _sites_table, _state, _warn_code_findings, _warn_trust_code,
-    app,
+    AsJson, Debug, TrustCode, _console, _import_tensorflow_quietly, _run, _sites_table, _state,
+    _warn_code_findings, _warn_trust_code, app,
 )
 
 
@@ -46,9 +46,7 @@ def convert(
         None, "--signature", help="SavedModel only: rewrite this signature, keep the others as they are."
     ),
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
-    trust_code: bool = typer.Option(
-        False, "--trust-code", help="DANGEROUS: load a file although the scan found code in it (Lambda, custom ops...)."
-    ),
+    trust_code: TrustCode = False,
     strict: bool = typer.Option(
         False, "--strict", help="Exit 1, writing nothing, if any ReLU-like site was skipped."
     ),
@@ -63,8 +61,8 @@ def convert(
         None, "--sample", help="Parity inputs: .npz (arrays named like the inputs, or x) or .npy."
     ),
     tol: float = typer.Option(DEFAULT_TOL, "--tol", help="Parity tolerance, relative to the output's largest value."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+    as_json: AsJson = False,
+    debug: Debug = False,
 ) -> None:
     """Replace every plain ReLU in MODEL and write a model that loads and trains."""
 

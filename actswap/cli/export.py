@@ -13,7 +13,8 @@ from ..formats.base import ONNX
 from ..paths import check_output_onnx
 from ..policy import PARITY_TOL as DEFAULT_TOL
 from .base import (
-    _console, _import_tensorflow_quietly, _run, _scan_first, _state, _warn_trust_code, app,
+    AsJson, Debug, TrustCode, _console, _import_tensorflow_quietly, _run, _scan_first, _state,
+    _warn_trust_code, app,
 )
 
 
@@ -35,11 +36,9 @@ def export(
     tol: float = typer.Option(DEFAULT_TOL, "--tol", help="Parity tolerance, relative to the output's largest value."),
     signature: Optional[str] = typer.Option(None, "--signature", help="SavedModel signature to export."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
-    trust_code: bool = typer.Option(
-        False, "--trust-code", help="DANGEROUS: load a file although the scan found code in it (Lambda, custom ops...)."
-    ),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+    trust_code: TrustCode = False,
+    as_json: AsJson = False,
+    debug: Debug = False,
 ) -> None:
     """Export MODEL to ONNX; the export is checked (standard ops only, onnx.checker,
     onnxruntime parity with TensorFlow) and written only if every check passes."""

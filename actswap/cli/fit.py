@@ -12,7 +12,7 @@ from .. import registry
 from ..errors import UserError
 from ..formats.base import KERAS_MODEL
 from .base import (
-    _import_tensorflow_quietly, _run, _scan_first, _state, app,
+    Debug, _import_tensorflow_quietly, _run, _scan_first, _state, app,
 )
 
 
@@ -27,7 +27,7 @@ def fit(
     margin: float = typer.Option(0.1, "--margin", help="Widen the calibrated range by this fraction per side."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of the fit (needs matplotlib)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+    debug: Debug = False,
 ) -> None:
     """Fit SOURCE with a polynomial (what --to approx puts in) and show how good it is."""
 

@@ -14,7 +14,7 @@ from ..errors import UserError
 from ..formats import backend_for
 from ..formats.base import KERAS_MODEL, require
 from .base import (
-    _console, _import_tensorflow_quietly, _run, _state, app,
+    AsJson, Debug, _console, _import_tensorflow_quietly, _run, _state, app,
 )
 
 
@@ -23,8 +23,8 @@ def he_run(
     model: Path = typer.Argument(..., help="Converted model (.keras/.h5): affine layers and polynomial activations."),
     data: Path = typer.Option(..., "--data", help="Samples: .npz with x (inputs) and, for accuracies, y (labels)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Run only the first N samples."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+    as_json: AsJson = False,
+    debug: Debug = False,
 ) -> None:
     """Run MODEL on CKKS-encrypted samples (TenSEAL) and compare with plaintext."""
 

@@ -10,8 +10,8 @@ import typer
 from .. import registry
 from ..formats.base import HE
 from .base import (
-    _console, _import_tensorflow_quietly, _run, _scan_first, _sites_table, _state, _warn_trust_code,
-    app,
+    AsJson, Debug, TrustCode, _console, _import_tensorflow_quietly, _run, _scan_first, _sites_table,
+    _state, _warn_trust_code, app,
 )
 
 
@@ -23,11 +23,9 @@ def inspect(
     to: str = typer.Option("square", "--to", help="Target used to judge 'replaceable'."),
     sources: str = typer.Option("relu", "--from", help="Source activations, comma-separated, or 'all'."),
     he: bool = typer.Option(False, "--he", help="Add the HE-readiness report: non-polynomial ops, multiplicative depth."),
-    trust_code: bool = typer.Option(
-        False, "--trust-code", help="DANGEROUS: load a file although the scan found code in it (Lambda, custom ops...)."
-    ),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+    trust_code: TrustCode = False,
+    as_json: AsJson = False,
+    debug: Debug = False,
 ) -> None:
     """List every activation site in MODEL and whether it can be replaced. Writes nothing."""
 

@@ -14,7 +14,7 @@ from .. import registry
 from ..errors import UserError
 from ..formats.base import KERAS_MODEL
 from .base import (
-    _console, _import_tensorflow_quietly, _run, _scan_first, _state, app,
+    AsJson, Debug, _console, _import_tensorflow_quietly, _run, _scan_first, _state, app,
 )
 
 
@@ -52,8 +52,8 @@ def recover(
     force: bool = typer.Option(
         False, "--force", help="Overwrite OUTPUT if it exists; write it even if the recovery failed (still exit 1)."
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+    as_json: AsJson = False,
+    debug: Debug = False,
 ) -> None:
     """Fine-tune ORIGINAL into polynomials gradually (blend, distil, guard); fail if it does not recover."""
 

@@ -9,7 +9,7 @@ import typer
 
 from .. import scan as scanning
 from .base import (
-    _run, app,
+    Debug, _run, app,
 )
 
 
@@ -19,7 +19,7 @@ def scan_command(
         ..., help="Model: .keras, legacy .h5, SavedModel directory or frozen .pb (detected from content)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of lines."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+    debug: Debug = False,
 ) -> None:
     """Check MODEL without loading it (no TensorFlow): code it would run, a malformed or
     hostile container, low precision. Exit 2 if convert/inspect/export would refuse it."""

@@ -11,7 +11,8 @@ from rich.table import Table
 
 from ..policy import PARITY_TOL as DEFAULT_TOL
 from .base import (
-    _console, _import_tensorflow_quietly, _run, _scan_first, _state, _warn_trust_code, app,
+    AsJson, Debug, TrustCode, _console, _import_tensorflow_quietly, _run, _scan_first, _state,
+    _warn_trust_code, app,
 )
 
 
@@ -22,11 +23,9 @@ def verify(
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="Also check this ONNX export against CONVERTED."),
     sample: Optional[Path] = typer.Option(None, "--sample", help="Inputs: .npz or .npy [default: seeded random]."),
     tol: float = typer.Option(DEFAULT_TOL, "--tol", help="Tolerance, relative to the output's largest value."),
-    trust_code: bool = typer.Option(
-        False, "--trust-code", help="DANGEROUS: load files although the scan found code in them (Lambda...)."
-    ),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+    trust_code: TrustCode = False,
+    as_json: AsJson = False,
+    debug: Debug = False,
 ) -> None:
     """Check a conversion independently: which sites differ, weights bit-identical,
     outputs equal ORIGINAL with squares at those sites and finite (and ONNX parity). Exit 1 if any fails."""
