@@ -151,7 +151,7 @@ def convert(
     change made there would not survive saving.
 
     Paths to a SavedModel directory or a frozen GraphDef are rewritten at graph
-    level (see :mod:`actswap.savedmodel`); the result is a ``tf.Module`` or a
+    level (see :mod:`actswap.formats.tf_graphs`); the result is a ``tf.Module`` or a
     ``GraphDef``, which :func:`save` writes in the same family.
     ``signature`` restricts a SavedModel rewrite to one signature.
     ``calibrate`` (arrays, a ``tf.data.Dataset`` or an .npz/.npy path) runs the

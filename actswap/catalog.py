@@ -10,7 +10,7 @@ the layer classes, Keras registered names and HE cost of one kind of
 replacement; a :class:`~actswap.registry.Target` names the one it builds.
 
 Everything else reads the records through the views below (site finding in
-:mod:`actswap.classify`, graph sites in :mod:`actswap.savedmodel`, the scan's
+:mod:`actswap.classify`, graph sites in :mod:`actswap.formats.tf_graphs`, the scan's
 precision note, the HE report and compiler in :mod:`actswap.he`), so adding
 an activation is one :func:`register_source` call.
 

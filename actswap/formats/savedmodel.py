@@ -1,6 +1,6 @@
 """TF2 SavedModel directories: every signature re-emitted with its activation ops replaced.
 
-The graph work is :mod:`actswap.savedmodel` (policy) over :mod:`actswap.graph`
+The graph work is :mod:`.tf_graphs` (policy) over :mod:`actswap.graph`
 (mechanism); this backend wires it into the protocol. A Keras 2 SavedModel
 (one with ``keras_metadata.pb``) is claimed first by
 :mod:`actswap.formats.tfkeras`.
@@ -48,17 +48,17 @@ class SavedModelBackend(Backend):
     features = frozenset({base.SIGNATURE, base.ONNX, base.ANY_TARGET, base.RUN})
 
     def load(self, path: Path, trust_code: bool = False) -> tuple[Any, list[str]]:
-        from ..savedmodel import load_signatures
+        from .tf_graphs import load_signatures
 
         return load_signatures(path, trust_code)[0], []
 
     def inspect(self, path: Path, options: ConvertOptions) -> Report:
-        from ..savedmodel import inspect_savedmodel
+        from .tf_graphs import inspect_savedmodel
 
         return inspect_savedmodel(path, options.sources, options.target, options.trust_code)
 
     def convert(self, path: Path, options: ConvertOptions) -> tuple[Any, Report]:
-        from ..savedmodel import convert_savedmodel
+        from .tf_graphs import convert_savedmodel
 
         return convert_savedmodel(
             path, options.target, options.grad, sources=options.sources, signature=options.signature,
@@ -72,7 +72,7 @@ class SavedModelBackend(Backend):
         self, converted: Any, path: Path, *, overwrite: bool = False, verify: bool = True,
         check: Callable[[Any], None] | None = None, trust_code: bool = True,
     ) -> Path:
-        from .. import savedmodel
+        from . import tf_graphs
 
         def check_dir(tmp: Path) -> None:
             from ..readback import read_back_savedmodel
@@ -80,7 +80,7 @@ class SavedModelBackend(Backend):
             # Read as data first (protobuf and checkpoint): a load restores and
             # re-traces every function; it decides only what reading cannot confirm.
             if verify and not read_back_savedmodel(converted, tmp):
-                _, sigs = savedmodel.load_signatures(tmp, trust_code)
+                _, sigs = tf_graphs.load_signatures(tmp, trust_code)
                 if sorted(sigs) != sorted(converted.actswap_signatures):
                     raise InvariantError(
                         f"the written SavedModel has signatures {sorted(sigs)}, "
@@ -89,7 +89,7 @@ class SavedModelBackend(Backend):
             if check is not None:
                 check(tmp)
 
-        return savedmodel.save_savedmodel(converted, path, overwrite=overwrite, check=check_dir)
+        return tf_graphs.save_savedmodel(converted, path, overwrite=overwrite, check=check_dir)
 
     def check_output(self, source: Path, out: Path, overwrite: bool) -> None:
         from ..paths import check_output_dir
@@ -110,7 +110,7 @@ class SavedModelBackend(Backend):
     def written_check(self, report: Report, sources: frozenset[str], trust_code: bool) -> Callable[[Any], None]:
         def count(tmp: Path) -> Counter[str]:
             from ..readback import saved_op_counts
-            from ..savedmodel import inspect_savedmodel
+            from .tf_graphs import inspect_savedmodel
 
             # First read as protobuf (every function's ops); the load and
             # re-trace of inspect_savedmodel decides only on a difference.

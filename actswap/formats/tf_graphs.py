@@ -1,5 +1,8 @@
 """TF SavedModels and frozen GraphDefs: find and replace activation ops.
 
+The TensorFlow side of the :mod:`.savedmodel` and :mod:`.graphdef` backends
+(which import it only when used: it imports TensorFlow).
+
 Policy over :mod:`actswap.graph` (the mechanism): which op is a site, which
 sites are replaced, and how the result is written.
 
@@ -14,24 +17,22 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import tensorflow as tf
 
-from . import graph, registry
-from collections.abc import Callable
-
-from .containers import Format
-from .safety import check_container
-from .errors import InvariantError, LoadError, UserError, first_line
-from .paths import (
+from .. import graph, registry
+from ..containers import Format
+from ..errors import InvariantError, LoadError, UserError, first_line
+from ..paths import (
     check_output_dir, check_output_pb, disk_full, ensure_space, is_disk_full, remove_stale_temps,
     temp_prefix, write_atomically,
 )
-from .policy import decide
-from .report import REPLACED, SKIPPED, Report, Site
+from ..policy import decide
+from ..report import REPLACED, SKIPPED, Report, Site
+from ..safety import check_container
 
 FORM = "graph op"
 
