@@ -190,6 +190,11 @@ def poly_op_without_custom_gradient(x: Any, coeffs: Any, grad: str = "exact") ->
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE, name="PolynomialActivation")
+def _with_grad(config: dict[str, Any]) -> dict[str, Any]:
+    """A layer's config with its gradient mode deserialized (a copy)."""
+    return {**config, "grad": _deserialize_grad(config.get("grad", "exact"))}
+
+
 class PolynomialActivation:
     """A fixed polynomial (ascending coefficients) as an ``activation=`` object."""
 
@@ -320,9 +325,7 @@ class Polynomial(keras.layers.Layer):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Polynomial:
-        config = dict(config)
-        config["grad"] = _deserialize_grad(config.get("grad", "exact"))
-        return cls(**config)
+        return cls(**_with_grad(config))
 
 
 def _serialize_grad(grad: Grad) -> Any:
@@ -422,6 +425,4 @@ class Square(keras.layers.Layer):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Square:
-        config = dict(config)
-        config["grad"] = _deserialize_grad(config.get("grad", "exact"))
-        return cls(**config)
+        return cls(**_with_grad(config))
