@@ -189,12 +189,12 @@ def poly_op_without_custom_gradient(x: Any, coeffs: Any, grad: str = "exact") ->
     return tf.stop_gradient(horner(x, c)) + (linear - tf.stop_gradient(linear))
 
 
-@keras.saving.register_keras_serializable(package=PACKAGE, name="PolynomialActivation")
 def _with_grad(config: dict[str, Any]) -> dict[str, Any]:
     """A layer's config with its gradient mode deserialized (a copy)."""
     return {**config, "grad": _deserialize_grad(config.get("grad", "exact"))}
 
 
+@keras.saving.register_keras_serializable(package=PACKAGE, name="PolynomialActivation")
 class PolynomialActivation:
     """A fixed polynomial (ascending coefficients) as an ``activation=`` object."""
 
