@@ -125,7 +125,9 @@ def tf_callable(obj: Any, signature: str | None = None) -> tuple[_Callable, Any]
 
     if isinstance(obj, keras.Model):
         return _keras_callable(obj), obj
-    sigs = getattr(obj, "actswap_signatures", None) or dict(getattr(obj, "signatures", {}) or {})
+    from .formats.tf_graphs import signatures_of
+
+    sigs = signatures_of(obj)
     if not sigs:
         raise UserError(f"cannot export a {type(obj).__name__}: it has no signatures")
     name = signature or ("serving_default" if "serving_default" in sigs else sorted(sigs)[0])

@@ -1,19 +1,21 @@
 """Graph backend: rewrite activation ops in TF SavedModels and frozen graphs.
 
-How (SavedModel): each signature's graph is *re-emitted* op by op inside a new
+How (SavedModel): each function's graph is *re-emitted* op by op inside a new
 ``tf.function``, as an interpreter would: function calls are inlined by
-re-emitting their bodies, ``If``/``While`` become ``tf.cond``/``tf.while_loop``
-over re-emitted branches and bodies, captured variable handles are mapped to
-fresh ``tf.Variable`` copies, and a hook may return a replacement for any op
-(the policy layer decides which, e.g. ``Relu`` -> the custom-gradient square).
-The result is an ordinary traced function of ordinary variables, which
-``tf.saved_model.save`` writes with its custom gradients.
+re-emitting their bodies (or become calls to a replacement function),
+``If``/``While`` become ``tf.cond``/``tf.while_loop`` over re-emitted branches
+and bodies, captured variable handles are mapped to the model's own variables
+and other captured resources (lookup tables) are captured again, and a hook
+may return a replacement for any op (the policy layer decides which, e.g.
+``Relu`` -> the custom-gradient square). The result is an ordinary traced
+function of the model's variables, which ``tf.saved_model.save`` writes with
+its custom gradients.
 
 Mechanism only: nothing here names a target.
 
-Invariants: the loaded model is not modified; each new variable is a copy of
-its original, bit for bit, with the same trainable flag; every signature keeps
-its name and its input and output specs.
+Invariants: nothing here assigns a variable or changes a loaded function (the
+caller decides where the new ones go); every new function keeps its
+original's input signatures and output structure.
 """
 
 from __future__ import annotations
@@ -49,9 +51,14 @@ def short_function_name(name: str) -> str:
 class Interpreter:
     """Re-emits graphs into the current default graph (a function being traced)."""
 
-    def __init__(self, library: dict[str, Any], hook: OpHook) -> None:
+    def __init__(
+        self, library: dict[str, Any], hook: OpHook, replacements: dict[str, Callable[[list[Any]], list[Any]]] | None = None
+    ) -> None:
         self.library = library
         self.hook = hook
+        # Calls to these library functions become calls to their replacement
+        # (flat inputs -> flat outputs) instead of being re-emitted inline.
+        self.replacements = replacements or {}
         self._graphs: dict[str, Any] = {}
         self._flow_depth = 0
 
@@ -104,7 +111,11 @@ class Interpreter:
         if replaced is not None:
             return list(replaced), _op_of(replaced)
         if op.type in CALL_OPS:
-            out = self.call(op.get_attr("f").name, inputs, path)
+            fname = op.get_attr("f").name
+            if fname in self.replacements:
+                out = list(self.replacements[fname](inputs))
+            else:
+                out = self.call(fname, inputs, path)
             return out, _op_of(out)
         if op.type in IF_OPS:
             return self._emit_if(op, inputs, here)
@@ -196,47 +207,137 @@ def signature_library(fn: Any) -> dict[str, Any]:
     return {f.signature.name: f for f in fn.graph.as_graph_def().library.function}
 
 
-def copy_variables(functions: list[Any]) -> dict[int, tf.Variable]:
-    """Fresh variables, bit-identical copies of those the functions capture, by handle id."""
-    copies: dict[int, tf.Variable] = {}
+def variables_by_handle(functions: list[Any]) -> dict[int, Any]:
+    """The variables the functions capture, by the id of their handle (what a
+    function's captures name): the model's own, so the rewritten functions read
+    and train them (nothing is copied)."""
+    found: dict[int, Any] = {}
     for fn in functions:
         for v in fn.variables:
-            if id(v.handle) not in copies:
-                copies[id(v.handle)] = tf.Variable(
-                    v.read_value(), trainable=v.trainable, name=v.name.split(":")[0], dtype=v.dtype
-                )
-    return copies
+            found.setdefault(id(v.handle), v)
+    return found
+
+
+def _feed(fn: Any, user_values: list[Any], variables: dict[int, Any], name: str) -> dict[str, Any]:
+    """Tensor name -> value for ``fn``'s inputs: the user's values, then each
+    capture: a variable's handle, a constant's value, or the same resource
+    (a lookup table the model tracks)."""
+    user_inputs = fn.inputs[: len(fn.inputs) - len(fn.graph.captures)]
+    if len(user_inputs) != len(user_values):
+        raise UnsupportedModelError(
+            f"'{name}' takes {len(user_inputs)} tensor inputs, {len(user_values)} were given"
+        )
+    mapping = {ph.name: value for ph, value in zip(user_inputs, user_values)}
+    for external, internal in fn.graph.captures:
+        var = variables.get(id(external))
+        if var is not None:
+            tf_private.mark_variable_accessed(var)
+            mapping[internal.name] = var.handle
+        elif external.dtype != tf.resource:
+            mapping[internal.name] = tf.constant(external.numpy())
+        else:
+            mapping[internal.name] = external
+    return mapping
+
+
+def _tensor_leaves(structure: Any) -> list[Any]:
+    return [x for x in tf.nest.flatten(structure) if isinstance(x, (tf.Tensor, tf.TensorSpec, tf.Variable))]
+
+
+def _pack_outputs(fn: Any, flat: list[Any]) -> Any:
+    """``fn``'s structured outputs with its output tensors replaced, in order, by ``flat``."""
+    values = iter(flat)
+    leaves = [next(values) if isinstance(x, (tf.Tensor, tf.TensorSpec)) else x for x in tf.nest.flatten(fn.structured_outputs)]
+    return tf.nest.pack_sequence_as(fn.structured_outputs, leaves)
+
+
+def emit_function(
+    fn: Any, name: str, user_values: list[Any], variables: dict[int, Any], hook: OpHook,
+    replacements: dict[str, Callable[[list[Any]], list[Any]]] | None = None,
+) -> Any:
+    """Re-emit concrete function ``fn`` into the function being traced, on
+    ``user_values`` (its tensor inputs, flat), through ``hook``; return its
+    structured outputs. Site paths start with ``name``."""
+    mapping = _feed(fn, user_values, variables, name)
+    Interpreter(signature_library(fn), hook, replacements).emit(fn.graph, mapping, name)
+    return _pack_outputs(fn, [mapping[t.name] for t in fn.outputs])
+
+
+def function_name(fn: Any) -> str:
+    """A concrete function's name in the graph library (what call ops name)."""
+    name = fn.name
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def _matches(signature: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    try:
+        tf.nest.assert_same_structure(signature, (args, kwargs))
+    except (ValueError, TypeError):
+        return False
+    for spec, value in zip(tf.nest.flatten(signature), tf.nest.flatten((args, kwargs))):
+        if isinstance(spec, tf.TensorSpec):
+            if not (hasattr(value, "shape") and hasattr(value, "dtype") and spec.is_compatible_with(value)):
+                return False
+        elif spec != value:
+            return False
+    return True
+
+
+def rewrite_function(
+    concretes: list[Any], before_trace: Callable[[Any], str], variables: dict[int, Any], hook: OpHook,
+) -> tuple[Any, dict[str, Any]]:
+    """A new tf.function with one concrete function per concrete function in
+    ``concretes`` (same input signature, same outputs), each re-emitted through
+    ``hook``; and the new concrete functions by the old ones' names.
+
+    ``before_trace(old)`` runs before each is traced and returns the path its
+    sites are named under (the caller sets its hook's state there)."""
+    originals = list(concretes)
+
+    def body(*args: Any, **kwargs: Any) -> Any:
+        for old in originals:
+            if _matches(old.structured_input_signature, args, kwargs):
+                name = before_trace(old)
+                return emit_function(old, name, _tensor_leaves((args, kwargs)), variables, hook)
+        raise UnsupportedModelError("a call matches none of the function's traced signatures")
+
+    # autograph=False: the interpreter is plain Python that must run as written.
+    new_fn = tf.function(body, autograph=False)
+    traced = {}
+    for old in originals:
+        a, k = old.structured_input_signature
+        traced[function_name(old)] = new_fn.get_concrete_function(*a, **k)
+    return new_fn, traced
+
+
+def call_replacement(old: Any, new: Any) -> Callable[[list[Any]], list[Any]]:
+    """What a call op to ``old`` becomes: a call to ``new`` on the op's user
+    inputs (the captured ones come after them, and ``new`` captures its own)."""
+    n_user = len(old.inputs) - len(old.graph.captures)
+
+    def call(inputs: list[Any]) -> list[Any]:
+        values = iter(inputs[:n_user])
+        leaves = [next(values) if isinstance(x, tf.TensorSpec) else x
+                  for x in tf.nest.flatten(old.structured_input_signature)]
+        args, kwargs = tf.nest.pack_sequence_as(old.structured_input_signature, leaves)
+        return [x for x in tf.nest.flatten(new(*args, **kwargs)) if isinstance(x, tf.Tensor)]
+
+    return call
 
 
 def rewrite_signature(
-    fn: Any, name: str, variables: dict[int, tf.Variable], hook: OpHook
+    fn: Any, name: str, variables: dict[int, Any], hook: OpHook,
+    replacements: dict[str, Callable[[list[Any]], list[Any]]] | None = None,
 ) -> tuple[Any, Any]:
-    """A new tf.function equal to signature ``fn`` with ``hook`` applied; and its concrete function."""
+    """A new tf.function equal to signature ``fn`` with ``hook`` applied; and its
+    concrete function. Calls to a function in ``replacements`` call its
+    replacement (the model's carried-over function) instead of re-emitting it."""
     specs = fn.structured_input_signature[1]
     if fn.structured_input_signature[0]:
         raise UnsupportedModelError(f"signature '{name}' takes positional inputs; signatures take keywords")
-    user_inputs = fn.inputs[: len(fn.inputs) - len(fn.graph.captures)]
-    interp = Interpreter(signature_library(fn), hook)
 
     def body(**kwargs: Any) -> Any:
-        flat = tf.nest.flatten(kwargs)
-        mapping = {ph.name: value for ph, value in zip(user_inputs, flat)}
-        for external, internal in fn.graph.captures:
-            var = variables.get(id(external))
-            if var is not None:
-                tf_private.mark_variable_accessed(var)
-                mapping[internal.name] = var.handle
-            elif external.dtype != tf.resource:
-                mapping[internal.name] = tf.constant(external.numpy())
-            else:
-                raise UnsupportedModelError(
-                    f"signature '{name}' captures a resource that is not a variable "
-                    "(a lookup table or dataset?); actswap cannot carry it over"
-                )
-        interp.emit(fn.graph, mapping, name)
-        flat_out = [mapping[t.name] for t in fn.outputs]
-        return tf.nest.pack_sequence_as(fn.structured_outputs, flat_out)
+        return emit_function(fn, name, tf.nest.flatten(kwargs), variables, hook, replacements)
 
-    # autograph=False: the interpreter is plain Python that must run as written.
     new_fn = tf.function(body, autograph=False)
     return new_fn, new_fn.get_concrete_function(**specs)

@@ -104,11 +104,10 @@ def saved_op_counts(path: str | os.PathLike[str]) -> Counter[str]:
     return counts
 
 
-def read_back_savedmodel(module: Any, path: str | os.PathLike[str]) -> bool:
-    """Whether the SavedModel directory ``path`` that ``module`` (what
-    :func:`actswap.convert` returned for a SavedModel) was just saved to has
-    its signatures and stores every one of its variables bit for bit (by
-    shape, dtype and CRC-32), read as data: ``saved_model.pb`` as protobuf and
+def read_back_savedmodel(path: str | os.PathLike[str], signatures: Any, variables: list[Any]) -> bool:
+    """Whether the SavedModel directory ``path`` that a converted SavedModel was
+    just saved to has exactly the ``signatures`` (names) and stores every one
+    of ``variables`` bit for bit (by shape, dtype and CRC-32), read as data: ``saved_model.pb`` as protobuf and
     the variables from the checkpoint, without loading the SavedModel (which
     would restore and re-trace every function). False if that cannot be
     confirmed this way: the caller then loads it to decide."""
@@ -121,14 +120,14 @@ def read_back_savedmodel(module: Any, path: str | os.PathLike[str]) -> bool:
         if len(saved.meta_graphs) != 1:
             return False
         names = sorted(k for k in saved.meta_graphs[0].signature_def if not k.startswith("__"))
-        if names != sorted(module.actswap_signatures):
+        if names != sorted(signatures):
             return False
         reader = tf.train.load_checkpoint(str(Path(path) / "variables" / "variables"))
         stored = Counter(
             _digest(reader.get_tensor(key)) for key in reader.get_variable_to_shape_map()
             if key.endswith("/.ATTRIBUTES/VARIABLE_VALUE")
         )
-        needed = Counter(_digest(v.numpy()) for v in module.actswap_variables)
+        needed = Counter(_digest(v.numpy()) for v in variables)
     except Exception:  # noqa: BLE001 - anything unexpected: the load decides
         return False
     return not needed - stored

@@ -27,6 +27,7 @@ from tf_cases import ControlFlowModule
 import actswap
 from actswap import activations, readback
 from actswap.formats import keras_file as io
+from actswap.formats import tf_graphs
 from actswap.errors import InvariantError
 from actswap.sites import config_sites, find_sites
 
@@ -104,14 +105,15 @@ def test_read_back_savedmodel(tmp_path):
     module = ControlFlowModule()
     tf.saved_model.save(module, str(src), signatures={"serving_default": module.main, "second": module.second})
     converted, _ = actswap.convert(src, to="square")
+    done = tf_graphs.REWRITTEN[converted]
     out = tmp_path / "out"
-    tf.saved_model.save(converted, str(out), signatures=converted.actswap_signatures)
-    assert readback.read_back_savedmodel(converted, out)
+    tf.saved_model.save(converted, str(out), signatures=done.signatures)
+    assert readback.read_back_savedmodel(out, done.signatures, done.variables)
     counts = readback.saved_op_counts(out)
     assert counts["Relu"] == 0 and counts["Relu6"] == 1  # every plain Relu replaced, the Relu6 kept
-    v = converted.actswap_variables[0]
+    v = done.variables[0]
     v.assign(v + 1.0)
-    assert not readback.read_back_savedmodel(converted, out)
+    assert not readback.read_back_savedmodel(out, done.signatures, done.variables)
 
 
 def _op_types(fn, *args):

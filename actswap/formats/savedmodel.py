@@ -8,6 +8,7 @@ The graph work is :mod:`.tf_graphs` (policy) over :mod:`actswap.graph`
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +41,13 @@ def graph_sites_check(report: Report, count: Callable[[Path], Counter[str]]) -> 
     return check
 
 
+def _converted(graphs: Any, obj: Any) -> bool:
+    try:
+        return obj in graphs.REWRITTEN
+    except TypeError:  # not weak-referenceable: not a loaded SavedModel
+        return False
+
+
 class SavedModelBackend(Backend):
     name = "savedmodel"
     description = "a TF SavedModel directory"
@@ -66,7 +74,8 @@ class SavedModelBackend(Backend):
         )
 
     def holds(self, converted: Any) -> bool:
-        return hasattr(converted, "actswap_signatures")
+        graphs = sys.modules.get("actswap.formats.tf_graphs")  # not imported: nothing converted
+        return graphs is not None and _converted(graphs, converted)
 
     def save(
         self, converted: Any, path: Path, *, overwrite: bool = False, verify: bool = True,
@@ -79,12 +88,12 @@ class SavedModelBackend(Backend):
 
             # Read as data first (protobuf and checkpoint): a load restores and
             # re-traces every function; it decides only what reading cannot confirm.
-            if verify and not read_back_savedmodel(converted, tmp):
+            done = tf_graphs.REWRITTEN[converted]
+            if verify and not read_back_savedmodel(tmp, done.signatures, done.variables):
                 _, sigs = tf_graphs.load_signatures(tmp, trust_code)
-                if sorted(sigs) != sorted(converted.actswap_signatures):
+                if sorted(sigs) != sorted(done.signatures):
                     raise InvariantError(
-                        f"the written SavedModel has signatures {sorted(sigs)}, "
-                        f"expected {sorted(converted.actswap_signatures)}"
+                        f"the written SavedModel has signatures {sorted(sigs)}, expected {sorted(done.signatures)}"
                     )
             if check is not None:
                 check(tmp)

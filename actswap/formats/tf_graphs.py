@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import weakref
+from dataclasses import dataclass, field
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,9 @@ class _Sites:
         self.in_control_flow = 0
         self.current = ""
         self.frozen = False
+        # False while re-emitting a function whose ops a signature's re-emission
+        # reports (a function the signature calls): decided alike, not listed twice.
+        self.record = True
         self.low_precision: set[str] = set()  # dtypes of replaced sites that overflow early
 
     def __call__(self, path: str, op: Any, inputs: list[Any], in_control_flow: bool) -> Any:
@@ -74,7 +79,8 @@ class _Sites:
         if self.frozen:
             raise InvariantError(f"'{path}' was rewritten again after the report was made")
         site = Site(path, op.type, FORM, act)
-        self.sites.append(site)
+        if self.record:
+            self.sites.append(site)
         reason = None
         if self.target is not None:
             reason = decide(site, self.target, self.sources)
@@ -88,7 +94,7 @@ class _Sites:
         if reason is not None:
             return None
         if in_control_flow:
-            self.in_control_flow += 1
+            self.in_control_flow += self.record
             site.detail = "in tf.cond/tf.while_loop"
         dtype = _op_dtype(op)
         if dtype in ("float16", "bfloat16"):
@@ -105,6 +111,8 @@ def _op_dtype(op: Any) -> str:
 
 def _specs_of(fn: Any) -> tuple[Any, Any]:
     def spec(t: Any) -> Any:
+        if not hasattr(t, "shape"):
+            return t  # a Python value of the signature (e.g. training=False)
         return (tuple(t.shape.as_list()) if t.shape.rank is not None else None, t.dtype.name)
 
     return (
@@ -113,58 +121,132 @@ def _specs_of(fn: Any) -> tuple[Any, Any]:
     )
 
 
-def rewrite_savedmodel(
-    path: Path,
-    hook: _Sites,
-    trust_code: bool = False,
-) -> tuple[tf.Module, dict[str, Any], list[str]]:
-    """Re-emit every signature through ``hook``; return a module ready to save."""
-    # ``loaded`` must stay referenced: its signatures hold its variables weakly.
+@dataclass
+class Rewritten:
+    """What :func:`convert_savedmodel` did to a loaded SavedModel (kept beside it,
+    not in it, so that nothing named after actswap enters the object graph)."""
+
+    signatures: dict[str, Any]  # name -> new concrete function
+    variables: list[Any]  # the variables the functions read: the model's own
+    functions: list[str]  # attribute paths of the carried-over functions
+    # The new functions' concrete functions: held, so that saving finds them
+    # traced (a tf.function's cache holds its traces weakly; a trace saving
+    # made again would run the hook after the report was made).
+    traced: list[Any] = field(default_factory=list)
+
+
+# The loaded objects convert_savedmodel returned -> what it did to them.
+REWRITTEN: weakref.WeakKeyDictionary[Any, Rewritten] = weakref.WeakKeyDictionary()
+
+
+def _functions(loaded: Any) -> list[tuple[str, Any, str, Any]]:
+    """``(path, parent, attribute, function)`` for every function of the object
+    graph but the signatures, parents first; each object once."""
+    view = tf.train.TrackableView(loaded)
+    found: list[tuple[str, Any, str, Any]] = []
+    seen = {id(loaded)}
+
+    def walk(obj: Any, prefix: str) -> None:
+        for name, child in view.children(obj).items():
+            if id(child) in seen or (obj is loaded and name == "signatures"):
+                continue
+            seen.add(id(child))
+            if isinstance(child, tf.types.experimental.PolymorphicFunction):
+                found.append((prefix + name, obj, name, child))
+            else:
+                walk(child, f"{prefix}{name}/")
+
+    walk(loaded, "")
+    return found
+
+
+def rewrite_savedmodel(path: Path, hook: _Sites, trust_code: bool = False) -> tuple[Any, Rewritten, list[str]]:
+    """Load the SavedModel at ``path`` and put into it, in place, every function
+    re-emitted through ``hook``: each function of its object graph keeps its
+    attribute, each signature its name; the functions read the model's own
+    variables. Return the loaded object (ready for :func:`save_savedmodel`),
+    what was done, and notes.
+
+    A signature that calls one of the object's functions calls its new version
+    (one copy of its graph, not two); that function's sites are reported under
+    the signature's path, as a signature's own. A function no signature
+    reaches is reported under its attribute path."""
     loaded, sigs = load_signatures(path, trust_code)
     if hook.signature is not None and hook.signature not in sigs:
         raise UserError(
             f"--signature '{hook.signature}' is not in '{path}'; it has: {', '.join(sorted(sigs))}"
         )
-    variables = graph.copy_variables(list(sigs.values()))
-    module = tf.Module()
-    module.actswap_variables = list(variables.values())
+    functions = _functions(loaded)
+    variables = graph.variables_by_handle(
+        [c for *_, f in functions for c in f.concrete_functions] + list(sigs.values())
+    )
+    direct: dict[str, str] = {}  # function name -> the first signature that calls it
+    reached: set[str] = set()  # every function a signature's graph calls, at any depth
+    for name, fn in sorted(sigs.items()):
+        reached.update(graph.signature_library(fn))
+        for op in fn.graph.get_operations():
+            if op.type in graph.CALL_OPS:
+                direct.setdefault(op.get_attr("f").name, name)
+
+    def before_trace(old: Any, where: str) -> str:
+        name = graph.function_name(old)
+        sig = direct.get(name)
+        hook.current, hook.record = (sig, True) if sig else (None, name not in reached)
+        return f"{sig}/{graph.short_function_name(name)}" if sig else where
+
+    notes: list[str] = []
+    edits, carried, replacements, held = [], [], {}, []
+    for where, parent, attribute, fn in functions:
+        concretes = list(fn.concrete_functions)
+        if not concretes:
+            notes.append(
+                f"function '{where}' kept as it was: it was saved without a traced input signature, so it "
+                "holds no graph (and cannot be called after loading, here or in the original)"
+            )
+            continue
+        new_fn, traced = graph.rewrite_function(
+            concretes, lambda old, where=where: before_trace(old, where), variables, hook
+        )
+        for old in concretes:
+            name = graph.function_name(old)
+            if _specs_of(traced[name]) != _specs_of(old):
+                raise InvariantError(f"function '{where}' changed its input/output specs")
+            if name in direct:
+                replacements[name] = graph.call_replacement(old, traced[name])
+        # One traced signature: the concrete function itself, which saving
+        # writes as it is (a tf.function would be traced again by the save,
+        # running the hook after the report was made).
+        edits.append((parent, attribute, next(iter(traced.values())) if len(traced) == 1 else new_fn))
+        held.extend(traced.values())
+        carried.append(where)
     concretes: dict[str, Any] = {}
-    for i, (name, fn) in enumerate(sorted(sigs.items())):
-        hook.current = name
-        _, concrete = graph.rewrite_signature(fn, name, variables, hook)
+    for name, fn in sorted(sigs.items()):
+        hook.current, hook.record = name, True
         # The concrete function, not the tf.function: saving must not retrace
         # the interpreter (it would run the hook again).
-        setattr(module, f"actswap_signature_{i}", concrete)
+        _, concrete = graph.rewrite_signature(fn, name, variables, hook, replacements)
         if _specs_of(concrete) != _specs_of(fn):
             raise InvariantError(f"signature '{name}' changed its input/output specs")
         concretes[name] = concrete
-    for old in {id(v.handle): v for fn in sigs.values() for v in fn.variables}.values():
-        new = variables[id(old.handle)]
-        a, b = old.numpy(), new.numpy()
-        if a.tobytes() != b.tobytes() or old.trainable != new.trainable:
-            raise InvariantError(f"variable '{old.name}' was not copied bit-identically")
+    for parent, attribute, new_fn in edits:
+        setattr(parent, attribute, new_fn)
     hook.frozen = True
-    del loaded
-    notes = []
     if hook.in_control_flow:
         notes.append(
             f"{hook.in_control_flow} site(s) inside tf.cond/tf.while_loop use the same gradient written "
             "with stop_gradient: TF cannot reload a custom gradient there"
         )
-    return module, concretes, notes
+    return loaded, Rewritten(concretes, list(variables.values()), carried, held), notes
 
 
 def inspect_savedmodel(
     path: Path, sources: Iterable[str] = ("relu",), to: Any = "square", trust_code: bool = False
 ) -> Report:
-    """Every activation op of every signature (nested functions and control flow included)."""
+    """Every activation op of every signature and function (nested functions and
+    control flow included), named as :func:`rewrite_savedmodel` names them."""
     target = registry.get_target(to)
     recorder = _Sites(None, None, frozenset(sources), None)
-    loaded, sigs = load_signatures(path, trust_code)  # noqa: F841 - keeps the variables alive
-    for name, fn in sorted(sigs.items()):
-        recorder.current = name
-        # Tracing the re-emission is the walk; nothing is kept.
-        graph.rewrite_signature(fn, name, graph.copy_variables([fn]), recorder)
+    rewrite_savedmodel(path, recorder, trust_code)  # tracing the re-emission is the walk; nothing is kept
     for s in recorder.sites:
         s.replaceable = decide(s, target, frozenset(sources)) is None
     return Report(sites=recorder.sites, source=str(path))
@@ -178,25 +260,43 @@ def convert_savedmodel(
     sources: Iterable[str] = ("relu",),
     signature: str | None = None,
     trust_code: bool = False,
-) -> tuple[tf.Module, Report]:
-    """A tf.Module whose signatures equal the SavedModel's with activations replaced."""
+) -> tuple[Any, Report]:
+    """The loaded SavedModel with its functions and signatures replaced by ones
+    equal to them with the activations replaced; the same object graph."""
     target = registry.get_target(to)
     hook = _Sites(target, grad, frozenset(sources), signature)
-    module, concretes, notes = rewrite_savedmodel(path, hook, trust_code)
+    loaded, done, notes = rewrite_savedmodel(path, hook, trust_code)
+    REWRITTEN[loaded] = done
+    if done.functions:
+        notes.insert(0, f"carried over with the same replacements: {', '.join(done.functions)}")
     notes += _precision_notes(hook.low_precision)
-    module.actswap_signatures = concretes  # what save_savedmodel writes
-    return module, Report(
+    return loaded, Report(
         sites=hook.sites, target=target.name, grad=grad if isinstance(grad, str) else "custom",
         notes=notes, source=str(path),
     )
 
 
-def _variables_nbytes(module: Any) -> int:
-    return sum(int(v.shape.num_elements() or 0) * v.dtype.size for v in getattr(module, "actswap_variables", []))
+def signatures_of(obj: Any) -> dict[str, Any]:
+    """The signatures of a converted SavedModel (its new ones: the loaded
+    object's ``signatures`` still name the old) or of a loaded one."""
+    done = REWRITTEN.get(obj) if _weakrefable(obj) else None
+    return dict(done.signatures) if done is not None else dict(getattr(obj, "signatures", {}) or {})
+
+
+def _weakrefable(obj: Any) -> bool:
+    try:
+        weakref.ref(obj)
+    except TypeError:
+        return False
+    return True
+
+
+def _variables_nbytes(variables: list[Any]) -> int:
+    return sum(int(v.shape.num_elements() or 0) * v.dtype.size for v in variables)
 
 
 def save_savedmodel(
-    module: tf.Module,
+    module: Any,
     path: str | os.PathLike[str],
     *,
     overwrite: bool = False,
@@ -208,12 +308,13 @@ def save_savedmodel(
     moved into place; if it raises, nothing is written."""
     dest = check_output_dir(path, overwrite=overwrite)
     remove_stale_temps(dest)
-    ensure_space(dest.parent, _variables_nbytes(module), f"'{dest.name}'")
+    done = REWRITTEN[module]
+    ensure_space(dest.parent, _variables_nbytes(done.variables), f"'{dest.name}'")
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(dest), suffix=".tmp", dir=dest.parent))
     old = None
     try:
         tf.saved_model.save(
-            module, str(tmp / "model"), signatures=module.actswap_signatures,
+            module, str(tmp / "model"), signatures=done.signatures,
             options=tf.saved_model.SaveOptions(experimental_custom_gradients=True),
         )
         if check is not None:
