@@ -5,7 +5,7 @@ package, and importing it runs ``tensorflow/__init__`` (the whole of
 TensorFlow, seconds). The scan must read a SavedModel *before* TensorFlow
 loads it, and ``actswap scan`` should stay quick, so this module declares the
 subset it needs (op names, function calls, the saver, signatures, the object
-graph's function names, Keras 2 metadata) with the same field numbers and wire
+graph's function names and assets, Keras 2 metadata) with the same field numbers and wire
 types, and lets the ``protobuf`` runtime parse the real files: fields not
 declared here are skipped. ``tests/test_scan.py`` checks every declared field
 against TensorFlow's own descriptors.
@@ -40,7 +40,12 @@ SCHEMA: dict[str, list[tuple[str, int, int, int, str | None]]] = {
         ("saver_def", 3, MESSAGE, OPTIONAL, "SaverDef"),
         ("collection_def", 4, MESSAGE, REPEATED, "CollectionDefEntry"),
         ("signature_def", 5, MESSAGE, REPEATED, "SignatureDefEntry"),
+        ("asset_file_def", 6, MESSAGE, REPEATED, "AssetFileDef"),
         ("object_graph_def", 7, MESSAGE, OPTIONAL, "SavedObjectGraph"),
+    ],
+    "AssetFileDef": [
+        ("tensor_info", 1, MESSAGE, OPTIONAL, "TensorInfo"),
+        ("filename", 2, STRING, OPTIONAL, None),
     ],
     "MetaInfoDef": [("tags", 4, STRING, REPEATED, None)],
     "GraphDef": [
@@ -73,7 +78,8 @@ SCHEMA: dict[str, list[tuple[str, int, int, int, str | None]]] = {
         ("signature", 1, MESSAGE, OPTIONAL, "OpDef"),
         ("node_def", 3, MESSAGE, REPEATED, "NodeDef"),
     ],
-    "OpDef": [("name", 1, STRING, OPTIONAL, None)],
+    "OpDef": [("name", 1, STRING, OPTIONAL, None), ("input_arg", 2, MESSAGE, REPEATED, "ArgDef")],
+    "ArgDef": [("name", 1, STRING, OPTIONAL, None)],
     "GradientDef": [("function_name", 1, STRING, OPTIONAL, None), ("gradient_func", 2, STRING, OPTIONAL, None)],
     "RegisteredGradient": [
         ("gradient_func", 1, STRING, OPTIONAL, None),
@@ -95,8 +101,17 @@ SCHEMA: dict[str, list[tuple[str, int, int, int, str | None]]] = {
     ],
     "TensorInfoEntry": [("key", 1, STRING, OPTIONAL, None), ("value", 2, MESSAGE, OPTIONAL, "TensorInfo")],
     "TensorInfo": [("name", 1, STRING, OPTIONAL, None), ("dtype", 2, ENUM_AS_INT, OPTIONAL, None)],
-    "SavedObjectGraph": [("concrete_functions", 2, MESSAGE, REPEATED, "ConcreteFunctionEntry")],
-    "ConcreteFunctionEntry": [("key", 1, STRING, OPTIONAL, None)],
+    "SavedObjectGraph": [
+        ("nodes", 1, MESSAGE, REPEATED, "SavedObject"),
+        ("concrete_functions", 2, MESSAGE, REPEATED, "ConcreteFunctionEntry"),
+    ],
+    "SavedObject": [("asset", 5, MESSAGE, OPTIONAL, "SavedAsset")],
+    "SavedAsset": [("asset_file_def_index", 1, INT32, OPTIONAL, None)],
+    "ConcreteFunctionEntry": [
+        ("key", 1, STRING, OPTIONAL, None),
+        ("value", 2, MESSAGE, OPTIONAL, "SavedConcreteFunction"),
+    ],
+    "SavedConcreteFunction": [("bound_inputs", 2, INT32, REPEATED, None)],
     # tf_keras/protobuf/saved_metadata.proto
     "SavedMetadata": [("nodes", 1, MESSAGE, REPEATED, "SavedMetadataObject")],
     "SavedMetadataObject": [
@@ -121,6 +136,7 @@ TF_NAMES = {
     "FunctionDefLibrary": "tensorflow.FunctionDefLibrary",
     "FunctionDef": "tensorflow.FunctionDef",
     "OpDef": "tensorflow.OpDef",
+    "ArgDef": "tensorflow.OpDef.ArgDef",
     "GradientDef": "tensorflow.GradientDef",
     "RegisteredGradient": "tensorflow.RegisteredGradient",
     "SaverDef": "tensorflow.SaverDef",
@@ -132,6 +148,10 @@ TF_NAMES = {
     "TensorInfoEntry": "tensorflow.SignatureDef.InputsEntry",
     "TensorInfo": "tensorflow.TensorInfo",
     "SavedObjectGraph": "tensorflow.SavedObjectGraph",
+    "AssetFileDef": "tensorflow.AssetFileDef",
+    "SavedObject": "tensorflow.SavedObject",
+    "SavedAsset": "tensorflow.SavedAsset",
+    "SavedConcreteFunction": "tensorflow.SavedConcreteFunction",
     "ConcreteFunctionEntry": "tensorflow.SavedObjectGraph.ConcreteFunctionsEntry",
     "SavedMetadata": "third_party.py.tf_keras.protobuf.SavedMetadata",
     "SavedMetadataObject": "third_party.py.tf_keras.protobuf.SavedObject",

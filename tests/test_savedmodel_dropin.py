@@ -191,3 +191,69 @@ def test_keras_export_keeps_its_endpoints(tmp_path):
     for key in got:
         if key.startswith("sig/"):
             assert_close(got[key], expected, rtol=RTOL)
+
+
+ASSET_CHILD = """
+import importlib.abc, json, sys
+class _NoActswap(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "actswap":
+            raise ImportError("actswap is deliberately unavailable in this process")
+sys.meta_path.insert(0, _NoActswap())
+import numpy as np, tensorflow as tf
+loaded = tf.saved_model.load(sys.argv[1])
+words = tf.constant(json.loads(sys.argv[2]))
+np.save(sys.argv[3], loaded.serve(words).numpy())
+print(json.dumps(sorted(a for a in dir(loaded) if not a.startswith("_"))))
+"""
+
+
+def _vocabulary_model(tmp_path: Path):
+    import keras
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("cat\ndog\nbird\nfish\n")
+    inp = keras.Input((3,), dtype="string", name="words")
+    ids = keras.layers.StringLookup(vocabulary=str(vocab), name="lookup")(inp)
+    h = keras.layers.Flatten()(keras.layers.Embedding(6, 4, name="emb")(ids))
+    h = keras.layers.Dense(5, activation="relu", name="d1")(h)
+    return keras.Model(inp, keras.layers.Dense(2, name="out")(h))
+
+
+def test_vocabulary_assets_and_tables_are_carried_over(tmp_path):
+    model = _vocabulary_model(tmp_path)
+    src, out = tmp_path / "sm", tmp_path / "sm.square"
+    model.export(str(src), verbose=False)
+    r = runner.invoke(app, ["convert", str(src), "--to", "square", "--json"])
+    assert r.exit_code == 0, r.stderr
+    assert (out / "assets" / "vocab.txt").read_text() == (src / "assets" / "vocab.txt").read_text()
+    words = [["cat", "dog", "fish"], ["bird", "unknown", "cat"]]
+    with relu_as_square():
+        expected = model(tf.constant(words)).numpy()
+    plain = model(tf.constant(words)).numpy()
+    assert np.abs(expected - plain).max() > 1e-6, "reference equals the ReLU model: void check"
+    proc = subprocess.run(
+        [sys.executable, "-c", ASSET_CHILD, str(out), json.dumps(words), str(tmp_path / "got.npy")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_close(np.load(tmp_path / "got.npy"), expected, rtol=RTOL)
+
+
+def test_a_table_reading_a_file_outside_the_savedmodel_is_still_refused(tmp_path):
+    """The vocabulary asset's name edited to point out of the directory: the
+    table would read another file, so the scan refuses the model."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    model = _vocabulary_model(tmp_path)
+    src = tmp_path / "sm"
+    model.export(str(src), verbose=False)
+    (tmp_path / "elsewhere.txt").write_text("cat\ndog\n")
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString((src / "saved_model.pb").read_bytes())
+    saved.meta_graphs[0].asset_file_def[0].filename = "../../elsewhere.txt"
+    (src / "saved_model.pb").write_bytes(saved.SerializeToString())
+    r = runner.invoke(app, ["convert", str(src), "--to", "square"])
+    assert r.exit_code == 2, r.stderr
+    assert "InitializeTableFromTextFile" in r.stderr and "reads a file" in r.stderr
+    assert not (tmp_path / "sm.square").exists()

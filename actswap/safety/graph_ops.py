@@ -42,7 +42,7 @@ _OP_REASON_PATTERNS = (
 
 def check_graph(
     graph: Any, report: ScanReport, label: str, *, saver: Any, signatures: list[Any],
-    collections: list[str], restored: set[str],
+    collections: list[str], restored: set[str], asset_reads: frozenset[str] = frozenset(),
 ) -> None:
     """Check every op of ``graph`` and its function library against the allow-list.
 
@@ -51,6 +51,8 @@ def check_graph(
     (which ``tf.saved_model.load`` runs only to restore variables from the file
     name it chooses), never where a signature, an initializer or a restored
     function could reach them, and only reading ones on the restore path.
+    ``asset_reads`` are the places of table initializers the caller showed to
+    read only a file the SavedModel ships (:func:`asset_reads`); they pass.
     """
     lib = {f.signature.name: f for f in graph.library.function}
     in_label = f" in {label}" if label else ""
@@ -92,7 +94,7 @@ def check_graph(
         elif op in CHECKPOINT_READ_OPS or op in CHECKPOINT_WRITE_OPS:
             if not saver_place or (restore_place and op in CHECKPOINT_WRITE_OPS):
                 problems.setdefault(op, []).append(place)
-        elif op not in allowlists.TF_OPS:
+        elif op not in allowlists.TF_OPS and place not in asset_reads:
             problems.setdefault(op, []).append(place)
         for fn in called:
             if fn not in lib and fn not in allowlists.TF_OPS:
@@ -115,6 +117,61 @@ def check_graph(
         "the TensorFlow op allow-list"
     )
     _note_graph_precision(graph, report, in_label)
+
+
+# Ops that fill a lookup table from a text file (a vocabulary): allowed where
+# the file is an asset of the SavedModel itself.
+TABLE_FROM_FILE_OPS = frozenset({"InitializeTableFromTextFile", "InitializeTableFromTextFileV2"})
+
+
+def asset_reads(meta_graph: Any, assets_dir: Any) -> frozenset[str]:
+    """Places (as :func:`check_graph` names them) of the table initializers in
+    ``meta_graph`` whose file name is, through Identity ops, a function
+    argument bound to an asset of the SavedModel whose file is a plain name in
+    ``assets_dir``: they read the model's own vocabulary, nothing else."""
+    lib = {f.signature.name: f for f in meta_graph.graph_def.library.function}
+    objects = meta_graph.object_graph_def
+    concretes = {e.key: e.value for e in objects.concrete_functions}  # a map, read as its entries
+    assets = meta_graph.asset_file_def
+    places = set()
+    for fname, f in lib.items():
+        bound = list(concretes[fname].bound_inputs) if fname in concretes else []
+        args = [a.name for a in f.signature.input_arg]
+        offset = len(args) - len(bound)
+        nodes = {n.name: n for n in f.node_def}
+        for node in f.node_def:
+            if node.op not in TABLE_FROM_FILE_OPS or len(node.input) < 2:
+                continue
+            source = _through_identity(node.input[1], nodes)
+            if source not in args or args.index(source) < offset:
+                continue
+            index = bound[args.index(source) - offset]
+            obj = objects.nodes[index] if 0 <= index < len(objects.nodes) else None
+            if obj is None or not obj.HasField("asset") or obj.asset.asset_file_def_index >= len(assets):
+                continue
+            if _own_file(assets_dir, assets[obj.asset.asset_file_def_index].filename):
+                places.add(f"function '{fname}', node '{node.name}'")
+    return frozenset(places)
+
+
+def _through_identity(tensor: str, nodes: dict[str, Any]) -> str:
+    name = tensor.lstrip("^").split(":")[0]
+    seen = set()
+    while name in nodes and nodes[name].op == "Identity" and nodes[name].input and name not in seen:
+        seen.add(name)
+        name = nodes[name].input[0].lstrip("^").split(":")[0]
+    return name
+
+
+def _own_file(assets_dir: Any, filename: str) -> bool:
+    """A plain file name (no directory part) of a regular file in ``assets_dir``."""
+    import os
+
+    if not filename or filename != os.path.basename(filename) or filename in (".", ".."):
+        return False
+    full = os.path.join(assets_dir, filename)
+    real_dir = os.path.realpath(assets_dir)
+    return os.path.isfile(full) and os.path.realpath(full).startswith(real_dir + os.sep)
 
 
 def _node_name(tensor: str) -> str:

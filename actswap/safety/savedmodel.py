@@ -4,7 +4,9 @@ A SavedModel runs its graph's ops while it is being *loaded* (initializers,
 restore functions), so :func:`scan_savedmodel` checks: the directory tree
 (special files, and symlinks that leave it); every op of every meta graph and
 function (:func:`actswap.safety.graph_ops.check_graph`, with the saver's
-checkpoint ops allowed only where the saver alone reaches them); and the
+checkpoint ops allowed only where the saver alone reaches them, and table
+initializers that read a file allowed only where the file is one of the
+SavedModel's own assets); and the
 Keras 2 configs in ``keras_metadata.pb``, walked like an ``.h5``'s
 (:mod:`actswap.safety.configs`).
 
@@ -20,7 +22,7 @@ import stat
 from pathlib import Path
 
 from .configs import parse_json, walk_config
-from .graph_ops import check_graph
+from .graph_ops import asset_reads, check_graph
 from .pbfiles import read_message
 from .report import DAMAGED, ERROR, MAX_FILES, STRUCTURE, ScanReport
 
@@ -46,6 +48,7 @@ def scan_savedmodel(root: Path, report: ScanReport) -> None:
             signatures=[e.value for e in mg.signature_def],
             collections=[v for e in mg.collection_def for v in e.value.node_list.value],
             restored={e.key for e in mg.object_graph_def.concrete_functions},
+            asset_reads=asset_reads(mg, root / "assets"),
         )
     meta = root / "keras_metadata.pb"
     if meta.is_file() and "keras_metadata.pb" not in bad:
