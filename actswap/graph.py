@@ -20,6 +20,7 @@ original's input signatures and output structure.
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable
 from typing import Any
@@ -285,13 +286,16 @@ def _matches(signature: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> b
 
 def rewrite_function(
     concretes: list[Any], before_trace: Callable[[Any], str], variables: dict[int, Any], hook: OpHook,
+    signature: inspect.Signature | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """A new tf.function with one concrete function per concrete function in
     ``concretes`` (same input signature, same outputs), each re-emitted through
     ``hook``; and the new concrete functions by the old ones' names.
 
     ``before_trace(old)`` runs before each is traced and returns the path its
-    sites are named under (the caller sets its hook's state there)."""
+    sites are named under (the caller sets its hook's state there).
+    ``signature`` (the original's Python signature: argument names and
+    defaults) is the new function's, so it is called as the original was."""
     originals = list(concretes)
 
     def body(*args: Any, **kwargs: Any) -> Any:
@@ -301,6 +305,8 @@ def rewrite_function(
                 return emit_function(old, name, _tensor_leaves((args, kwargs)), variables, hook)
         raise UnsupportedModelError("a call matches none of the function's traced signatures")
 
+    if signature is not None:
+        body.__signature__ = signature  # type: ignore[attr-defined]  # read by tf.function
     # autograph=False: the interpreter is plain Python that must run as written.
     new_fn = tf.function(body, autograph=False)
     traced = {}
@@ -341,3 +347,28 @@ def rewrite_signature(
 
     new_fn = tf.function(body, autograph=False)
     return new_fn, new_fn.get_concrete_function(**specs)
+
+
+def python_signature(function: Any) -> inspect.Signature | None:
+    """The Python signature (names, defaults) a restored tf.function was saved
+    with, or None when it does not say."""
+    try:
+        spec = function.function_spec.fullargspec
+    except AttributeError:
+        return None
+    P = inspect.Parameter
+    defaults = list(spec.defaults or ())
+    first_default = len(spec.args) - len(defaults)
+    params = [
+        P(name, P.POSITIONAL_OR_KEYWORD, default=defaults[i - first_default] if i >= first_default else P.empty)
+        for i, name in enumerate(spec.args)
+    ]
+    if spec.varargs:
+        params.append(P(spec.varargs, P.VAR_POSITIONAL))
+    params += [P(k, P.KEYWORD_ONLY, default=(spec.kwonlydefaults or {}).get(k, P.empty)) for k in spec.kwonlyargs]
+    if spec.varkw:
+        params.append(P(spec.varkw, P.VAR_KEYWORD))
+    try:
+        return inspect.Signature(params)
+    except ValueError:
+        return None

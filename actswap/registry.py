@@ -341,3 +341,11 @@ def resolve_sources(spec: str) -> frozenset[str]:
             f"use 'all' or names from: {', '.join(n for n, f in SOURCES.items() if f != catalog.POLYNOMIAL_FAMILY)}"
         )
     return frozenset(canonical(n) for n in names)
+
+
+def float16_overflow(target: str) -> str:
+    """How the target put in overflows float16, for warnings: "x² ... once |x| > 255"
+    for the square, the polynomial's outputs otherwise."""
+    if target == "square":
+        return "x² overflows float16 once |x| > 255 (65504 is its largest value)"
+    return "the polynomial overflows float16 once its outputs pass 65504, its largest value"

@@ -5,6 +5,9 @@ Pure data; no TensorFlow.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,3 +143,20 @@ class Report:
         if self.needs_recovery is not None:
             d["needs_recovery"] = self.needs_recovery
         return d
+
+
+@contextlib.contextmanager
+def warnings_as_notes(notes: list[str], who: str) -> Iterator[None]:
+    """Collect the Python warnings raised inside the block (Keras or TensorFlow
+    reading a user's file: "Do not pass an `input_shape`...") into ``notes``,
+    once each, as ``"<who> warned: <first line>"``, instead of letting them
+    print on stderr between actswap's own lines."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    seen: set[str] = set()
+    for w in caught:
+        text = str(w.message).strip().splitlines()[0] if str(w.message).strip() else w.category.__name__
+        if text not in seen:
+            seen.add(text)
+            notes.append(f"{who} warned: {text}")

@@ -257,3 +257,38 @@ def test_a_table_reading_a_file_outside_the_savedmodel_is_still_refused(tmp_path
     assert r.exit_code == 2, r.stderr
     assert "InitializeTableFromTextFile" in r.stderr and "reads a file" in r.stderr
     assert not (tmp_path / "sm.square").exists()
+
+
+class SeveralTraces(tf.Module):
+    """A function saved with several traces (shapes, a Python default argument)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = tf.Variable(tf.random.stateless_normal((4, 2), seed=(7, 8)), name="w")
+
+    @tf.function
+    def f(self, x, training=False):
+        y = tf.nn.relu(tf.matmul(x, self.w))
+        return y * 2.0 if training else y
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32)])
+    def serve(self, x):
+        return {"y": self.f(x)}
+
+
+def test_a_function_with_several_traces_keeps_them_and_its_defaults(tmp_path):
+    net = SeveralTraces()
+    x = tf.constant(np.random.default_rng(4).standard_normal((2, 4)).astype("float32"))
+    net.f(x), net.f(x, training=True), net.f(tf.zeros((3, 4)))
+    src, out = tmp_path / "sm", tmp_path / "sm.square"
+    tf.saved_model.save(net, str(src), signatures={"serving_default": net.serve})
+    converted, report = actswap.convert(src, to="square")
+    actswap.save(converted, out)
+    loaded = tf.saved_model.load(str(out))
+    assert len(loaded.f.concrete_functions) == len(tf.saved_model.load(str(src)).f.concrete_functions)
+    ref_net = SeveralTraces()
+    with relu_as_square():
+        expected, expected_training = ref_net.f(x).numpy(), ref_net.f(x, training=True).numpy()
+    assert_close(loaded.f(x).numpy(), expected, rtol=RTOL)  # the default training=False still applies
+    assert_close(loaded.f(x, training=True).numpy(), expected_training, rtol=RTOL)
+    assert_close(loaded.serve(x)["y"].numpy(), expected, rtol=RTOL)

@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 from ..containers import Format
 from ..errors import InvariantError, LoadError, first_line
+from ..report import warnings_as_notes
 from ..paths import check_output_path, disk_full, ensure_space, is_disk_full, remove_stale_temps, temp_prefix
 
 
@@ -45,17 +46,18 @@ def load_keras(
     check_container(Path(path), container, trust_code)
     notes: list[str] = []
     safe = not trust_code
-    try:
-        model = keras.saving.load_model(path, compile=True, safe_mode=safe)
-    except Exception as first:  # noqa: BLE001 - any loader failure is the file's
+    with warnings_as_notes(notes, "Keras, loading the file,"):
         try:
-            model = keras.saving.load_model(path, compile=False, safe_mode=safe)
-        except Exception as e:  # noqa: BLE001
-            raise LoadError(f"could not load '{path}': {first_line(e)}") from e
-        notes.append(
-            f"loaded without its training configuration ({first_line(first)}); "
-            "compile the converted model before training it"
-        )
+            model = keras.saving.load_model(path, compile=True, safe_mode=safe)
+        except Exception as first:  # noqa: BLE001 - any loader failure is the file's
+            try:
+                model = keras.saving.load_model(path, compile=False, safe_mode=safe)
+            except Exception as e:  # noqa: BLE001
+                raise LoadError(f"could not load '{path}': {first_line(e)}") from e
+            notes.append(
+                f"loaded without its training configuration ({first_line(first)}); "
+                "compile the converted model before training it"
+            )
     if not isinstance(model, keras.Model):
         raise LoadError(f"'{path}' holds a {type(model).__name__}, not a Keras model")
     return model, notes

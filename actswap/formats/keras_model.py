@@ -88,7 +88,7 @@ def convert_model(
         _check_no_hidden_sources(path or new_leaf.name, new_leaf, target, chosen)
 
     new_model = rewrite(model, sites, make_layer, make_activation, check_subclassed, consume=consume)
-    notes.extend(precision_warnings(model, sites))
+    notes.extend(precision_warnings(model, sites, target.name))
     if options.calibrate is not None:
         notes.extend(_overflow_warnings(new_model, sites, options.calibrate))
     if getattr(model, "compiled", False):
@@ -179,9 +179,9 @@ def _overflow_warnings(converted: Any, sites: list[Site], data: Any) -> list[str
 LOW_PRECISION = ("float16", "bfloat16")
 
 
-def precision_warnings(model: Any, sites: list[Site]) -> list[str]:
+def precision_warnings(model: Any, sites: list[Site], target: str = "square") -> list[str]:
     """A warning when the model computes in float16/bfloat16 and a site was replaced:
-    x² overflows float16 above |x| ≈ 255, long before ReLU would."""
+    x² overflows float16 above |x| ≈ 255, long before ReLU would (a polynomial, likewise)."""
     if not any(s.action == REPLACED for s in sites):
         return []
     low = [
@@ -193,7 +193,7 @@ def precision_warnings(model: Any, sites: list[Site]) -> list[str]:
     name, dtype = low[0]
     return [
         f"warning: the model computes in {dtype} (layer '{name}'{' and others' if len(low) > 1 else ''}): "
-        "x² overflows float16 once |x| > 255 (65504 is its largest value) and loses precision in "
+        f"{registry.float16_overflow(target)} and loses precision in "
         "bfloat16; check the outputs on real data (--calibrate reports output_max), or convert a float32 copy"
     ]
 

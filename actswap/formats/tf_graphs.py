@@ -33,18 +33,22 @@ from ..paths import (
     temp_prefix, write_atomically,
 )
 from ..policy import decide
-from ..report import REPLACED, SKIPPED, Report, Site
+from ..report import REPLACED, SKIPPED, Report, Site, warnings_as_notes
 from ..safety import check_container
 
 FORM = "graph op"
 
 
-def load_signatures(path: Path, trust_code: bool = False) -> tuple[Any, dict[str, Any]]:
+def load_signatures(
+    path: Path, trust_code: bool = False, notes: list[str] | None = None
+) -> tuple[Any, dict[str, Any]]:
     """Scan a SavedModel (:func:`actswap.safety.check_container`: TF runs initializers while
-    loading), load it, and return it with its signatures (refusing none)."""
+    loading), load it, and return it with its signatures (refusing none). The
+    loader's warnings go to ``notes`` (when given)."""
     check_container(path, Format.SAVEDMODEL, trust_code)
     try:
-        loaded = tf.saved_model.load(str(path))
+        with warnings_as_notes(notes if notes is not None else [], "TensorFlow, loading the SavedModel,"):
+            loaded = tf.saved_model.load(str(path))
     except Exception as e:  # noqa: BLE001 - any loader failure is the file's
         raise LoadError(f"could not load SavedModel '{path}': {first_line(e)}") from e
     sigs = dict(getattr(loaded, "signatures", {}) or {})
@@ -76,10 +80,12 @@ class _Sites:
         act = registry.TF_OP_ACTIVATIONS.get(op.type)
         if act is None:
             return None
-        if self.frozen:
-            raise InvariantError(f"'{path}' was rewritten again after the report was made")
+        # Frozen: the report is made, but saving traces a function of several
+        # signatures again (TF re-creates each trace); it gets the same
+        # decisions, and nothing is added to the report.
+        record = self.record and not self.frozen
         site = Site(path, op.type, FORM, act)
-        if self.record:
+        if record:
             self.sites.append(site)
         reason = None
         if self.target is not None:
@@ -94,7 +100,7 @@ class _Sites:
         if reason is not None:
             return None
         if in_control_flow:
-            self.in_control_flow += self.record
+            self.in_control_flow += record
             site.detail = "in tf.cond/tf.while_loop"
         dtype = _op_dtype(op)
         if dtype in ("float16", "bfloat16"):
@@ -171,7 +177,8 @@ def rewrite_savedmodel(path: Path, hook: _Sites, trust_code: bool = False) -> tu
     (one copy of its graph, not two); that function's sites are reported under
     the signature's path, as a signature's own. A function no signature
     reaches is reported under its attribute path."""
-    loaded, sigs = load_signatures(path, trust_code)
+    notes: list[str] = []
+    loaded, sigs = load_signatures(path, trust_code, notes)
     if hook.signature is not None and hook.signature not in sigs:
         raise UserError(
             f"--signature '{hook.signature}' is not in '{path}'; it has: {', '.join(sorted(sigs))}"
@@ -194,7 +201,6 @@ def rewrite_savedmodel(path: Path, hook: _Sites, trust_code: bool = False) -> tu
         hook.current, hook.record = (sig, True) if sig else (None, name not in reached)
         return f"{sig}/{graph.short_function_name(name)}" if sig else where
 
-    notes: list[str] = []
     edits, carried, replacements, held = [], [], {}, []
     for where, parent, attribute, fn in functions:
         concretes = list(fn.concrete_functions)
@@ -205,7 +211,8 @@ def rewrite_savedmodel(path: Path, hook: _Sites, trust_code: bool = False) -> tu
             )
             continue
         new_fn, traced = graph.rewrite_function(
-            concretes, lambda old, where=where: before_trace(old, where), variables, hook
+            concretes, lambda old, where=where: before_trace(old, where), variables, hook,
+            graph.python_signature(fn),
         )
         for old in concretes:
             name = graph.function_name(old)
@@ -269,7 +276,7 @@ def convert_savedmodel(
     REWRITTEN[loaded] = done
     if done.functions:
         notes.insert(0, f"carried over with the same replacements: {', '.join(done.functions)}")
-    notes += _precision_notes(hook.low_precision)
+    notes += _precision_notes(hook.low_precision, target.name)
     return loaded, Report(
         sites=hook.sites, target=target.name, grad=grad if isinstance(grad, str) else "custom",
         notes=notes, source=str(path),
@@ -406,7 +413,7 @@ def convert_graphdef(
             low.add(_dtype_detail(node))
         sites.append(site)
     notes = ["frozen graph: not trainable (no variables); the gradient mode does not apply"]
-    notes += _precision_notes(low)
+    notes += _precision_notes(low, target.name)
     return new, Report(sites=sites, target=target.name, grad="n/a", source=str(path), notes=notes)
 
 
@@ -415,13 +422,13 @@ def _dtype_detail(node: Any) -> str:
     return {tf.float16.as_datatype_enum: "float16", tf.bfloat16.as_datatype_enum: "bfloat16"}.get(t, "")
 
 
-def _precision_notes(details: Iterable[str]) -> list[str]:
+def _precision_notes(details: Iterable[str], target: str) -> list[str]:
     low = sorted({d for d in details if d in ("float16", "bfloat16")})
     if not low:
         return []
     return [
-        f"warning: replaced sites compute in {'/'.join(low)}: x² overflows float16 once |x| > 255 "
-        "(65504 is its largest value) and loses precision in bfloat16; check the outputs on real data"
+        f"warning: replaced sites compute in {'/'.join(low)}: {registry.float16_overflow(target)} "
+        "and loses precision in bfloat16; check the outputs on real data"
     ]
 
 

@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ..report import warnings_as_notes
 from ..errors import (
     LoadError,
     UnrecognisedFormatError,
@@ -238,19 +239,20 @@ def load(path: Path) -> tuple[Any, bool, list[str]]:
 
     objects()
     notes: list[str] = []
-    try:
-        model = tf_keras.models.load_model(str(path), compile=True, safe_mode=True)
-        compiled = getattr(model, "optimizer", None) is not None
-    except Exception as first:  # noqa: BLE001 - any loader failure is the file's
+    with warnings_as_notes(notes, "tf_keras, loading the file,"):
         try:
-            model = tf_keras.models.load_model(str(path), compile=False, safe_mode=True)
-        except Exception as e:  # noqa: BLE001
-            raise LoadError(f"could not load '{path}' with tf_keras: {first_line(e)}") from e
-        compiled = False
-        notes.append(
-            f"loaded without its training configuration ({first_line(first)}); "
-            "compile the converted model before training it"
-        )
+            model = tf_keras.models.load_model(str(path), compile=True, safe_mode=True)
+            compiled = getattr(model, "optimizer", None) is not None
+        except Exception as first:  # noqa: BLE001 - any loader failure is the file's
+            try:
+                model = tf_keras.models.load_model(str(path), compile=False, safe_mode=True)
+            except Exception as e:  # noqa: BLE001
+                raise LoadError(f"could not load '{path}' with tf_keras: {first_line(e)}") from e
+            compiled = False
+            notes.append(
+                f"loaded without its training configuration ({first_line(first)}); "
+                "compile the converted model before training it"
+            )
     if not isinstance(model, tf_keras.Model):
         raise LoadError(f"'{path}' holds a {type(model).__name__}, not a tf_keras model")
     return model, compiled, notes
