@@ -4,7 +4,7 @@ actswap made unimportable: the converted file must stand on its own.
 argv: SAVEDMODEL_DIR SPEC_JSON INPUTS_NPZ OUT_NPZ. SPEC: "calls", a list of
 [attribute, input, output key or null] (attribute "__call__" calls the object
 itself), "signature_input", the input every signature is called on (its first
-output is kept), and "train",
+output is kept), and "train" (or null),
 [attribute, input, output key]: the function whose sum(output * w) gives the
 gradients (w.r.t. every float variable attribute) and one SGD step. Writes the
 outputs, gradients and variables after the step to OUT_NPZ and prints a JSON
@@ -53,21 +53,22 @@ for name, fn in loaded.signatures.items():  # each on the one input it takes
 public = sorted(a for a in dir(loaded) if not a.startswith("_"))
 variables = {a: getattr(loaded, a) for a in public if isinstance(getattr(loaded, a), tf.Variable)}
 floats = {a: v for a, v in variables.items() if v.dtype.is_floating}
-attr, arg, key = spec["train"]
-fn = loaded if attr == "__call__" else getattr(loaded, attr)
-with tf.GradientTape() as tape:
-    tape.watch(list(floats.values()))
-    loss = tf.reduce_sum(pick(fn(tf.constant(inputs[arg])), key) * inputs["w"])
-grads = dict(zip(floats, tape.gradient(loss, list(floats.values()))))
-for a, g in grads.items():
-    result[f"grad/{a}"] = np.zeros(floats[a].shape) if g is None else g.numpy()
 before = {a: v.numpy().copy() for a, v in variables.items()}
-with tf.GradientTape() as tape:
-    loss = tf.reduce_sum(pick(fn(tf.constant(inputs[arg])), key) * inputs["w"])
-trainable = [v for v in variables.values() if v.trainable]
-for v, g in zip(trainable, tape.gradient(loss, trainable)):  # one plain SGD step
-    if g is not None:
-        v.assign_sub(0.01 * g)
+if spec["train"] is not None:
+    attr, arg, key = spec["train"]
+    fn = loaded if attr == "__call__" else getattr(loaded, attr)
+    with tf.GradientTape() as tape:
+        tape.watch(list(floats.values()))
+        loss = tf.reduce_sum(pick(fn(tf.constant(inputs[arg])), key) * inputs["w"])
+    grads = dict(zip(floats, tape.gradient(loss, list(floats.values()))))
+    for a, g in grads.items():
+        result[f"grad/{a}"] = np.zeros(floats[a].shape) if g is None else g.numpy()
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(pick(fn(tf.constant(inputs[arg])), key) * inputs["w"])
+    trainable = [v for v in variables.values() if v.trainable]
+    for v, g in zip(trainable, tape.gradient(loss, trainable)):  # one plain SGD step
+        if g is not None:
+            v.assign_sub(0.01 * g)
 changed = sorted(a for a, v in variables.items() if not np.array_equal(before[a], v.numpy()))
 np.savez(out_path, **result)
 print(json.dumps({
