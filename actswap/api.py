@@ -151,9 +151,12 @@ def convert(
     change made there would not survive saving.
 
     Paths to a SavedModel directory or a frozen GraphDef are rewritten at graph
-    level (see :mod:`actswap.formats.tf_graphs`); the result is a ``tf.Module`` or a
-    ``GraphDef``, which :func:`save` writes in the same family.
-    ``signature`` restricts a SavedModel rewrite to one signature.
+    level (see :mod:`actswap.formats.tf_graphs`); the result is the loaded
+    SavedModel object with every function and signature replaced (its
+    attributes, variables and tables are the original's; call its functions as
+    the original's) or a ``GraphDef``, which :func:`save` writes in the same
+    family. ``signature`` restricts a SavedModel rewrite to one signature (the
+    object's other functions are then kept as they were).
     ``calibrate`` (arrays, a ``tf.data.Dataset`` or an .npz/.npy path) runs the
     original model on samples and records each site's input range (in the
     report); fitted targets then use that range widened by ``margin`` (a
