@@ -28,8 +28,8 @@ def convert(
     sources: str = typer.Option(
         "relu", "--from", help="Source activations to replace, comma-separated, or 'all'."
     ),
-    degree: Optional[int] = typer.Option(None, "--degree", help="approx: polynomial degree [default: 2]."),
-    fit_range: Optional[str] = typer.Option(None, "--range", help="approx: fit interval LO,HI [default: -4,4]."),
+    degree: Optional[int] = typer.Option(None, "--degree", help="approx: polynomial degree (default: 2)."),
+    fit_range: Optional[str] = typer.Option(None, "--range", help="approx: fit interval LO,HI (default: -4,4)."),
     calibrate: Optional[Path] = typer.Option(
         None, "--calibrate", help="Sample inputs (.npz with x, or .npy): measure each site's input range."
     ),
@@ -39,7 +39,7 @@ def convert(
     pool: Optional[str] = typer.Option(None, "--pool", help="'avg': swap max pooling for average pooling."),
     output: Optional[Path] = typer.Option(
         None, "-o", "--output",
-        help="Output path, same family as MODEL [default: <stem>.<target>.keras|.pb, or <dir>.<target>/ beside MODEL].",
+        help="Output path, same family as MODEL (default: <stem>.<target>.keras|.pb, or <dir>.<target>/ beside MODEL).",
     ),
     grad: str = typer.Option("exact", "--grad", help="Gradient of the new activation: exact | clip:C."),
     signature: Optional[str] = typer.Option(
@@ -56,7 +56,7 @@ def convert(
     onnx_out: Optional[Path] = typer.Option(
         None, "--onnx", help="Also export the converted model to this .onnx file, checked for parity."
     ),
-    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset [default: tf2onnx's preferred]."),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: tf2onnx's preferred)."),
     sample: Optional[Path] = typer.Option(
         None, "--sample", help="Parity inputs: .npz (arrays named like the inputs, or x) or .npy."
     ),

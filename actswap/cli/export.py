@@ -29,7 +29,7 @@ def _export_error_data(e: Exception) -> dict[str, Any]:
 def export(
     model: Path = typer.Argument(..., help="Keras file (.keras/.h5) or SavedModel directory."),
     out: Path = typer.Argument(..., help="Output .onnx file."),
-    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset [default: tf2onnx's preferred]."),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: tf2onnx's preferred)."),
     sample: Optional[Path] = typer.Option(
         None, "--sample", help="Parity inputs: .npz (arrays named like the inputs, or x) or .npy."
     ),

@@ -23,7 +23,7 @@ def fit(
     fit_range: str = typer.Option("-4,4", "--range", help="Fit interval LO,HI (without --calibrate)."),
     model: Optional[Path] = typer.Option(None, "--model", help="With --calibrate: fit a site of this model."),
     calibrate: Optional[Path] = typer.Option(None, "--calibrate", help="Samples (.npz x / .npy) for the site's range."),
-    site: Optional[str] = typer.Option(None, "--site", help="Site path [default: the first SOURCE site]."),
+    site: Optional[str] = typer.Option(None, "--site", help="Site path (default: the first SOURCE site)."),
     margin: float = typer.Option(0.1, "--margin", help="Widen the calibrated range by this fraction per side."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of the fit (needs matplotlib)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),

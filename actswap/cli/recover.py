@@ -24,12 +24,23 @@ def recover(
     converted: Optional[Path] = typer.Argument(
         None, help="Its conversion (.keras): which sites, which polynomials. Omit it and give --to instead."
     ),
-    data: Path = typer.Option(..., "--data", help="Training data: .npz with x (inputs) and y (integer labels)."),
-    val: Optional[Path] = typer.Option(
-        None, "--val", help="Validation data, same keys [default: the last tenth of --data, held out]."
+    data: str = typer.Option(
+        ..., "--data",
+        help="Training data: .npz with x (inputs) and y (integer labels); a folder with one subfolder of images "
+        "per class; TFRecord files (a glob) of tf.train.Examples with an encoded image and an int label; or "
+        "module:function returning a tf.data.Dataset of (x, y) batches (this RUNS that module's code).",
     ),
+    val: Optional[str] = typer.Option(
+        None, "--val", help="Validation data, in any of those forms (default: a tenth of --data, held out)."
+    ),
+    image_size: Optional[str] = typer.Option(
+        None, "--image-size", help="Images: resize to H,W (default: the model's input size)."
+    ),
+    scale: str = typer.Option("1", "--scale", help="Images: multiply pixel values by this (e.g. 1/255), as the model expects."),
+    image_key: str = typer.Option("image", "--image-key", help="TFRecords: the feature holding the encoded image."),
+    label_key: str = typer.Option("label", "--label-key", help="TFRecords: the feature holding the integer label."),
     to: Optional[str] = typer.Option(
-        None, "--to", help="Without CONVERTED: the target, as for convert (square, poly:..., approx) [default: square]."
+        None, "--to", help="Without CONVERTED: the target, as for convert (square, poly:..., approx) (default: square)."
     ),
     sources: str = typer.Option("relu", "--from", help="Without CONVERTED: source activations, as for convert."),
     degree: Optional[int] = typer.Option(None, "--degree", help="Without CONVERTED, approx: polynomial degree."),
@@ -47,7 +58,7 @@ def recover(
     ),
     output: Optional[Path] = typer.Option(
         None, "-o", "--output",
-        help="Output .keras [default: <converted>.recovered.keras, or <original>.<target>.recovered.keras].",
+        help="Output .keras (default: <converted>.recovered.keras, or <original>.<target>.recovered.keras).",
     ),
     force: bool = typer.Option(
         False, "--force", help="Overwrite OUTPUT if it exists; write it even if the recovery failed (still exit 1)."
@@ -72,6 +83,16 @@ def recover(
             raise UserError(f"--epochs must be >= 1 and --ramp between 0 and --epochs; got {epochs}, {ramp}")
         if max_drop < 0:
             raise UserError(f"--max-drop must be >= 0 (points of accuracy), got {max_drop}")
+        from ..recover.data import DataOptions, check_spec, parse_image_size, parse_scale
+
+        if check_spec(data, "training data") == "callable" and val is None:
+            raise UserError(f"pass --val with --data {data}: actswap cannot hold out part of a pipeline it did not build")
+        if val is not None:
+            check_spec(val, "validation data")
+        data_options = DataOptions(
+            image_size=parse_image_size(image_size), scale=parse_scale(scale), image_key=image_key,
+            label_key=label_key, batch_size=batch_size,
+        )
         conversion = None
         if converted is None:
             from ..pipeline import parse_interval
@@ -106,6 +127,7 @@ def recover(
             try:
                 result = run(
                     original, converted, data, val=val, output=out, force=force, conversion=conversion,
+                    data_options=data_options,
                     callbacks=[Bar(progress)], epochs=epochs, ramp_epochs=ramp, distill=not no_distill,
                     learning_rate=learning_rate, batch_size=batch_size, fit=not plain,
                     max_drop=max_drop,

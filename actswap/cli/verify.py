@@ -21,7 +21,7 @@ def verify(
     original: Path = typer.Argument(..., help="The model before conversion (.keras/.h5)."),
     converted: Path = typer.Argument(..., help="The converted model (.keras)."),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="Also check this ONNX export against CONVERTED."),
-    sample: Optional[Path] = typer.Option(None, "--sample", help="Inputs: .npz or .npy [default: seeded random]."),
+    sample: Optional[Path] = typer.Option(None, "--sample", help="Inputs: .npz or .npy (default: seeded random)."),
     tol: float = typer.Option(DEFAULT_TOL, "--tol", help="Tolerance, relative to the output's largest value."),
     trust_code: TrustCode = False,
     as_json: AsJson = False,

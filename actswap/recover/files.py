@@ -6,7 +6,8 @@ result, so that the CLI only parses and renders:
 * load ORIGINAL, and either load CONVERTED or convert ORIGINAL in memory
   (``to``, ``sources``, ...: the conversion is never written, so a deep
   network whose x² overflows needs no intermediate file);
-* read the training data and the check data (``val``, else a held-out last
+* open the training data and the check data (:mod:`.data`: .npz arrays,
+  image folders, TFRecords or a user's pipeline; ``val``, else a held-out
   tenth of the training data, which is then not trained on);
 * run :func:`actswap.recover.recover`, whose result is checked (finite
   outputs, accuracy within ``max_drop`` points of the original's);
@@ -53,6 +54,7 @@ def run(
     output: str | os.PathLike[str],
     force: bool = False,
     conversion: dict[str, Any] | None = None,
+    data_options: Any = None,
     callbacks: list[Any] = (),  # type: ignore[assignment]
     **recover_options: Any,
 ) -> dict[str, Any]:
@@ -69,12 +71,18 @@ def run(
     from .. import recover as R
     from ..errors import RecoveryFailedError
 
-    x, y = R.load_xy(data, "training data")
-    if val is not None:
-        train, check = (x, y), R.load_xy(val, "validation data")
-    else:
-        train, check = split_check(x, y)
+    from .data import DataOptions, kind, open_data
+
+    options = data_options or DataOptions(batch_size=recover_options.get("batch_size", 128))
     teacher = load_keras_model(original)[0]
+    if val is not None:
+        train = open_data(str(data), "training data", options, teacher)
+        check = open_data(str(val), "validation data", options, teacher, shuffle=False)
+    elif kind(str(data)) == "npz":
+        train, check = split_check(*open_data(str(data), "training data", options, teacher))
+    else:
+        train = open_data(str(data), "training data", options, teacher, split="train")
+        check = open_data(str(data), "training data", options, teacher, split="check")
     if converted is not None:
         target = load_keras_model(converted)[0]
     else:
@@ -83,7 +91,7 @@ def run(
             from ..errors import UserError
 
             raise UserError(f"nothing to replace in '{original}' for this conversion; nothing to recover")
-    before = {"original": R.accuracy(teacher, *check), "converted": R.accuracy(target, *check)}
+    before = {"original": R.accuracy(teacher, check), "converted": R.accuracy(target, check)}
     result: dict[str, Any] = {"original_accuracy": before["original"], "converted_accuracy": before["converted"]}
     per_epoch: list[dict[str, Any]] = []
     import keras

@@ -100,8 +100,8 @@ def recover(
     schedule = BlendSchedule(ramp_epochs, progressive)
     guard = NaNGuard(max_restores=max_restores)
     fit_kwargs: dict[str, Any] = {"epochs": epochs, "verbose": verbose, "callbacks": [schedule, guard, *callbacks]}
-    if isinstance(train, tf.data.Dataset):
-        history = model.fit(train, validation_data=val, **fit_kwargs)
+    if isinstance(train, tf.data.Dataset):  # shuffled by its pipeline, as Keras expects of a Dataset
+        history = model.fit(train, validation_data=val, shuffle=False, **fit_kwargs)
     else:
         history = model.fit(train[0], train[1], batch_size=batch_size, validation_data=val, **fit_kwargs)
     if guard.gave_up:
@@ -142,27 +142,45 @@ def _inputs(data: Any, batch_size: int, limit: int) -> Iterable[Any]:
         yield x[i: i + batch_size]
 
 
-def _xy(data: Any) -> tuple[np.ndarray, np.ndarray]:
+def _batches(data: Any, batch_size: int) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+    """(x, y) batches of (x, y) arrays or of a Dataset of (x, y) batches, streamed."""
     if isinstance(data, tf.data.Dataset):
-        xs, ys = zip(*[(np.asarray(a), np.asarray(b)) for a, b, *_ in data])
-        return np.concatenate(xs), np.concatenate(ys)
-    return np.asarray(data[0]), np.asarray(data[1])
+        for item in data:
+            yield np.asarray(item[0]), np.asarray(item[1])
+        return
+    x, y = data
+    for i in range(0, len(x), batch_size):
+        yield np.asarray(x[i: i + batch_size]), np.asarray(y[i: i + batch_size])
+
+
+def _correct(pred: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Top-1 hits; NaN outputs count as wrong."""
+    return np.all(np.isfinite(pred), axis=-1) & (np.argmax(pred, -1) == np.asarray(y).reshape(-1))
 
 
 def check_recovery(original: Any, recovered: Any, data: Any, *, max_drop: float | None = MAX_DROP,
                    batch_size: int = 256) -> dict[str, Any]:
-    """Compare ``recovered`` with ``original`` on ``data`` ((x, y) or a Dataset):
-    raise :class:`~actswap.errors.RecoveryFailedError` if its outputs are not
-    all finite, or its accuracy is more than ``max_drop`` points below the
-    original's (None: not checked). Returns the figures compared."""
+    """Compare ``recovered`` with ``original`` on ``data`` ((x, y) or a Dataset,
+    read batch by batch): raise :class:`~actswap.errors.RecoveryFailedError` if
+    its outputs are not all finite, or its accuracy is more than ``max_drop``
+    points below the original's (None: not checked). Returns the figures compared."""
     from ..errors import RecoveryFailedError
 
-    x, y = _xy(data)
-    pred = recovered.predict(x, batch_size=batch_size, verbose=0)
-    nonfinite = int(np.size(pred) - np.isfinite(pred).sum())
+    n = hits_original = hits_recovered = nonfinite = 0
+    first: list[np.ndarray] = []
+    for xb, yb in _batches(data, batch_size):
+        pred = np.asarray(recovered.predict_on_batch(xb))
+        nonfinite += int(np.size(pred) - np.isfinite(pred).sum())
+        hits_recovered += int(_correct(pred, yb).sum())
+        hits_original += int(_correct(np.asarray(original.predict_on_batch(xb)), yb).sum())
+        n += len(xb)
+        if sum(len(f) for f in first) < 512:
+            first.append(xb)
+    if n == 0:
+        raise RecoveryFailedError("recovery cannot be checked: the check data is empty", model=recovered, result={})
     result = {
-        "samples": int(len(x)), "original_accuracy": accuracy(original, x, y, batch_size),
-        "recovered_accuracy": accuracy(recovered, x, y, batch_size), "nonfinite_outputs": nonfinite,
+        "samples": n, "original_accuracy": hits_original / n,
+        "recovered_accuracy": hits_recovered / n, "nonfinite_outputs": nonfinite,
         "max_drop": max_drop,
     }
     drop = 100.0 * (result["original_accuracy"] - result["recovered_accuracy"])
@@ -174,11 +192,11 @@ def check_recovery(original: Any, recovered: Any, data: Any, *, max_drop: float 
                f"(allowed: {max_drop:g})")
     else:
         return result
-    grown = site_growth(original, recovered, x[:512])
+    grown = site_growth(original, recovered, np.concatenate(first)[:512])
     result["site_growth"] = grown
     worst = ", ".join(f"'{g['site']}' |x| {g['recovered']:.3g} vs {g['original']:.3g}" for g in grown[:3])
     raise RecoveryFailedError(
-        f"recovery failed: {why} ({len(x)} samples); largest input growth per site: {worst or 'none'}; "
+        f"recovery failed: {why} ({n} samples); largest input growth per site: {worst or 'none'}; "
         "try more epochs, a lower --lr, or more data",
         model=recovered, result=result,
     )
@@ -208,11 +226,15 @@ def site_growth(original: Any, recovered: Any, x: Any) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: -r["ratio"] if np.isfinite(r["ratio"]) else float("-inf"))
 
 
-def accuracy(model: Any, x: Any, y: Any, batch_size: int = 256) -> float:
-    """Top-1 accuracy of ``model`` on (x, y); NaN outputs count as wrong."""
-    pred = model.predict(x, batch_size=batch_size, verbose=0)
-    ok = np.all(np.isfinite(pred), axis=-1) & (np.argmax(pred, -1) == np.asarray(y).reshape(-1))
-    return float(np.mean(ok))
+def accuracy(model: Any, x: Any, y: Any = None, batch_size: int = 256) -> float:
+    """Top-1 accuracy of ``model`` on (x, y) arrays, or on a Dataset of (x, y)
+    batches passed as ``x``, read batch by batch; NaN outputs count as wrong."""
+    data = x if y is None else (x, y)
+    n = hits = 0
+    for xb, yb in _batches(data, batch_size):
+        hits += int(_correct(np.asarray(model.predict_on_batch(xb)), yb).sum())
+        n += len(xb)
+    return hits / n if n else float("nan")
 
 
 def load_xy(path: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
