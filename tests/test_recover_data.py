@@ -148,3 +148,42 @@ def test_bad_inputs_are_one_line(setup, tmp_path):
     r = _recover(model, "--data", str(tmp_path / "nothing-*.tfrecord"), "-o", str(tmp_path / "d.keras"))
     assert_user_error(r, "matches no TFRecord file")
     assert not list(tmp_path.glob("*.keras"))
+
+
+def test_killed_recovery_resumes_where_it_stopped(setup, tmp_path):
+    """SIGKILL after the first checkpoint; --resume runs only the remaining epochs,
+    the blend schedule continuing (ramp over all 4 epochs: factor e/4 after epoch e)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import cli_command, cli_env
+
+    x, y = _images(1500, 1)  # 3,000 images: epochs long enough to be killed in
+    np.savez(tmp_path / "train.npz", x=x / 255.0, y=y)
+    ckpt, out = tmp_path / "ckpt", tmp_path / "r.keras"
+    args = [
+        "recover", setup / "model.keras", "--data", tmp_path / "train.npz", "--to", "square", "--epochs", "4",
+        "--ramp", "4", "--batch-size", "8", "--max-drop", "100", "--checkpoint-dir", ckpt, "-o", out, "--json",
+    ]
+    proc = subprocess.Popen(cli_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env())
+    deadline = time.time() + 240
+    while not (ckpt / "latest.json").is_file():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "no checkpoint written"
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = json.loads((ckpt / json.loads((ckpt / "latest.json").read_text())["checkpoint"] / "state.json").read_text())["epoch"]
+    assert 1 <= done < 4 and not out.exists()
+
+    r = subprocess.run(cli_command(*args, "--resume"), capture_output=True, text=True, timeout=300, env=cli_env())
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(r.stdout)
+    assert result["resumed_from"] == done
+    assert [e["epoch"] for e in result["epochs"]] == list(range(done + 1, 5))  # the remaining epochs only
+    for e in result["epochs"]:
+        assert e["blend"] == pytest.approx(e["epoch"] / 4, abs=1e-6)  # the schedule continued, not restarted
+        assert e["samples_per_second"] > 0
+    assert out.is_file()

@@ -56,6 +56,13 @@ def recover(
     max_drop: float = typer.Option(
         1.0, "--max-drop", help="Fail (exit 1) if the recovered accuracy is more than this many points below the original's."
     ),
+    checkpoint_dir: Optional[Path] = typer.Option(
+        None, "--checkpoint-dir", help="Write a checkpoint here at each epoch end (atomically; the two newest are kept)."
+    ),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --checkpoint-dir."),
+    logdir: Optional[Path] = typer.Option(
+        None, "--logdir", help="Write TensorBoard scalars here: loss, validation accuracy, per site blend factor and largest |input|."
+    ),
     output: Optional[Path] = typer.Option(
         None, "-o", "--output",
         help="Output .keras (default: <converted>.recovered.keras, or <original>.<target>.recovered.keras).",
@@ -85,6 +92,11 @@ def recover(
             raise UserError(f"--max-drop must be >= 0 (points of accuracy), got {max_drop}")
         from ..recover.data import DataOptions, check_spec, parse_image_size, parse_scale
 
+        if resume and checkpoint_dir is None:
+            raise UserError("--resume needs --checkpoint-dir (where the run to continue wrote its checkpoints)")
+        if resume and not (checkpoint_dir / "latest.json").is_file():
+            raise UserError(f"--resume: no checkpoint in '{checkpoint_dir}' (no latest.json); drop --resume to start afresh")
+
         if check_spec(data, "training data") == "callable" and val is None:
             raise UserError(f"pass --val with --data {data}: actswap cannot hold out part of a pipeline it did not build")
         if val is not None:
@@ -110,30 +122,45 @@ def recover(
         from ..errors import RecoveryFailedError
         from ..recover.files import run
 
+        import time
+
         class Bar(keras.callbacks.Callback):
             def __init__(self, progress: Any) -> None:
                 super().__init__()
-                self.progress, self.task = progress, None
+                self.progress, self.task, self.start, self.steps = progress, None, 0.0, 0
 
             def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-                self.task = self.progress.add_task(f"epoch {epoch + 1}/{epochs}", total=self.params.get("steps"))
+                self.task = self.progress.add_task(
+                    f"epoch {epoch + 1}/{epochs}", total=self.params.get("steps"), rate="")
+                self.start, self.steps = time.perf_counter(), 0
 
             def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-                self.progress.advance(self.task)
+                self.steps += 1
+                per_s = self.steps / max(time.perf_counter() - self.start, 1e-9)
+                self.progress.update(
+                    self.task, advance=1, rate=f"{per_s:.1f} steps/s, {per_s * batch_size:.0f} samples/s")
 
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}")]
         failure: RecoveryFailedError | None = None
         with Progress(*columns, console=Console(stderr=True), disable=as_json) as progress:
             try:
                 result = run(
                     original, converted, data, val=val, output=out, force=force, conversion=conversion,
-                    data_options=data_options,
+                    data_options=data_options, checkpoint_dir=checkpoint_dir, resume=resume, logdir=logdir,
                     callbacks=[Bar(progress)], epochs=epochs, ramp_epochs=ramp, distill=not no_distill,
                     learning_rate=learning_rate, batch_size=batch_size, fit=not plain,
                     max_drop=max_drop,
                 )
             except RecoveryFailedError as e:
                 failure, result = e, e.result
+            except KeyboardInterrupt:
+                if checkpoint_dir is None:
+                    raise
+                typer.echo(
+                    f"error: interrupted; the last checkpoint in '{checkpoint_dir}' is usable: run the same "
+                    "command with --resume to continue", err=True,
+                )
+                return 130
         if as_json:
             if failure is not None:
                 result = {**result, "error": str(failure)}

@@ -55,6 +55,9 @@ def run(
     force: bool = False,
     conversion: dict[str, Any] | None = None,
     data_options: Any = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    logdir: str | os.PathLike[str] | None = None,
     callbacks: list[Any] = (),  # type: ignore[assignment]
     **recover_options: Any,
 ) -> dict[str, Any]:
@@ -96,15 +99,27 @@ def run(
     per_epoch: list[dict[str, Any]] = []
     import keras
 
+    from .blend import blends
+    from .monitor import SiteScalars, Throughput
+
+    speed = Throughput(options.batch_size)
+
     class Record(keras.callbacks.Callback):
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            factors = [float(b.factor.numpy()) for b in blends(self.model)]
             per_epoch.append({"epoch": epoch + 1, "loss": float((logs or {}).get("loss", float("nan"))),
-                              "val_accuracy": (logs or {}).get("val_accuracy")})
+                              "val_accuracy": (logs or {}).get("val_accuracy"),
+                              "blend": sum(factors) / len(factors) if factors else None,
+                              **(speed.per_epoch[-1] if speed.per_epoch else {})})
 
     failure: RecoveryFailedError | None = None
     try:
-        model, history = R.recover(teacher, target, train, val=check, callbacks=[*callbacks, Record()],
-                                   **recover_options)
+        scalars = [SiteScalars(str(logdir))] if logdir is not None else []
+        model, history = R.recover(
+            teacher, target, train, val=check, callbacks=[*callbacks, speed, Record(), *scalars],
+            checkpoint_dir=checkpoint_dir, resume=resume, **recover_options,
+        )
+        result["resumed_from"] = history.resumed_from
         figures = history.check
         result.update(nan_restores=history.nan_restores, explosions=history.explosions)
     except RecoveryFailedError as e:
@@ -120,3 +135,4 @@ def run(
         failure.result = result
         raise failure
     return result
+

@@ -44,6 +44,8 @@ def recover(
     fit: bool = True,
     max_drop: float | None = MAX_DROP,
     verbose: int = 0,
+    checkpoint_dir: Any = None,
+    resume: bool = False,
 ) -> tuple[Any, Any]:
     """Fine-tune ``original`` towards ``converted``'s polynomials without the collapse.
 
@@ -84,10 +86,18 @@ def recover(
         train, check = (x[: len(x) - held], y[: len(y) - held]), (x[len(x) - held:], y[len(y) - held:])
     elif val is None:
         check = train.take(max(1, CHECK_SAMPLES // batch_size))
+    from .checkpoints import EpochCheckpoint, read_latest, restore
+
+    state = read_latest(checkpoint_dir) if resume and checkpoint_dir is not None else None
+    if resume and state is None:
+        raise ConversionError(f"--resume: no checkpoint in '{checkpoint_dir}' to resume from")
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     with scope:
         polynomials = polynomials_of(converted)
-        squares = fit_squares(original, polynomials, _calibration_inputs(train, batch_size)) if fit else None
+        if state is not None:  # the constants the checkpointed weights were trained with
+            squares = None if state["squares"] is None else {k: tuple(v) for k, v in state["squares"].items()}
+        else:
+            squares = fit_squares(original, polynomials, _calibration_inputs(train, batch_size)) if fit else None
         student = blend_model(original, polynomials=polynomials, squares=squares)
         teacher = original
         optimizer = keras.optimizers.Adam(learning_rate, clipnorm=clipnorm)
@@ -99,7 +109,12 @@ def recover(
             model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     schedule = BlendSchedule(ramp_epochs, progressive)
     guard = NaNGuard(max_restores=max_restores)
-    fit_kwargs: dict[str, Any] = {"epochs": epochs, "verbose": verbose, "callbacks": [schedule, guard, *callbacks]}
+    done = restore(state, student, optimizer, guard) if state is not None else 0
+    extra = [EpochCheckpoint(checkpoint_dir, student, optimizer, guard, squares)] if checkpoint_dir is not None else []
+    fit_kwargs: dict[str, Any] = {
+        "epochs": epochs, "initial_epoch": min(done, epochs), "verbose": verbose,
+        "callbacks": [schedule, guard, *callbacks, *extra],
+    }
     if isinstance(train, tf.data.Dataset):  # shuffled by its pipeline, as Keras expects of a Dataset
         history = model.fit(train, validation_data=val, shuffle=False, **fit_kwargs)
     else:
@@ -113,6 +128,7 @@ def recover(
     for b in blends(student):
         b.factor.assign(1.0)  # the ramp has ended (ramp_epochs <= epochs), or it is forced here
     reestimate_statistics(student, _inputs(train, batch_size, REESTIMATE_BATCHES))
+    history.resumed_from = done
     history.nan_restores = guard.restores
     history.explosions = guard.explosions
     history.blend_factors = schedule.history
