@@ -187,3 +187,26 @@ def test_killed_recovery_resumes_where_it_stopped(setup, tmp_path):
         assert e["blend"] == pytest.approx(e["epoch"] / 4, abs=1e-6)  # the schedule continued, not restarted
         assert e["samples_per_second"] > 0
     assert out.is_file()
+
+
+def test_mirrored_over_two_logical_cpus_from_the_cli(setup, tmp_path):
+    """--distribute mirrored --cpu-devices 2: one replica per logical CPU, the same global batch."""
+    from conftest import run_cli
+
+    out = tmp_path / "r.keras"
+    r = run_cli("recover", setup / "model.keras", "--data", setup / "images", "--scale", "1/255", "--to", "square",
+                "--epochs", "1", "--batch-size", "16", "--max-drop", "100", "--distribute", "mirrored",
+                "--cpu-devices", "2", "-o", out, "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(r.stdout)
+    assert data["replicas"] == 2
+    assert data["original_accuracy"] > 0.9 and np.isfinite(data["recovered_accuracy"])
+    assert out.is_file()
+
+
+def test_multiworker_is_refused_with_the_reason(setup, tmp_path):
+    """Keras 3's fit fails under MultiWorkerMirroredStrategy (keras-team/keras#20585);
+    the option says so instead of failing deep in training."""
+    r = _recover(str(setup / "model.keras"), "--data", str(setup / "images"), "--distribute", "multiworker",
+                 "-o", str(tmp_path / "r.keras"))
+    assert_user_error(r, "keras-team/keras#20585")

@@ -60,6 +60,15 @@ def recover(
         None, "--checkpoint-dir", help="Write a checkpoint here at each epoch end (atomically; the two newest are kept)."
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --checkpoint-dir."),
+    distribute: Optional[str] = typer.Option(
+        None, "--distribute",
+        help="mirrored: tf.distribute.MirroredStrategy over the local devices (--batch-size stays the "
+        "global batch, split across replicas). multiworker is refused: Keras 3's fit fails under "
+        "MultiWorkerMirroredStrategy (keras-team/keras#20585).",
+    ),
+    cpu_devices: Optional[int] = typer.Option(
+        None, "--cpu-devices", help="Split the CPU into N logical devices (for --distribute mirrored without GPUs)."
+    ),
     logdir: Optional[Path] = typer.Option(
         None, "--logdir", help="Write TensorBoard scalars here: loss, validation accuracy, per site blend factor and largest |input|."
     ),
@@ -92,6 +101,10 @@ def recover(
             raise UserError(f"--max-drop must be >= 0 (points of accuracy), got {max_drop}")
         from ..recover.data import DataOptions, check_spec, parse_image_size, parse_scale
 
+        if distribute not in (None, "mirrored", "multiworker"):
+            raise UserError(f"--distribute takes mirrored, got '{distribute}'")
+        if cpu_devices is not None and cpu_devices < 1:
+            raise UserError(f"--cpu-devices must be >= 1, got {cpu_devices}")
         if resume and checkpoint_dir is None:
             raise UserError("--resume needs --checkpoint-dir (where the run to continue wrote its checkpoints)")
         if resume and not (checkpoint_dir / "latest.json").is_file():
@@ -115,6 +128,10 @@ def recover(
                 registry.check_pairs(chosen, registry.get_target(target, degree=degree, interval=bounds))
             conversion = {"to": target, "sources": chosen, "degree": degree, "interval": bounds}
         _import_tensorflow_quietly(debug or _state["debug"])
+        from ..recover.distribute import make_strategy
+
+        # Before anything else runs TensorFlow: devices and collectives are set up once.
+        strategy = make_strategy(distribute, cpu_devices)
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         import keras
@@ -149,7 +166,7 @@ def recover(
                     data_options=data_options, checkpoint_dir=checkpoint_dir, resume=resume, logdir=logdir,
                     callbacks=[Bar(progress)], epochs=epochs, ramp_epochs=ramp, distill=not no_distill,
                     learning_rate=learning_rate, batch_size=batch_size, fit=not plain,
-                    max_drop=max_drop,
+                    max_drop=max_drop, strategy=strategy,
                 )
             except RecoveryFailedError as e:
                 failure, result = e, e.result

@@ -76,8 +76,19 @@ def run(
 
     from .data import DataOptions, kind, open_data
 
+    import contextlib
+
+    from .distribute import replicas
+
     options = data_options or DataOptions(batch_size=recover_options.get("batch_size", 128))
-    teacher = load_keras_model(original)[0]
+    strategy = recover_options.get("strategy")
+    # The models are built under the strategy: their variables are mirrored on its devices.
+
+    def scope() -> Any:
+        return strategy.scope() if strategy is not None else contextlib.nullcontext()
+
+    with scope():
+        teacher = load_keras_model(original)[0]
     if val is not None:
         train = open_data(str(data), "training data", options, teacher)
         check = open_data(str(val), "validation data", options, teacher, shuffle=False)
@@ -86,16 +97,18 @@ def run(
     else:
         train = open_data(str(data), "training data", options, teacher, split="train")
         check = open_data(str(data), "training data", options, teacher, split="check")
-    if converted is not None:
-        target = load_keras_model(converted)[0]
-    else:
-        target, report = api.convert(teacher, **(conversion or {}))
+    with scope():
+        if converted is not None:
+            target = load_keras_model(converted)[0]
+        else:
+            target, report = api.convert(teacher, **(conversion or {}))
         if report.replaced == 0:
             from ..errors import UserError
 
             raise UserError(f"nothing to replace in '{original}' for this conversion; nothing to recover")
     before = {"original": R.accuracy(teacher, check), "converted": R.accuracy(target, check)}
-    result: dict[str, Any] = {"original_accuracy": before["original"], "converted_accuracy": before["converted"]}
+    result: dict[str, Any] = {"original_accuracy": before["original"], "converted_accuracy": before["converted"],
+                              "replicas": replicas(strategy)}
     per_epoch: list[dict[str, Any]] = []
     import keras
 

@@ -169,6 +169,12 @@ def _batches(data: Any, batch_size: int) -> Iterable[tuple[np.ndarray, np.ndarra
         yield np.asarray(x[i: i + batch_size]), np.asarray(y[i: i + batch_size])
 
 
+def _predict(model: Any, x: np.ndarray) -> np.ndarray:
+    """``model`` on one batch, whatever strategy its variables live under
+    (``predict_on_batch`` returns one replica's share under MirroredStrategy)."""
+    return np.asarray(model.predict(x, batch_size=len(x), verbose=0))
+
+
 def _correct(pred: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Top-1 hits; NaN outputs count as wrong."""
     return np.all(np.isfinite(pred), axis=-1) & (np.argmax(pred, -1) == np.asarray(y).reshape(-1))
@@ -185,10 +191,10 @@ def check_recovery(original: Any, recovered: Any, data: Any, *, max_drop: float 
     n = hits_original = hits_recovered = nonfinite = 0
     first: list[np.ndarray] = []
     for xb, yb in _batches(data, batch_size):
-        pred = np.asarray(recovered.predict_on_batch(xb))
+        pred = _predict(recovered, xb)
         nonfinite += int(np.size(pred) - np.isfinite(pred).sum())
         hits_recovered += int(_correct(pred, yb).sum())
-        hits_original += int(_correct(np.asarray(original.predict_on_batch(xb)), yb).sum())
+        hits_original += int(_correct(_predict(original, xb), yb).sum())
         n += len(xb)
         if sum(len(f) for f in first) < 512:
             first.append(xb)
@@ -248,7 +254,7 @@ def accuracy(model: Any, x: Any, y: Any = None, batch_size: int = 256) -> float:
     data = x if y is None else (x, y)
     n = hits = 0
     for xb, yb in _batches(data, batch_size):
-        hits += int(_correct(np.asarray(model.predict_on_batch(xb)), yb).sum())
+        hits += int(_correct(_predict(model, xb), yb).sum())
         n += len(xb)
     return hits / n if n else float("nan")
 
