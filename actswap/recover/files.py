@@ -102,10 +102,10 @@ def run(
             target = load_keras_model(converted)[0]
         else:
             target, report = api.convert(teacher, **(conversion or {}))
-        if report.replaced == 0:
-            from ..errors import UserError
+            if report.replaced == 0:
+                from ..errors import UserError
 
-            raise UserError(f"nothing to replace in '{original}' for this conversion; nothing to recover")
+                raise UserError(f"nothing to replace in '{original}' for this conversion; nothing to recover")
     before = {"original": R.accuracy(teacher, check), "converted": R.accuracy(target, check)}
     result: dict[str, Any] = {"original_accuracy": before["original"], "converted_accuracy": before["converted"],
                               "replicas": replicas(strategy)}
