@@ -103,10 +103,19 @@ def test_image_folder(setup, tmp_path):
 
 
 def test_tfrecords(setup, tmp_path):
-    out = tmp_path / "r.keras"
+    out, logs = tmp_path / "r.keras", tmp_path / "logs"
     r = _recover(str(setup / "model.keras"), "--data", str(setup / "train-*.tfrecord"), "--scale", "1/255",
-                 "-o", str(out))
+                 "-o", str(out), "--logdir", str(logs))
     _ok(r, out, samples=2 * N_PER_CLASS // 10)  # every tenth record held out
+    # TensorBoard scalars: loss, and per site its blend factor and largest |input|.
+    tags = set()
+    for event_file in logs.glob("events.out.tfevents.*"):
+        for raw in tf.data.TFRecordDataset(str(event_file)):
+            event = tf.compat.v1.Event.FromString(raw.numpy())
+            tags.update(v.tag for v in event.summary.value)
+    assert "loss" in tags
+    assert {t.split("/")[0] for t in tags if "/" in t} == {"blend", "largest_input"}
+    assert len([t for t in tags if t.startswith("blend/")]) == 2  # two ReLU sites
 
 
 def test_module_function(setup, tmp_path, monkeypatch):

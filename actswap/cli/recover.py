@@ -105,6 +105,11 @@ def recover(
             raise UserError(f"--distribute takes mirrored, got '{distribute}'")
         if cpu_devices is not None and cpu_devices < 1:
             raise UserError(f"--cpu-devices must be >= 1, got {cpu_devices}")
+        if logdir is not None:
+            import importlib.util
+
+            if importlib.util.find_spec("tensorboard") is None:
+                raise UserError("--logdir writes TensorBoard scalars, which need tensorboard: pip install 'actswap[tensorboard]'")
         if resume and checkpoint_dir is None:
             raise UserError("--resume needs --checkpoint-dir (where the run to continue wrote its checkpoints)")
         if resume and not (checkpoint_dir / "latest.json").is_file():
