@@ -169,7 +169,7 @@ def recover(
                 result = run(
                     original, converted, data, val=val, output=out, force=force, conversion=conversion,
                     data_options=data_options, checkpoint_dir=checkpoint_dir, resume=resume, logdir=logdir,
-                    callbacks=[Bar(progress)], epochs=epochs, ramp_epochs=ramp, distill=not no_distill,
+                    callbacks=[] if as_json else [Bar(progress)], epochs=epochs, ramp_epochs=ramp, distill=not no_distill,
                     learning_rate=learning_rate, batch_size=batch_size, fit=not plain,
                     max_drop=max_drop, strategy=strategy,
                 )

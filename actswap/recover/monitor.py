@@ -36,22 +36,26 @@ class SiteScalars(keras.callbacks.Callback):
 
 
 class Throughput(keras.callbacks.Callback):
-    """Steps and samples per second over each epoch (``batch_size`` per step)."""
+    """Steps and samples per second of each epoch's training steps (``batch_size``
+    per step): from the epoch's start to its last training batch, so the
+    validation Keras runs at the epoch's end is not counted."""
 
     def __init__(self, batch_size: int) -> None:
         super().__init__()
         self.batch_size = batch_size
         self.per_epoch: list[dict[str, float]] = []
-        self._start, self._steps = 0.0, 0
+        self._start, self._last, self._steps = 0.0, 0.0, 0
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
         self._start, self._steps = time.perf_counter(), 0
+        self._last = self._start
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
         self._steps += 1
+        self._last = time.perf_counter()
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-        seconds = max(time.perf_counter() - self._start, 1e-9)
+        seconds = max(self._last - self._start, 1e-9)
         self.per_epoch.append({
             "steps_per_second": self._steps / seconds,
             "samples_per_second": self._steps * self.batch_size / seconds,

@@ -63,59 +63,82 @@ class NaNGuard(keras.callbacks.Callback):
     a weight is NaN/Inf, or when training explodes while staying finite: the
     (running) loss, or the largest |input| of a Blend site, grows more than
     ``explode_factor`` times past its reference (the median over the first
-    ``warmup`` batches, the loss's floored at 1). Good weights are kept at the
-    end of each good batch. ``restores`` counts both kinds, ``explosions`` the
-    finite ones."""
+    ``warmup`` batches, the loss's floored at 1). ``restores`` counts both
+    kinds, ``explosions`` the finite ones.
+
+    The loss, the weights and the sites' inputs are read, and the good weights
+    kept, after each of the first ``warmup`` batches and then every
+    ``check_every`` batches: each read waits for the device, and doing it
+    every batch cost ~30% of the steps per second of a small CNN
+    (benchmarks/recovery_scale.py). A restore goes back at most
+    ``check_every`` batches."""
 
     def __init__(self, lr_factor: float = 0.5, max_restores: int = 10, explode_factor: float = 1e3,
-                 warmup: int = 10) -> None:
+                 warmup: int = 10, check_every: int = 10) -> None:
         super().__init__()
         self.lr_factor, self.max_restores = lr_factor, max_restores
         self.explode_factor, self.warmup = float(explode_factor), int(warmup)
+        self.check_every = max(1, int(check_every))
         self.restores = 0
         self.explosions = 0
         self.gave_up = False
         self.last_reason = ""
-        self._good: list[np.ndarray] | None = None
+        self._good: list[Any] | None = None
         self._early: list[tuple[float, list[float]]] = []
+        self._since = 0
 
     def on_train_begin(self, logs: Any = None) -> None:
-        self._good = [w.numpy().copy() for w in self.model.weights]
+        # The good weights are kept on the device: keeping them is an assign,
+        # not a copy to the host that waits for the step to finish.
+        self._good = [tf.Variable(w, trainable=False) for w in self.model.weights]
         self._blends = blends(self.model)
+        weights = [w for w in self.model.trainable_weights if keras.backend.is_float_dtype(w.dtype)]
+        self._all_finite = tf.function(
+            lambda: tf.reduce_all([tf.reduce_all(tf.math.is_finite(w)) for w in weights]) if weights else True
+        )
+
+    def _keep(self) -> None:
+        for good, w in zip(self._good, self.model.weights):
+            good.assign(w)
 
     def _peaks(self) -> list[float]:
         return [float(b.peak.numpy()) for b in self._blends]
 
     def _explosion(self, loss: float | None) -> str:
-        peaks = self._peaks()
         if len(self._early) < self.warmup:
-            self._early.append((loss if loss is not None else 0.0, peaks))
+            self._early.append((loss if loss is not None else 0.0, self._peaks()))
             return ""
         ref_loss = max(float(np.median([e[0] for e in self._early])), 1.0)
         if loss is not None and loss > self.explode_factor * ref_loss:
             return f"loss {loss:.3g} is over {self.explode_factor:g}x its early value {ref_loss:.3g}"
+        peaks = self._peaks()
         for b, p, ref in zip(self._blends, peaks, np.median([e[1] for e in self._early], axis=0).reshape(-1)):
             if ref > 0 and p > self.explode_factor * ref:
                 return f"largest |input| at '{b.name}' is {p:.3g}, over {self.explode_factor:g}x its early {ref:.3g}"
         return ""
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        self._since += 1
+        if not (len(self._early) < self.warmup or self._since >= self.check_every):
+            return  # reading the loss would wait for the device too
         loss = (logs or {}).get("loss")
         loss = None if loss is None else float(loss)
         finite = loss is None or np.isfinite(loss)
         if finite:
-            finite = all(bool(np.all(np.isfinite(w.numpy()))) for w in self.model.trainable_weights)
+            finite = bool(self._all_finite())
         reason = "" if finite else "the loss or a weight is NaN/Inf"
         if finite:
             reason = self._explosion(loss)
             if not reason:
-                self._good = [w.numpy().copy() for w in self.model.weights]
+                self._keep()
+                self._since = 0
                 return
             self.explosions += 1
         self.last_reason = reason
         self.restores += 1
-        for w, v in zip(self.model.weights, self._good or []):
-            w.assign(v)
+        self._since = 0
+        for w, good in zip(self.model.weights, self._good or []):
+            w.assign(good)
         # The logged loss is a running mean: one NaN batch would keep it NaN
         # for the rest of the epoch and trip the guard on every later batch.
         self.model.reset_metrics()
