@@ -28,12 +28,12 @@ class GraphDefBackend(Backend):
     not_run_note = "outputs not checked for NaN/Inf: a frozen graph is not run"
 
     def inspect(self, path: Path, options: ConvertOptions) -> Report:
-        from .tf_graphs import inspect_graphdef
+        from .tf_graphdef import inspect_graphdef
 
         return inspect_graphdef(path, options.sources, options.target, options.trust_code)
 
     def convert(self, path: Path, options: ConvertOptions) -> tuple[Any, Report]:
-        from .tf_graphs import convert_graphdef
+        from .tf_graphdef import convert_graphdef
 
         return convert_graphdef(path, options.target, sources=options.sources, trust_code=options.trust_code)
 
@@ -45,7 +45,7 @@ class GraphDefBackend(Backend):
         check: Callable[[Any], None] | None = None, trust_code: bool = True,
     ) -> Path:
         from ..errors import InvariantError
-        from .tf_graphs import save_graphdef
+        from .tf_graphdef import save_graphdef
 
         def check_pb(tmp: Path) -> None:
             if verify and tmp.read_bytes() != converted.SerializeToString():
@@ -62,7 +62,7 @@ class GraphDefBackend(Backend):
 
     def written_check(self, report: Report, sources: frozenset[str], trust_code: bool) -> Callable[[Any], None]:
         def count(tmp: Path) -> Counter[str]:
-            from .tf_graphs import inspect_graphdef
+            from .tf_graphdef import inspect_graphdef
 
             written = inspect_graphdef(tmp, sources, trust_code=trust_code)
             return Counter(s.activation for s in written.sites)

@@ -1,7 +1,7 @@
-"""TF SavedModels and frozen GraphDefs: find and replace activation ops.
+"""TF SavedModels: find and replace activation ops in every function and signature.
 
-The TensorFlow side of the :mod:`.savedmodel` and :mod:`.graphdef` backends
-(which import it only when used: it imports TensorFlow).
+The TensorFlow side of the :mod:`.savedmodel` backend (which imports it only
+when used: it imports TensorFlow); frozen GraphDefs are :mod:`.tf_graphdef`.
 
 Policy over :mod:`actswap.graph` (the mechanism): which op is a site, which
 sites are replaced, and how the result is written.
@@ -29,8 +29,8 @@ from .. import graph, registry
 from ..containers import Format
 from ..errors import InvariantError, LoadError, UserError, first_line
 from ..paths import (
-    check_output_dir, check_output_pb, disk_full, ensure_space, is_disk_full, remove_stale_temps,
-    temp_prefix, write_atomically,
+    check_output_dir, disk_full, ensure_space, is_disk_full, remove_stale_temps,
+    temp_prefix,
 )
 from ..policy import decide
 from ..report import REPLACED, SKIPPED, Report, Site, warnings_as_notes
@@ -276,7 +276,7 @@ def convert_savedmodel(
     REWRITTEN[loaded] = done
     if done.functions:
         notes.insert(0, f"carried over with the same replacements: {', '.join(done.functions)}")
-    notes += _precision_notes(hook.low_precision, target.name)
+    notes += precision_notes(hook.low_precision, target.name)
     return loaded, Report(
         sites=hook.sites, target=target.name, grad=grad if isinstance(grad, str) else "custom",
         notes=notes, source=str(path),
@@ -341,88 +341,7 @@ def save_savedmodel(
     return dest
 
 
-# --- frozen GraphDefs -------------------------------------------------------
-
-
-def read_graphdef(path: Path, trust_code: bool = False) -> Any:
-    """Scan (:func:`actswap.safety.check_container`), then parse a frozen GraphDef."""
-    check_container(path, Format.GRAPHDEF, trust_code)
-    graph_def = tf.compat.v1.GraphDef()
-    try:
-        graph_def.ParseFromString(path.read_bytes())
-    except Exception as e:  # noqa: BLE001 - a protobuf decode error is the file's
-        raise LoadError(f"'{path}' is not a valid frozen GraphDef ({first_line(e)})") from None
-    if not graph_def.node:
-        raise LoadError(f"'{path}' is a GraphDef with no nodes")
-    return graph_def
-
-
-def _graphdef_nodes(graph_def: Any) -> Iterable[tuple[str, Any]]:
-    for node in graph_def.node:
-        yield node.name, node
-    for fn in graph_def.library.function:
-        for node in fn.node_def:
-            yield f"{fn.signature.name}/{node.name}", node
-
-
-def inspect_graphdef(
-    path: Path, sources: Iterable[str] = ("relu",), to: Any = "square", trust_code: bool = False
-) -> Report:
-    target = registry.get_target(to)
-    sites = []
-    for where, node in _graphdef_nodes(read_graphdef(path, trust_code)):
-        act = registry.TF_OP_ACTIVATIONS.get(node.op)
-        if act is not None:
-            site = Site(where, node.op, "graph node", act)
-            site.replaceable = decide(site, target, frozenset(sources)) is None
-            sites.append(site)
-    return Report(sites=sites, source=str(path), notes=["frozen graph: not trainable (no variables)"])
-
-
-def convert_graphdef(
-    path: Path, to: Any = "square", *, sources: Iterable[str] = ("relu",), trust_code: bool = False
-) -> tuple[Any, Report]:
-    """A copy of the frozen GraphDef with each selected activation node's op swapped.
-
-    Node names, inputs and attributes are kept, so every tensor name a user feeds
-    or fetches still exists. A frozen graph has no variables: the result is for
-    inference (and export), not training, and the report says so.
-    """
-    target = registry.get_target(to)
-    if target.graph_op is None:
-        raise UserError(
-            f"--to {target.name} needs several ops per site; a frozen graph converts only to "
-            "single-op targets (square)"
-        )
-    chosen = frozenset(sources)
-    graph_def = read_graphdef(path, trust_code)
-    new = tf.compat.v1.GraphDef()
-    new.CopyFrom(graph_def)
-    sites, low = [], set()
-    for where, node in _graphdef_nodes(new):
-        act = registry.TF_OP_ACTIVATIONS.get(node.op)
-        if act is None:
-            continue
-        site = Site(where, node.op, "graph node", act)
-        reason = decide(site, target, chosen)
-        site.replaceable = reason is None
-        site.action = REPLACED if reason is None else SKIPPED
-        site.reason = reason or f"{act} -> {target.name}"
-        if reason is None:
-            node.op = target.graph_op  # same T attribute, same single output
-            low.add(_dtype_detail(node))
-        sites.append(site)
-    notes = ["frozen graph: not trainable (no variables); the gradient mode does not apply"]
-    notes += _precision_notes(low, target.name)
-    return new, Report(sites=sites, target=target.name, grad="n/a", source=str(path), notes=notes)
-
-
-def _dtype_detail(node: Any) -> str:
-    t = node.attr["T"].type if "T" in node.attr else None
-    return {tf.float16.as_datatype_enum: "float16", tf.bfloat16.as_datatype_enum: "bfloat16"}.get(t, "")
-
-
-def _precision_notes(details: Iterable[str], target: str) -> list[str]:
+def precision_notes(details: Iterable[str], target: str) -> list[str]:
     low = sorted({d for d in details if d in ("float16", "bfloat16")})
     if not low:
         return []
@@ -432,15 +351,4 @@ def _precision_notes(details: Iterable[str], target: str) -> list[str]:
     ]
 
 
-def save_graphdef(
-    graph_def: Any, path: str | os.PathLike[str], *, overwrite: bool = False,
-    check: Callable[[Path], None] | None = None,
-) -> Path:
-    dest = check_output_pb(path, overwrite=overwrite)
-    return write_atomically(dest, graph_def.SerializeToString(), check)
-
-
-__all__ = [
-    "convert_graphdef", "convert_savedmodel", "inspect_graphdef", "inspect_savedmodel",
-    "save_graphdef", "save_savedmodel",
-]
+__all__ = ["convert_savedmodel", "inspect_savedmodel", "load_signatures", "save_savedmodel", "signatures_of"]
