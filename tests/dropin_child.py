@@ -11,7 +11,6 @@ outputs, gradients and variables after the step to OUT_NPZ and prints a JSON
 summary (public attributes, which variables the step changed).
 """
 
-import importlib.abc
 import json
 import os
 import sys
@@ -19,14 +18,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-class _NoActswap(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "actswap":
-            raise ImportError("actswap is deliberately unavailable in this process")
-        return None
-
-
-sys.meta_path.insert(0, _NoActswap())
+import no_actswap  # noqa: E402,F401  (actswap cannot be imported from here on)
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402

@@ -198,13 +198,10 @@ def test_keras_savedmodels_keep_their_endpoints(tmp_path, writer):
             assert_close(got[key], expected, rtol=RTOL)
 
 
-ASSET_CHILD = """
-import importlib.abc, json, sys
-class _NoActswap(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "actswap":
-            raise ImportError("actswap is deliberately unavailable in this process")
-sys.meta_path.insert(0, _NoActswap())
+ASSET_CHILD = f"""
+import json, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import no_actswap  # actswap cannot be imported from here on
 import numpy as np, tensorflow as tf
 loaded = tf.saved_model.load(sys.argv[1])
 words = tf.constant(json.loads(sys.argv[2]))
