@@ -159,6 +159,40 @@ def test_recover_runs_under_mirrored_strategy(fixtures_dir):
     assert out.stdout.strip().splitlines()[-1] == "2 {'softmax': 1, 'square': 3} True"
 
 
+def test_distiller_step_averages_over_replicas():
+    """One SGD step of the Distiller on a batch split over two replicas moves the
+    weights as the same step on one device does (the replicas' gradients are
+    summed by the optimizer, so each must be its share of the mean; summing
+    whole means moved them twice as far). Reference: the step without a strategy."""
+    code = textwrap.dedent("""
+        import os; os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        import contextlib, keras, numpy as np
+        from actswap.recover.training import Distiller
+        x = np.random.default_rng(0).normal(size=(32, 6)).astype("float32")
+        y = np.random.default_rng(1).integers(0, 3, 32)
+        def step(strategy):
+            with strategy.scope() if strategy else contextlib.nullcontext():
+                keras.utils.set_random_seed(0)
+                teacher = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)])
+                student = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)])
+                d = Distiller(student, teacher)
+                d.compile(optimizer=keras.optimizers.SGD(0.5))
+            before = student.get_weights()[0].copy()
+            d.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
+            return student.get_weights()[0] - before
+        one = step(None)
+        two = step(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+        print(float(np.abs(one).max()), float(np.abs(two - one).max()))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    moved, diff = map(float, out.stdout.split()[-2:])
+    assert moved > 1e-3 and diff <= 1e-5 * moved * 10, (moved, diff)  # float32 sums in another order
+
+
 def test_cli_recover_json_and_output(pair, tmp_path, fixtures_dir):
     import json
 

@@ -213,9 +213,62 @@ def test_mirrored_over_two_logical_cpus_from_the_cli(setup, tmp_path):
     assert out.is_file()
 
 
-def test_multiworker_is_refused_with_the_reason(setup, tmp_path):
-    """Keras 3's fit fails under MultiWorkerMirroredStrategy (keras-team/keras#20585);
-    the option says so instead of failing deep in training."""
-    r = _recover(str(setup / "model.keras"), "--data", str(setup / "images"), "--distribute", "multiworker",
-                 "-o", str(tmp_path / "r.keras"))
-    assert_user_error(r, "keras-team/keras#20585")
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for sock in socks:
+        sock.bind(("localhost", 0))
+    ports = [sock.getsockname()[1] for sock in socks]
+    for sock in socks:
+        sock.close()
+    return ports
+
+
+def test_multiworker_two_local_workers_finish_with_the_same_weights(setup, tmp_path):
+    """--distribute multiworker: two worker processes (TF_CONFIG), one CPU replica
+    each, train the same model over one global batch of 16 split between them:
+    both exit 0 with bit-identical weights that differ from the original's, and
+    only the chief (worker 0) writes checkpoints and TensorBoard scalars."""
+    import subprocess
+
+    from conftest import cli_command, cli_env
+
+    hosts = [f"localhost:{p}" for p in _free_ports(2)]
+    procs = []
+    for i in range(2):
+        env = {**cli_env(), "TF_CONFIG": json.dumps({"cluster": {"worker": hosts}, "task": {"type": "worker", "index": i}})}
+        args = ["recover", setup / "model.keras", "--data", setup / "images", "--scale", "1/255", "--to", "square",
+                "--epochs", "2", "--batch-size", "16", "--max-drop", "100", "--distribute", "multiworker",
+                "--checkpoint-dir", tmp_path / "ck", "--logdir", tmp_path / f"logs{i}", "-o", tmp_path / f"r{i}.keras",
+                "--json"]
+        procs.append(subprocess.Popen(cli_command(*args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    reports = [json.loads(out) for out, _ in outs]
+    assert [r["replicas"] for r in reports] == [2, 2]
+    assert [e["epoch"] for e in reports[0]["epochs"]] == [1, 2]
+    assert reports[0]["epochs"] == [{**e, **{k: reports[0]["epochs"][i][k] for k in e if "per_second" in k}}
+                                    for i, e in enumerate(reports[1]["epochs"])]  # same losses, accuracies, blends
+    a, b = (keras.models.load_model(tmp_path / f"r{i}.keras") for i in range(2))
+    original = keras.models.load_model(setup / "model.keras")
+    for wa, wb in zip(a.get_weights(), b.get_weights()):
+        assert np.array_equal(wa, wb)
+    assert any(not np.array_equal(wa, wo) for wa, wo in zip(a.get_weights(), original.get_weights()))
+    assert json.loads((tmp_path / "ck" / "latest.json").read_text()) == {"checkpoint": "epoch-0002"}
+    assert list((tmp_path / "logs0").iterdir()) and not (tmp_path / "logs1").exists()
+
+
+def test_multiworker_needs_a_cluster_in_tf_config(setup, tmp_path, monkeypatch):
+    for value, fragment in ((None, "TF_CONFIG, which is not set"), ("{not json", "TF_CONFIG is not a cluster"),
+                            ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}}',
+                             "task worker 3 is not in its cluster")):
+        if value is None:
+            monkeypatch.delenv("TF_CONFIG", raising=False)
+        else:
+            monkeypatch.setenv("TF_CONFIG", value)
+        r = _recover(str(setup / "model.keras"), "--data", str(setup / "images"), "--distribute", "multiworker",
+                     "-o", str(tmp_path / "r.keras"))
+        assert_user_error(r, fragment)

@@ -62,9 +62,10 @@ def recover(
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --checkpoint-dir."),
     distribute: Optional[str] = typer.Option(
         None, "--distribute",
-        help="mirrored: tf.distribute.MirroredStrategy over the local devices (--batch-size stays the "
-        "global batch, split across replicas). multiworker is refused: Keras 3's fit fails under "
-        "MultiWorkerMirroredStrategy (keras-team/keras#20585).",
+        help="mirrored: tf.distribute.MirroredStrategy over the local devices. multiworker: "
+        "MultiWorkerMirroredStrategy, the cluster read from TF_CONFIG; run the same command on every worker "
+        "(only the chief writes --checkpoint-dir and --logdir; each writes its -o). --batch-size stays the "
+        "global batch, split across all replicas.",
     ),
     cpu_devices: Optional[int] = typer.Option(
         None, "--cpu-devices", help="Split the CPU into N logical devices (for --distribute mirrored without GPUs)."
@@ -102,7 +103,7 @@ def recover(
         from ..recover.data import DataOptions, check_spec, parse_image_size, parse_scale
 
         if distribute not in (None, "mirrored", "multiworker"):
-            raise UserError(f"--distribute takes mirrored, got '{distribute}'")
+            raise UserError(f"--distribute takes mirrored or multiworker, got '{distribute}'")
         if cpu_devices is not None and cpu_devices < 1:
             raise UserError(f"--cpu-devices must be >= 1, got {cpu_devices}")
         if logdir is not None:

@@ -51,6 +51,8 @@ def read_latest(directory: Path) -> dict[str, Any] | None:
 class EpochCheckpoint(keras.callbacks.Callback):
     """Write a checkpoint of ``student``, ``optimizer`` and the guard at each epoch end."""
 
+    writes_files = True  # a multi-worker run writes on its chief alone (:mod:`.loop`)
+
     def __init__(self, directory: Path, student: Any, optimizer: Any, guard: Any, squares: Any) -> None:
         super().__init__()
         self.directory, self.student, self.optimizer = Path(directory), student, optimizer

@@ -20,9 +20,15 @@ from .blend import blends
 
 
 class SiteScalars(keras.callbacks.Callback):
+    writes_files = True  # a multi-worker run writes on its chief alone (:mod:`.loop`)
+
     def __init__(self, logdir: str) -> None:
         super().__init__()
-        self.writer = tf.summary.create_file_writer(str(logdir))
+        self.logdir, self.writer = str(logdir), None
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        # Opened here, not when made: a worker that drops this callback writes nothing.
+        self.writer = tf.summary.create_file_writer(self.logdir)
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         with self.writer.as_default(step=epoch + 1):

@@ -91,8 +91,10 @@ def recover(
     state = read_latest(checkpoint_dir) if resume and checkpoint_dir is not None else None
     if resume and state is None:
         raise ConversionError(f"--resume: no checkpoint in '{checkpoint_dir}' to resume from")
-    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
-    with scope:
+    def scope() -> Any:
+        return strategy.scope() if strategy is not None else contextlib.nullcontext()
+
+    with scope():
         polynomials = polynomials_of(converted)
         if state is not None:  # the constants the checkpointed weights were trained with
             squares = None if state["squares"] is None else {k: tuple(v) for k, v in state["squares"].items()}
@@ -109,13 +111,19 @@ def recover(
             model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     schedule = BlendSchedule(ramp_epochs, progressive)
     guard = NaNGuard(max_restores=max_restores)
-    done = restore(state, student, optimizer, guard) if state is not None else 0
+    with scope():  # the optimizer's variables are the strategy's too
+        done = restore(state, student, optimizer, guard) if state is not None else 0
     extra = [EpochCheckpoint(checkpoint_dir, student, optimizer, guard, squares)] if checkpoint_dir is not None else []
     fit_kwargs: dict[str, Any] = {
         "epochs": epochs, "initial_epoch": min(done, epochs), "verbose": verbose,
         "callbacks": [schedule, guard, *callbacks, *extra],
     }
-    if isinstance(train, tf.data.Dataset):  # shuffled by its pipeline, as Keras expects of a Dataset
+    from . import loop
+
+    if loop.needs_own_loop(strategy):
+        history = loop.fit(model, train, val, strategy=strategy, epochs=epochs, initial_epoch=fit_kwargs["initial_epoch"],
+                           batch_size=batch_size, callbacks=fit_kwargs["callbacks"])
+    elif isinstance(train, tf.data.Dataset):  # shuffled by its pipeline, as Keras expects of a Dataset
         history = model.fit(train, validation_data=val, shuffle=False, **fit_kwargs)
     else:
         history = model.fit(train[0], train[1], batch_size=batch_size, validation_data=val, **fit_kwargs)

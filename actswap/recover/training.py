@@ -149,15 +149,32 @@ class NaNGuard(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-def distillation_loss(y_true: Any, student_logits: Any, teacher_logits: Any,
-                      temperature: float = 4.0, alpha: float = 0.5) -> Any:
-    """``alpha * T² * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(y, softmax(s))``,
-    averaged over the batch (sparse integer labels)."""
+def distillation_losses(y_true: Any, student_logits: Any, teacher_logits: Any,
+                        temperature: float = 4.0, alpha: float = 0.5) -> Any:
+    """Per example: ``alpha * T² * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(y, softmax(s))``
+    (sparse integer labels)."""
     t = tf.nn.softmax(teacher_logits / temperature)
     log_s = tf.nn.log_softmax(student_logits / temperature)
     kl = tf.reduce_sum(t * (tf.math.log(tf.clip_by_value(t, 1e-12, 1.0)) - log_s), axis=-1)
     ce = tf.keras.losses.sparse_categorical_crossentropy(y_true, student_logits, from_logits=True)
-    return tf.reduce_mean(alpha * temperature**2 * kl + (1.0 - alpha) * ce)
+    return alpha * temperature**2 * kl + (1.0 - alpha) * ce
+
+
+def distillation_loss(y_true: Any, student_logits: Any, teacher_logits: Any,
+                      temperature: float = 4.0, alpha: float = 0.5) -> Any:
+    """:func:`distillation_losses` averaged over the batch."""
+    return tf.reduce_mean(distillation_losses(y_true, student_logits, teacher_logits, temperature, alpha))
+
+
+def per_example_loss(model: Any, x: Any, y: Any) -> Any:
+    """The training loss of each example of (x, y), in training mode: ``model`` is a
+    :class:`Distiller` (distillation) or a student (cross-entropy on its outputs)."""
+    if isinstance(model, Distiller):
+        teacher = model._logits(model.teacher(x, training=False), model.teacher_probs)
+        student = model._logits(model.student(x, training=True), model.student_probs)
+        return distillation_losses(y, student, teacher, model.temperature, model.alpha)
+    return tf.keras.losses.sparse_categorical_crossentropy(y, model(x, training=True),
+                                                           from_logits=not _probabilities(model))
 
 
 def _probabilities(model: Any) -> bool:
@@ -194,14 +211,16 @@ class Distiller(keras.Model):
 
     def train_step(self, data: Any) -> dict[str, Any]:
         x, y = data[0], data[1]
-        teacher = self._logits(self.teacher(x, training=False), self.teacher_probs)
+        # The optimizer sums the replicas' gradients (an all-reduce): each
+        # replica contributes its share of the mean, as Keras' own losses do.
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
         with tf.GradientTape() as tape:
-            student = self._logits(self.student(x, training=True), self.student_probs)
-            loss = distillation_loss(y, student, teacher, self.temperature, self.alpha)
+            loss = tf.reduce_mean(per_example_loss(self, x, y))
             if self.student.losses:  # e.g. Blend range penalties
                 loss = loss + tf.add_n(self.student.losses)
+            share = loss / replicas
         variables = self.student.trainable_variables
-        grads = tape.gradient(loss, variables)
+        grads = tape.gradient(share, variables)
         self.optimizer.apply(grads, variables)
         self.loss_tracker.update_state(loss)
         return {"loss": self.loss_tracker.result()}
