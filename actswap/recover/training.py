@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from .blend import Blend, blends
+from .blend import blends
 
 
 class BlendSchedule(keras.callbacks.Callback):
