@@ -118,6 +118,28 @@ def test_tfrecords(setup, tmp_path):
     assert len([t for t in tags if t.startswith("blend/")]) == 2  # two ReLU sites
 
 
+def test_blend_ramps_over_the_epoch_whatever_the_pipeline_says_of_its_length(setup):
+    """The blend schedule is in epochs: it needs the steps per epoch. TFRecords
+    are counted when opened; a pipeline of unknown length is counted by
+    recover. With --ramp 1 over one epoch of 5 batches the factor after batch i
+    is (i + 1) / 5 (it jumped to 1 after the first batch when Keras reported
+    no length)."""
+    import actswap
+    from actswap import recover as R
+    from actswap.recover.data import DataOptions, open_data
+
+    model = actswap.load(setup / "model.keras")
+    opts = DataOptions(batch_size=16, scale=1 / 255)
+    records = open_data(str(setup / "train-*.tfrecord"), "training data", opts, model, split="train")
+    assert int(records.cardinality()) == -(-(2 * N_PER_CLASS - 2 * N_PER_CLASS // 10) // 16)  # 72 records
+    x, y = _images(N_PER_CLASS, 1)
+    unknown = tf.data.Dataset.from_tensor_slices((x / 255.0, y)).filter(lambda a, b: True).batch(16)
+    assert int(unknown.cardinality()) == tf.data.UNKNOWN_CARDINALITY
+    converted, _ = actswap.convert(model)
+    _, history = R.recover(model, converted, unknown, val=(x / 255.0, y), epochs=1, ramp_epochs=1, max_drop=None)
+    assert history.blend_factors == pytest.approx([(i + 1) / 5 for i in range(5)])
+
+
 def test_module_function(setup, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(setup))
     out = tmp_path / "r.keras"

@@ -218,6 +218,10 @@ def _tfrecords(
     if split is not None:  # every HOLD_OUT-th record, before any shuffling: a fixed split
         keep = (lambda i, r: i % HOLD_OUT == HOLD_OUT - 1) if split == "check" else (lambda i, r: i % HOLD_OUT != HOLD_OUT - 1)
         ds = ds.enumerate().filter(keep).map(lambda i, r: r)
+    # TFRecords do not say how many records they hold; the blend schedule (in
+    # epochs) needs the steps per epoch, so the records are counted once, undecoded.
+    n = int(ds.reduce(tf.constant(0, tf.int64), lambda count, _: count + 1))
+    ds = ds.apply(tf.data.experimental.assert_cardinality(n))
     if shuffle:
         ds = ds.shuffle(options.shuffle_buffer, seed=options.seed, reshuffle_each_iteration=True)
     return ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).batch(options.batch_size)

@@ -129,13 +129,14 @@ def fit(model: Any, train: Any, val: Any, *, strategy: Any, epochs: int, initial
     dist = strategy.experimental_distribute_dataset(ds)
     for epoch in range(initial_epoch, epochs):
         cbs.on_epoch_begin(epoch)
-        total, count = 0.0, 0
+        total, count, count_all = 0.0, 0, 0
         for i, batch in enumerate(dist):
             cbs.on_train_batch_begin(i)
             loss = float(step(batch))
             # Each batch's own loss, not fit's running mean: a NaN batch the guard
             # undoes must not stay in the mean (fit's is reset by the guard).
             cbs.on_train_batch_end(i, {"loss": loss})
+            count_all += 1
             total, count = (total + loss, count + 1) if np.isfinite(loss) else (0.0, 0)
             if model.stop_training:
                 break
@@ -144,6 +145,9 @@ def fit(model: Any, train: Any, val: Any, *, strategy: Any, epochs: int, initial
         if acc is not None:
             logs["val_accuracy"] = acc
         cbs.on_epoch_end(epoch, logs)
+        if steps is None and not model.stop_training:  # a pipeline of unknown length: now it is known
+            steps = count_all
+            cbs.set_params({**cbs.params, "steps": steps})
         if model.stop_training:
             break
     cbs.on_train_end()

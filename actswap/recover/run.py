@@ -79,6 +79,8 @@ def recover(
 
     from ..errors import ConversionError
 
+    if isinstance(train, tf.data.Dataset):
+        train = _with_length(train)
     check = val
     if val is None and not isinstance(train, tf.data.Dataset):
         x, y = np.asarray(train[0]), np.asarray(train[1])
@@ -143,6 +145,17 @@ def recover(
     recovered = finalize(student)
     history.check = check_recovery(original, recovered, check, max_drop=max_drop, batch_size=batch_size)
     return recovered, history
+
+
+def _with_length(ds: Any) -> Any:
+    """``ds``, its number of batches known: the blend schedule is in epochs and
+    needs the steps of one (Keras reports none for a pipeline of unknown length,
+    and the ramp would then end after the first batch). An unknown length is
+    counted once by reading the pipeline through."""
+    if int(ds.cardinality()) != tf.data.UNKNOWN_CARDINALITY:
+        return ds
+    n = int(ds.reduce(tf.constant(0, tf.int64), lambda count, _: count + 1))
+    return ds.apply(tf.data.experimental.assert_cardinality(n))
 
 
 CALIBRATION_SAMPLES = 2048
