@@ -73,8 +73,12 @@ class _PlainBackend:
         return -a
 
 
-class _TenSEALBackend:
-    """TenSEAL CKKSVector operations; vector constants are encrypted once and cached."""
+class _TenSEALMMBackend:
+    """TenSEAL CKKSVector operations (``CKKSVector.mm``: one rotation per input element);
+    vector constants are encrypted once and cached. The packing before issue 18, kept
+    as the reference for the latency backend (:data:`_TenSEALBackend`)."""
+
+    packing = "tenseal-mm: one sample per CKKSVector, replicated; CKKSVector.mm (one rotation per input)"
 
     def __init__(self, context: Any, drift: list[float]) -> None:
         import tenseal as ts
@@ -191,7 +195,8 @@ def _polynomial(p: Poly, backend: Any, x: _Ct, index: int) -> _Ct:
     return result
 
 
-# --- parameters ------------------------------------------------------------------
+# The encrypted backend of run(): latency mode (see .latency, its PACKING).
+from .latency import LatencyBackend as _TenSEALBackend  # noqa: E402
 
 
 def _evaluate_from(program: Program, backend: Any, enc: Any) -> _Ct:
