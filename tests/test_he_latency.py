@@ -153,3 +153,21 @@ def test_run_reports_with_the_latency_backend():
     assert report.agreement == 1.0
     assert report.max_rel_logit_error <= HE_TOL
     assert report.latency["evaluate"]["mean"] < 5.0
+
+
+def test_prepare_plans_once_and_vectors_serialize():
+    keras.utils.set_random_seed(0)
+    program = he_program.compile_model(MODELS["conv"]())
+    x = np.random.default_rng(5).uniform(0, 1, (2, program.input_size))
+    depth, magnitude = he_params.depth_and_magnitudes(program, x)
+    params = he_params.choose_parameters(depth, he_params.slots_needed(program), magnitude)
+    backend = he_evaluate._TenSEALBackend(he_params.make_context(params)).prepare(program)
+    plans = backend.describe()
+    assert len(plans) == 3 and all("diagonals" in p for p in plans), plans
+    enc = backend.encrypt(x[0])
+    out = he_evaluate._evaluate_from(program, backend, enc)
+    assert backend.describe() == plans  # the sample reused the prepared plans
+    got = np.asarray(out.data.decrypt()) / out.factor
+    reference = program.plain(x[:1])[0]
+    assert np.abs(got - reference).max() <= HE_TOL * max(1.0, np.abs(reference).max())
+    assert len(enc.serialize()) > 100_000 and len(out.data.serialize()) < len(enc.serialize())

@@ -1,5 +1,12 @@
 """Evaluate a :class:`~actswap.he.program.Program` on a backend: plaintext float64
-(the reference and the depth/magnitude probe) or TenSEAL ciphertexts.
+(the reference and the depth/magnitude probe) or CKKS ciphertexts.
+
+The encrypted backend of :func:`~.encrypted.run` is :data:`_TenSEALBackend`, the
+latency mode of :mod:`.latency` (one sample per ciphertext, products by sparse
+diagonals with baby-step giant-step rotations; its ``packing`` string names it).
+:class:`_TenSEALMMBackend` is the packing before it (``CKKSVector.mm``, one
+rotation per input element), kept as a reference: same protocol, ~60x slower on
+the CryptoNets fixture.
 """
 
 from __future__ import annotations

@@ -23,15 +23,24 @@ other backends of :mod:`.evaluate`:
 * **folding** (for layers with few outputs, e.g. 980 -> 100): output ``j``
   is accumulated in ``F`` partial sums ``M`` slots apart (``r`` is taken mod
   ``M``, a power of two >= the output count), so only ``M`` diagonals exist;
-  ``log2 F`` rotations by powers of two sum the partials after the rescale.
+  ``log2 F`` rotations by powers of two sum the partials (before the rescale).
   The planner picks ``M`` per product from an estimated cost.
+* rotation noise: ``mm`` multiplies then rotates (at scale 2^2s, where key
+  switching noise is negligible); baby steps rotate the input, so they do it
+  before the input's last rescale when it comes straight from a product (the
+  fixture's squares), else after lifting it by an exact 2^:data:`BOOST_BITS`.
+  The logits keep ``mm``'s precision (relative error ~3e-5 on the fixture).
 * one rescale per product (not per diagonal); after every rescale the scale
   is set back to the context's global scale exactly as TenSEAL does, so the
   evaluator's per-level drift compensation (:mod:`actswap.he`) holds as is;
   the drift factors are the exact ``2^s / q`` of the context's primes.
 
-Everything runs in the calling thread (``tenseal.sealapi`` holds the GIL, and
-TenSEAL's ``n_threads`` does not help ``mm``: measured in the issue 18 note).
+Everything runs in the calling thread: ``tenseal.sealapi`` holds the GIL (two
+Python threads rotating: 0.26 s for what one does in 0.18 s), and a TenSEAL
+context's ``n_threads`` did not speed ``mm`` up on the 2 shared cores (100x10:
+2.1 s with 1 thread, 3.6 s with 2). Figures from the fixture: 85 key switches
+and 486 plain products per digit, ~1.0-1.3 s, against ~1,864 rotations and
+55-85 s with ``mm``.
 """
 
 from __future__ import annotations
@@ -53,6 +62,12 @@ PACKING = ("latency: one sample per ciphertext, matrix products by sparse genera
 _COST_KEY_SWITCH = 9.0
 _COST_PRODUCT = 0.7
 
+# A rotation (key switch) adds noise of ~6e-4 at scale 2^28 (N=8192, a 37-bit special
+# prime): 20x the fresh encryption's. Products therefore rotate their input where its
+# scale is high: before its last rescale when the input comes straight from a product
+# (``_Vec.pre``), else lifted by an exact 2^BOOST_BITS with masks encoded that much
+# lower. Measured relative logit errors on a small conv net (scale 2^28), boost 0, 4,
+# 6, 8: 3e-4, 3.5e-5, 1.5e-4, 4.6e-4 (mask rounding takes over above 4); mm: 2e-5..8e-5.
 BOOST_BITS = 4
 
 
@@ -214,10 +229,9 @@ class LatencyBackend:
     packing = PACKING
 
     def __init__(self, context: Any, drift: list[float] | None = None) -> None:
-        import tenseal as ts
         from tenseal import sealapi as sa
 
-        self.ts, self.sa, self.context = ts, sa, context
+        self.sa, self.context = sa, context
         seal = context.seal_context().data
         self.seal = seal
         self.evaluator = sa.Evaluator(seal)
@@ -240,6 +254,19 @@ class LatencyBackend:
 
     def note(self, level: int, value: Any) -> None:
         pass
+
+    def prepare(self, program: Any) -> LatencyBackend:
+        """Plan every product of ``program`` and encode its masks (one-off work that
+        would otherwise fall on the first sample: ~3 s on the CryptoNets fixture) by
+        evaluating it once on an encrypted zero sample. Returns the backend."""
+        from .evaluate import _evaluate
+
+        _evaluate(program, self, np.zeros(program.input_size))
+        return self
+
+    def describe(self) -> list[str]:
+        """The packing of each product planned so far, in evaluation order."""
+        return [p.describe() for p in self.plans.values()]
 
     # -- encoding helpers -------------------------------------------------------------
 
