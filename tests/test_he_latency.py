@@ -171,3 +171,35 @@ def test_prepare_plans_once_and_vectors_serialize():
     reference = program.plain(x[:1])[0]
     assert np.abs(got - reference).max() <= HE_TOL * max(1.0, np.abs(reference).max())
     assert len(enc.serialize()) > 100_000 and len(out.data.serialize()) < len(enc.serialize())
+
+
+def test_latency_slots_fit_where_mm_would_not():
+    """A chain whose mm rule needs more slots than the ring has (100 + 450 - 1 > 512)
+    runs in latency mode with 512 slots: only the largest vector must fit."""
+    rng = np.random.default_rng(1)
+    m1, m2 = rng.normal(0, 0.1, (100, 450)), rng.normal(0, 0.1, (450, 10))
+    program = he_program.Program(
+        [he_program.Affine(m1, np.zeros(450), ["a"], (100,), (450,)),
+         he_program.Affine(m2, np.zeros(10), ["b"], (450,), (10,))], (100,), 10, False)
+    assert he_latency.slots_needed(program) == 450 < 512 < he_params.slots_needed(program)
+    x = rng.uniform(0, 1, 100)
+    plan1 = he_latency.plan_product(m1, np.arange(100), 512)
+    x_slots = np.zeros(512)
+    x_slots[:100] = x
+    h = simulate(plan1, x_slots)
+    plan2 = he_latency.plan_product(m2, plan1.out_pos, 512)
+    np.testing.assert_allclose(simulate(plan2, h)[plan2.out_pos], x @ m1 @ m2, atol=1e-9)
+
+
+def test_weights_below_the_mask_resolution_give_the_bias():
+    """Every weight rounds to zero at the mask scale: no product is left (SEAL refuses
+    a transparent ciphertext); the result is an encryption of zero plus the bias."""
+    bias = np.array([0.5, -1.0, 2.0])
+    program = he_program.Program(
+        [he_program.Affine(np.full((4, 3), 1e-12), bias, ["tiny"], (4,), (3,)),
+         he_program.Poly(np.array([0.0, 0.0, 1.0]), "square", 3)], (4,), 3, False)
+    params = he_params.choose_parameters(2, 8, {1: 2.0, 2: 4.0})
+    backend = he_evaluate._TenSEALBackend(he_params.make_context(params))
+    out = he_evaluate._evaluate_from(program, backend, backend.encrypt(np.ones(4)))
+    assert backend.stats["products"] == 0
+    np.testing.assert_allclose(np.asarray(out.data.decrypt()) / out.factor, bias**2, atol=1e-3)

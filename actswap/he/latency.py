@@ -156,6 +156,8 @@ def plan_product(m: np.ndarray, in_pos: np.ndarray, slots: int) -> _Plan:
     """The cheapest packing of ``x @ m`` for ``x`` at slots ``in_pos``: outputs contiguous
     from slot 0 (before folding), fold period chosen by estimated cost."""
     n_in, n_out = m.shape
+    if n_out > slots or in_pos.size != n_in or (n_in and (in_pos.min() < 0 or in_pos.max() >= slots)):
+        raise ValueError(f"latency packing: a {n_in} x {n_out} product does not fit {slots} slots")
     rows, cols = np.nonzero(m)
     if rows.size == 0:  # an all-zero matrix: one zero mask
         rows, cols = np.zeros(1, int), np.zeros(1, int)
@@ -192,6 +194,17 @@ def plan_product(m: np.ndarray, in_pos: np.ndarray, slots: int) -> _Plan:
         masks[(g, b)] = np.roll(mask, g)  # pre-rotated by -g: rot(mask, -g)[s] = mask[s - g]
     out_pos = (np.arange(n_out) + fmin * period) % slots
     return _Plan(bsgs, masks, period, fold, out_pos, cost)
+
+
+def slots_needed(program: Any) -> int:
+    """Slots the latency packing needs: the largest vector of the program (every
+    product can fall back to contiguous outputs with full-ring diagonals), where
+    ``CKKSVector.mm`` needs ``sum(n_i - 1) + m`` over its chain
+    (:func:`~.params.slots_needed`, an upper bound of this)."""
+    from .program import Affine
+
+    sizes = [program.input_size] + [s.matrix.shape[1] for s in program.stages if isinstance(s, Affine)]
+    return max(sizes)
 
 
 class _Vec:
