@@ -203,3 +203,19 @@ def test_weights_below_the_mask_resolution_give_the_bias():
     out = he_evaluate._evaluate_from(program, backend, backend.encrypt(np.ones(4)))
     assert backend.stats["products"] == 0
     np.testing.assert_allclose(np.asarray(out.data.decrypt()) / out.factor, bias**2, atol=1e-3)
+
+
+def test_mm_reference_backend_still_agrees():
+    """The packing before issue 18 (CKKSVector.mm) stays available as the reference."""
+    keras.utils.set_random_seed(0)
+    program = he_program.compile_model(MODELS["dense_poly"]())
+    x = np.random.default_rng(8).uniform(0, 1, (1, program.input_size))
+    depth, magnitude = he_params.depth_and_magnitudes(program, x)
+    params = he_params.choose_parameters(depth, he_params.slots_needed(program), magnitude)
+    ctx = he_params.make_context(params)
+    backend = he_evaluate._TenSEALMMBackend(ctx, he_params._measure_drift(ctx, params.depth))
+    assert backend.packing.startswith("tenseal-mm")
+    out = he_evaluate._evaluate_from(program, backend, backend.encrypt(x[0]))
+    reference = program.plain(x)[0]
+    got = np.asarray(out.data.decrypt()) / out.factor
+    assert np.abs(got - reference).max() <= HE_TOL * max(1.0, np.abs(reference).max())

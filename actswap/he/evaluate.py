@@ -5,7 +5,7 @@ The encrypted backend of :func:`~.encrypted.run` is :data:`_TenSEALBackend`, the
 latency mode of :mod:`.latency` (one sample per ciphertext, products by sparse
 diagonals with baby-step giant-step rotations; its ``packing`` string names it).
 :class:`_TenSEALMMBackend` is the packing before it (``CKKSVector.mm``, one
-rotation per input element), kept as a reference: same protocol, ~60x slower on
+rotation per input element), kept as a reference: same protocol, ~50x slower on
 the CryptoNets fixture.
 """
 
