@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -47,12 +48,19 @@ from .evaluate import _evaluate_from
 from .program import Program
 
 
+# A matrix is shared out by columns among forked processes when its columns have at
+# least this many products on average: the output ciphertexts come back through
+# files (~10 ms each), next to ~0.4 ms per product.
+SPLIT_PRODUCTS_PER_OUTPUT = 200
+
+
 class _BatchBackend:
     """The evaluator's backend on lists of SEAL ciphertexts, one per vector element."""
 
-    def __init__(self, context: Any, scale_bits: int) -> None:
+    def __init__(self, context: Any, scale_bits: int, split: int = 1) -> None:
         import tenseal.sealapi as sa
 
+        self.split = split  # processes sharing a wide matrix's columns (see matmul)
         self.sa = sa
         self.seal = context.seal_context().data
         self.ev, self.encoder = sa.Evaluator(self.seal), sa.CKKSEncoder(self.seal)
@@ -130,8 +138,41 @@ class _BatchBackend:
     # the evaluator's operations
     def matmul(self, x: list[Any], m: np.ndarray, level: int) -> list[Any]:
         keep = np.abs(m) * self.scale >= 0.5
+        columns = np.arange(m.shape[1])
+        if self.split < 2 or keep.sum() < SPLIT_PRODUCTS_PER_OUTPUT * len(columns) or len(columns) < self.split:
+            return self._columns(x, m, keep, columns, level)
+        # Wide sums (a dense layer): forked children take shares of the columns and hand
+        # their outputs back through files; cheap next to ~1,000 products per output.
+        parts = np.array_split(columns, self.split)
+        folder = tempfile.mkdtemp(prefix="actswap-he-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        try:
+            children = []
+            for part in parts[1:]:
+                pid = os.fork()
+                if pid == 0:  # the child: compute, save, leave without running any Python exit handler
+                    code = 1
+                    try:
+                        for j, ct in zip(part, self._columns(x, m, keep, part, level)):
+                            ct.save(os.path.join(folder, str(j)))
+                        code = 0
+                    finally:
+                        os._exit(code)
+                children.append(pid)
+            out = self._columns(x, m, keep, parts[0], level)
+            failed = [pid for pid in children if os.waitpid(pid, 0)[1] != 0]
+            if failed:
+                raise RuntimeError(f"{len(failed)} of the processes computing a matrix's columns failed")
+            for j in np.concatenate(parts[1:]):
+                ct = self.sa.Ciphertext()
+                ct.load(self.seal, os.path.join(folder, str(j)))
+                out.append(ct)
+            return out
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _columns(self, x: list[Any], m: np.ndarray, keep: np.ndarray, columns: np.ndarray, level: int) -> list[Any]:
         parms_id, tmp, out = x[0].parms_id(), self.sa.Ciphertext(), []
-        for j in range(m.shape[1]):
+        for j in columns:
             rows = np.flatnonzero(keep[:, j])
             if rows.size == 0:
                 out.append(self._zero(level))
@@ -217,15 +258,16 @@ class BatchResult:
     workers: int
     wall_seconds: float
     sizes: dict[str, int] = field(default_factory=dict)  # per batch: input, output; one ciphertext: each
-    peak_rss: dict[str, int] = field(default_factory=dict)  # bytes: this process, largest worker
+    peak_rss: dict[str, int] = field(default_factory=dict)  # bytes: this process, largest pool worker (if any)
 
 
 _JOB: dict[str, Any] = {}  # set before forking: what every worker needs (inherited, not pickled)
 
 
-def _one_batch(index: int) -> tuple[int, np.ndarray, dict[str, float], dict[str, int]]:
+def _one_batch(job: tuple[int, int]) -> tuple[int, np.ndarray, dict[str, float], dict[str, int], int]:
+    index, split = job
     program, context, params, x = _JOB["program"], _JOB["context"], _JOB["params"], _JOB["batches"][index]
-    backend = _BatchBackend(context, params.scale_bits)
+    backend = _BatchBackend(context, params.scale_bits, split)
     t0 = time.perf_counter()
     enc = backend.encrypt(x)
     t1 = time.perf_counter()
@@ -238,7 +280,8 @@ def _one_batch(index: int) -> tuple[int, np.ndarray, dict[str, float], dict[str,
         one_in, one_out = _saved_size(enc[0]), _saved_size(out.data[0])
         sizes = {"input": one_in * len(enc), "output": one_out * len(out.data),
                  "input_ciphertext": one_in, "output_ciphertext": one_out}
-    return index, logits, {"encrypt": t1 - t0, "evaluate": t2 - t1, "decrypt": t3 - t2}, sizes
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return index, logits, {"encrypt": t1 - t0, "evaluate": t2 - t1, "decrypt": t3 - t2}, sizes, rss
 
 
 def run_batches(
@@ -246,41 +289,54 @@ def run_batches(
     workers: int | None = None, progress: Callable[[int, int], None] | None = None,
 ) -> BatchResult:
     """Encrypt ``x`` (samples, ...) in batches of ``batch_size`` (default: all the
-    slots), evaluate ``program`` on each and decrypt. Batches go to ``workers``
-    forked processes (default: one per core, never more than batches); a single
-    batch or worker runs in this process."""
+    slots), evaluate ``program`` on each and decrypt, on ``workers`` processes
+    [default: one per core]: whole rounds of batches one per forked worker, then
+    the batches left over (fewer than the workers; all of them for a single
+    batch) with the workers shared out among them by splitting the columns of
+    their wide matrices. One worker: everything in this process."""
     flat = np.asarray(x, "float64").reshape(len(x), -1)
     slots = params.poly_modulus_degree // 2
     size = min(batch_size or slots, slots)
     batches = [flat[i:i + size] for i in range(0, len(flat), size)]
-    workers = max(1, min(workers or os.cpu_count() or 1, len(batches)))
+    workers = max(1, workers or os.cpu_count() or 1)
+    # Whole rounds of batches go one per worker process; the batches left over (fewer
+    # than the workers) share the workers out, splitting their wide matrices' columns.
+    whole = len(batches) - len(batches) % workers
+    left = len(batches) - whole
+    rounds = [([(i, 1) for i in range(whole)], workers)] if whole else []
+    if left:
+        rounds.append(([(i, workers // left) for i in range(whole, len(batches))], left))
     _JOB.update(program=program, context=context, params=params, batches=batches)
     results: dict[int, Any] = {}
-    done = 0
+    done, worker_rss = 0, 0
     start = time.perf_counter()
     try:
-        if workers == 1:
-            jobs: Any = map(_one_batch, range(len(batches)))
-            pool = None
-        else:
-            import multiprocessing
+        for jobs, processes in rounds:
+            if processes == 1 or len(jobs) == 1:
+                outputs: Any = map(_one_batch, jobs)
+                pool = None
+            else:
+                import multiprocessing
 
-            pool = multiprocessing.get_context("fork").Pool(workers)
-            jobs = pool.imap_unordered(_one_batch, range(len(batches)))
-        for index, logits, times, sizes in jobs:
-            results[index] = (logits, times, sizes)
-            done += len(batches[index])
-            if progress is not None:
-                progress(done, len(flat))
-        if pool is not None:
-            pool.close()
-            pool.join()
+                pool = multiprocessing.get_context("fork").Pool(processes)
+                outputs = pool.imap_unordered(_one_batch, jobs)
+            try:
+                for index, logits, times, sizes, rss in outputs:
+                    results[index] = (logits, times, sizes)
+                    worker_rss = max(worker_rss, rss) if pool is not None else worker_rss
+                    done += len(batches[index])
+                    if progress is not None:
+                        progress(done, len(flat))
+            finally:
+                if pool is not None:
+                    pool.terminate()
+                    pool.join()
     finally:
         _JOB.clear()
     wall = time.perf_counter() - start
     rss = {"main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    if workers > 1:
-        rss["worker"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    if worker_rss:
+        rss["worker"] = worker_rss
     order = range(len(batches))
     return BatchResult(
         logits=np.concatenate([results[i][0] for i in order]), times=[results[i][1] for i in order],
