@@ -2,14 +2,15 @@
 
 Packing: every vector the program computes is held as one ciphertext *per
 element*; slot j of each ciphertext belongs to sample j. A ciphertext batch so
-holds up to N/2 samples (4,096 at N=8192); more samples make further batches,
-run on worker processes (one per core, forked: they inherit the keys). An
-affine stage is then, per output element, a sum of ciphertext x plain scalar
+holds up to N/2 samples (4,096 at N=8192); more samples make further batches.
+An affine stage is, per output element, a sum of ciphertext x plain scalar
 products over the non-zero weights of its column (a convolution's column has
 at most kernel-size of them) plus a plain bias; a polynomial is the same
 element-wise operations as in latency mode, on every element's ciphertext. No
 rotations, hence no Galois keys: the public context is a fraction of latency
-mode's.
+mode's. Cores: batches run one per forked worker process (they inherit the
+keys); batches left over from whole rounds split their wide matrices' columns
+among forked processes instead (:func:`run_batches`).
 
 Invariants (what :class:`_BatchBackend` guarantees the shared evaluator,
 :func:`~.evaluate._evaluate_from`, so its level/factor bookkeeping and drift
@@ -22,8 +23,8 @@ compensation carry over unchanged):
   then set back to 2^s, so the value is multiplied by ``drift(l) = 2^s / q`` --
   the factor TenSEAL leaves too, here computed from the primes, not measured;
 * the products of one output element are added unrescaled (all at scale 2^2s)
-  and rescaled *once*: a rescale costs three times a product (measured: 0.34 ms
-  product, 0.09 ms addition, 1.3 ms rescale at N=8192); weights whose encoding
+  and rescaled *once*: a rescale costs about four products (measured at N=8192,
+  one idle core: 0.34 ms product, 0.09 ms addition, 1.3 ms rescale); weights whose encoding
   rounds to zero (|w| 2^s < 1/2) are skipped, they contribute nothing.
 
 TenSEAL's own vector API rescales after every product and has no explicit
@@ -76,7 +77,6 @@ class _BatchBackend:
             cd = cd.next_context_data()
         self.top = len(self.parms) - 1  # the chain index of level 0
         self._drift = [self.scale / q for q in primes[:-1]]  # into level l: divided by level l-1's last prime
-        self.slots = self.encoder.slot_count()
 
     # bookkeeping
     def drift(self, level: int) -> float:
@@ -107,7 +107,8 @@ class _BatchBackend:
         return ct
 
     def _aligned(self, a: Any, b: Any) -> tuple[Any, Any]:
-        """Mod-switch the higher of the two down to the other's level (no rescale)."""
+        """Bring the one with fewer rescales down the modulus chain to the other's level
+        (a mod switch: no division, the value and scale stay)."""
         la, lb = self.level(a), self.level(b)
         if la == lb:
             return a, b
