@@ -24,7 +24,8 @@ from actswap.he import batch as he_batch  # noqa: E402
 from actswap.he import encrypted as he_encrypted  # noqa: E402
 from actswap.he import params as he_params  # noqa: E402
 from actswap.he import program as he_program  # noqa: E402
-from test_he_run import logits_of, rand, randomize, tiny_model  # noqa: E402
+from actswap.activations import PolynomialActivation  # noqa: E402
+from test_he_run import POLY_CASES, logits_of, rand, randomize, tiny_model  # noqa: E402
 
 L = keras.layers
 
@@ -62,6 +63,22 @@ def test_odd_batch_with_per_element_polynomial_matches_the_model():
     out = he_batch.run_batches(program, ctx, params, x, workers=1)
     assert out.logits.shape == (7, 3) and out.batch_sizes == [7]
     close(out.logits, logits_of(model, x))
+
+
+BATCH_POLY_CASES = dict(POLY_CASES, negated_square=lambda: keras.Sequential(
+    [keras.Input((4,)), L.Dense(3, activation=PolynomialActivation([0.5, 0, -1])), L.Dense(2)]))
+
+
+@pytest.mark.parametrize("case", sorted(BATCH_POLY_CASES))
+def test_polynomials_in_batch_mode_match_the_model(case):
+    # x^3 = x^2 * x multiplies ciphertexts of two levels; a*x^2 + b*x adds terms of two
+    # levels; -x^2 + c negates; scaled squares fold the scale into a coefficient.
+    model = BATCH_POLY_CASES[case]()
+    randomize(model, seed=7)
+    x = rand((3,) + tuple(model.inputs[0].shape[1:]), seed=12)
+    program, params, ctx = setup(model, x)
+    out = he_batch.run_batches(program, ctx, params, x, workers=1)
+    close(out.logits, np.asarray(model(x), "float64").reshape(len(x), -1))
 
 
 def test_batches_split_across_processes_keep_sample_order():
