@@ -146,8 +146,8 @@ class _BatchBackend:
         # their outputs back through files; cheap next to ~1,000 products per output.
         parts = np.array_split(columns, self.split)
         folder = tempfile.mkdtemp(prefix="actswap-he-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        children: list[int] = []
         try:
-            children = []
             for part in parts[1:]:
                 pid = os.fork()
                 if pid == 0:  # the child: compute, save, leave without running any Python exit handler
@@ -159,8 +159,10 @@ class _BatchBackend:
                     finally:
                         os._exit(code)
                 children.append(pid)
-            out = self._columns(x, m, keep, parts[0], level)
-            failed = [pid for pid in children if os.waitpid(pid, 0)[1] != 0]
+            try:
+                out = self._columns(x, m, keep, parts[0], level)
+            finally:
+                failed = [pid for pid in children if os.waitpid(pid, 0)[1] != 0]
             if failed:
                 raise RuntimeError(f"{len(failed)} of the processes computing a matrix's columns failed")
             for j in np.concatenate(parts[1:]):
