@@ -160,7 +160,9 @@ def run(
         backend = _TenSEALBackend(ctx, _measure_drift(ctx, params.depth))
         setup = time.perf_counter() - t0
         enc_logits, times, sizes, wall = _latency_mode(program, backend, x, progress)
-        packing = "latency: one ciphertext per sample, CKKSVector.mm (diagonal method, one rotation per input)"
+        # A backend may name its own packing (the latency-mode work behind the same interface).
+        packing = getattr(backend, "packing", "latency: one ciphertext per sample, CKKSVector.mm (diagonal "
+                          "method, one rotation per input)")
         extra = dict(wall_seconds=wall, batches=len(x), batch_size=1, workers=1,
                      peak_rss={"main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
     notes = []
