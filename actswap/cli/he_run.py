@@ -18,11 +18,18 @@ from .base import (
 )
 
 
+MODES = ("batch", "latency")  # actswap.he.encrypted.MODES; importing actswap.he here would load TensorFlow
+
+
 @app.command("he-run")
 def he_run(
     model: Path = typer.Argument(..., help="Converted model (.keras/.h5): affine layers and polynomial activations."),
     data: Path = typer.Option(..., "--data", help="Samples: .npz with x (inputs) and, for accuracies, y (labels)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Run only the first N samples."),
+    mode: Optional[str] = typer.Option(
+        None, "--mode", help="batch: many samples per ciphertext (throughput); latency: one sample per "
+        "ciphertext. [default: batch for more than 8 samples]"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Batch mode: processes [default: one per core]."),
     as_json: AsJson = False,
     debug: Debug = False,
 ) -> None:
@@ -31,6 +38,10 @@ def he_run(
     def body() -> int:
         from ..paths import read_arrays
 
+        if mode is not None and mode not in MODES:
+            raise UserError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if workers is not None and workers < 1:
+            raise UserError(f"--workers must be at least 1, got {workers}")
         require(backend_for(model), KERAS_MODEL, model)
         arrays = read_arrays(data, "data")
         if "x" not in arrays:
@@ -63,7 +74,7 @@ def he_run(
 
         try:
             report = run_encrypted(
-                model, x, y, limit=limit, on_parameters=parameters_chosen,
+                model, x, y, limit=limit, mode=mode, workers=workers, on_parameters=parameters_chosen,
                 progress=lambda done, total: progress.update(task, completed=done),
             )
         finally:
@@ -72,20 +83,30 @@ def he_run(
         if as_json:
             typer.echo(json.dumps(r))
             return 0
-        lat, size = r["latency_seconds"], r["ciphertext_bytes"]
-        table = Table(title=f"he-run {model} ({r['samples']} samples)")
+        lat, size, per = r["latency_seconds"], r["ciphertext_bytes"], "batch" if r["mode"] == "batch" else "sample"
+        table = Table(title=f"he-run {model} ({r['samples']} samples, {r['mode']} mode)")
         table.add_column("figure")
         table.add_column("value")
         table.add_row("top-1 agreement", f"{r['top1_agreement']:.4f} ({len(r['disagreements'])} differ)")
         table.add_row("max abs logit error", f"{r['max_abs_logit_error']:.3g} (relative {r['max_rel_logit_error']:.2g})")
         if r["plaintext_accuracy"] is not None:
             table.add_row("accuracy plaintext / encrypted", f"{r['plaintext_accuracy']:.4f} / {r['encrypted_accuracy']:.4f}")
-        table.add_row("latency encrypt / evaluate / decrypt", " / ".join(f"{lat[k]['mean']:.3g} s" for k in lat))
-        if size:
-            table.add_row("ciphertext in / out, public context",
-                          f"{size['input']:,} / {size['output']:,}, {size['public_context']:,} bytes")
+        table.add_row("throughput", f"{r['throughput_per_second']:.3g} samples/s ({r['wall_seconds']:.3g} s wall, "
+                      f"{r['workers']} process{'es' if r['workers'] > 1 else ''})")
+        table.add_row(f"latency per {per}: encrypt / evaluate / decrypt",
+                      " / ".join(f"{lat[k]['mean']:.3g} s" for k in lat))
+        if r["mode"] == "batch":
+            table.add_row("batches", f"{r['batches']} of up to {r['batch_size']} samples")
+        if "input" in size:
+            table.add_row(f"ciphertexts in / out per {per}", f"{size['input']:,} / {size['output']:,} bytes")
+        if "public_context" in size:
+            keys = "public, relinearisation" + (" and Galois" if r["mode"] == "latency" else "")
+            table.add_row(f"public context ({keys} keys)", f"{size['public_context']:,} bytes")
+        rss = r["peak_rss_bytes"]
+        table.add_row("peak memory (RSS)", " / ".join(f"{k} {v / 1e6:,.0f} MB" for k, v in rss.items()))
         table.add_row("key generation", f"{r['setup_seconds']:.2g} s")
         console.print(table)
+        console.print(f"packing: {r['packing']}")
         for i, stage in enumerate(r["stages"]):
             console.print(f"stage {i + 1}: {stage}")
         for note in r["notes"]:

@@ -5,8 +5,9 @@ operations, multiplicative depth), and running it on CKKS-encrypted data
 Layout: :mod:`.readiness` (``he_report``), :mod:`.layers` (what both know of
 Keras layers; activations come from :mod:`actswap.catalog`), :mod:`.program`
 (compile a model into affine stages and polynomials), :mod:`.params` (CKKS parameters),
-:mod:`.evaluate` (plaintext and TenSEAL backends), :mod:`.encrypted`
-(``run``, its report), :mod:`.limits` (security limits, the refusals).
+:mod:`.evaluate` (plaintext and TenSEAL backends), :mod:`.batch` (batch mode:
+many samples per ciphertext), :mod:`.encrypted` (``run``, its report),
+:mod:`.limits` (security limits, the refusals).
 
 Running a converted model encrypted:
 
@@ -26,9 +27,13 @@ Three steps, each with one job:
 2. :func:`~.params.choose_parameters` picks CKKS parameters (polynomial modulus degree,
    coefficient modulus chain, scale) from the program's multiplicative depth,
    its vector sizes and the magnitudes of its values, at 128-bit security.
-3. :func:`~.encrypted.run` encrypts each sample, evaluates the program with TenSEAL
-   (``CKKSVector.mm`` for matrices, squares and products for polynomials),
-   decrypts the logits and reports agreement, errors, latency and sizes.
+3. :func:`~.encrypted.run` encrypts the samples, evaluates the program and
+   decrypts the logits, in one of two modes: *latency*, one ciphertext per
+   sample (TenSEAL, ``CKKSVector.mm`` for matrices), or *batch*, one ciphertext
+   per vector element holding up to N/2 samples (:mod:`.batch`: CryptoNets'
+   packing, scalar products only, no rotations); squares and products for
+   polynomials in both. It reports agreement, errors, latency, throughput,
+   memory and sizes.
 
 Scope: Dense, Conv1D/2D/3D (and transposed, depthwise, separable), average
 pooling, Flatten/Reshape/Permute, BatchNormalization (inference mode),

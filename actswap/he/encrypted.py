@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
+from .batch import run_batches
 from .evaluate import _evaluate_from, _TenSEALBackend
 from .params import CKKSParameters, _measure_drift, choose_parameters, depth_and_magnitudes, make_context, slots_needed
 from .program import _softmax, compile_model
@@ -26,12 +28,21 @@ class HERunReport:
     plaintext_accuracy: float | None
     encrypted_accuracy: float | None
     compile_check: float  # largest |softmax(program) - model| (or logits) on the samples
-    latency: dict[str, dict[str, float]]  # phase -> mean, max (seconds per sample)
-    sizes: dict[str, int]  # bytes (serialized); empty when they could not be measured (notes)
+    latency: dict[str, dict[str, float]]  # phase -> mean, max seconds a sample waits (batch mode: its batch's)
+    sizes: dict[str, int]  # bytes (serialized; batch mode: per batch); empty when not measured (notes)
     setup_seconds: float
     final_softmax: bool
     disagreements: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    mode: str = "latency"
+    packing: str = ""
+    throughput: float = 0.0  # samples per second, encrypt + evaluate + decrypt, wall clock
+    wall_seconds: float = 0.0
+    batches: int = 0
+    batch_size: int = 1  # samples per ciphertext batch
+    batch_latency: dict[str, dict[str, float]] = field(default_factory=dict)  # phase -> mean, max per batch
+    workers: int = 1
+    peak_rss: dict[str, int] = field(default_factory=dict)  # bytes: main process (and largest worker)
     # Per sample (not in to_dict): decrypted logits and the plaintext program's.
     encrypted_logits: np.ndarray | None = None
     plaintext_logits: np.ndarray | None = None
@@ -45,8 +56,17 @@ class HERunReport:
             "plaintext_check": self.compile_check, "latency_seconds": self.latency,
             "ciphertext_bytes": self.sizes, "setup_seconds": self.setup_seconds,
             "final_softmax": self.final_softmax, "disagreements": list(self.disagreements),
-            "notes": list(self.notes),
+            "notes": list(self.notes), "mode": self.mode, "packing": self.packing,
+            "throughput_per_second": self.throughput, "wall_seconds": self.wall_seconds,
+            "batches": self.batches, "batch_size": self.batch_size, "batch_latency_seconds": self.batch_latency,
+            "workers": self.workers, "peak_rss_bytes": dict(self.peak_rss),
         }
+
+
+MODES = ("batch", "latency")
+
+
+BATCH_ABOVE = 8  # the default mode: batch for more samples than this, latency otherwise
 
 
 def run(
@@ -56,22 +76,33 @@ def run(
     *,
     limit: int | None = None,
     params: CKKSParameters | None = None,
+    mode: str | None = None,
+    workers: int | None = None,
+    batch_size: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     on_parameters: Callable[[CKKSParameters], None] | None = None,
 ) -> HERunReport:
-    """Run ``model`` (a Keras model or a path) on the samples ``x`` encrypted, one
-    ciphertext per sample, and compare with plaintext.
+    """Run ``model`` (a Keras model or a path) on the samples ``x`` encrypted and
+    compare with plaintext. ``mode`` "latency": one ciphertext per sample
+    (CKKSVector.mm); "batch": one ciphertext per input element holding up to N/2
+    samples (:mod:`.batch`) on ``workers`` processes [default: batch for more than
+    :data:`BATCH_ABOVE` samples]. ``batch_size`` caps the samples per ciphertext.
 
     The plaintext reference is the model itself: top-1 agreement is against its
     predictions, and the logits it compiles to (checked against its own outputs
     on these samples: ``plaintext_check``) are what the decrypted logits are
-    compared with. ``progress(done, total)`` is called after each sample;
-    ``on_parameters`` once the parameters are chosen (before the slow part).
+    compared with. ``progress(done, total)`` is called after each sample (batch
+    mode: each batch); ``on_parameters`` once the parameters are chosen (before
+    the slow part).
     """
     try:
         import tenseal  # noqa: F401
     except ImportError:
         raise UserError("the encrypted run needs TenSEAL: pip install 'actswap[he]'") from None
+    if mode is not None and mode not in MODES:
+        raise UserError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"batch size must be at least 1, got {batch_size}")
     if not hasattr(model, "inputs"):
         from ..formats import load_keras_model
 
@@ -86,6 +117,7 @@ def run(
         y = None if y is None else np.asarray(y)[:limit]
     if len(x) == 0:
         raise UserError("no samples to run")
+    mode = mode or ("batch" if len(x) > BATCH_ABOVE else "latency")
     want = tuple(model.inputs[0].shape[1:]) if len(getattr(model, "inputs", [])) == 1 else None
     if want is not None and None not in want and tuple(x.shape[1:]) != want:
         if int(np.prod(x.shape[1:])) != int(np.prod(want)):
@@ -98,23 +130,75 @@ def run(
     mine = _softmax(plain_logits) if program.final_softmax else plain_logits
     compile_check = float(np.abs(mine - model_out).max())
     depth, magnitude = depth_and_magnitudes(program, x)
+    slots = slots_needed(program)
+    if mode == "batch":
+        # The smallest N that holds the depth (cheapest per batch); its slots hold the batch.
+        n = params.poly_modulus_degree if params is not None else choose_parameters(depth, 1, magnitude).poly_modulus_degree
+        slots = min(len(x), batch_size or n // 2, n // 2)
     if params is None:
-        params = choose_parameters(depth, slots_needed(program), magnitude)
-    elif params.depth < depth or params.poly_modulus_degree // 2 < slots_needed(program):
+        params = choose_parameters(depth, slots, magnitude)
+    elif params.depth < depth or params.poly_modulus_degree // 2 < slots:
         raise UserError(
             f"the parameters given have depth {params.depth} and {params.poly_modulus_degree // 2} slots; "
-            f"this model needs depth {depth} and {slots_needed(program)} slots"
+            f"this model needs depth {depth} and {slots} slots"
         )
     if on_parameters is not None:
         on_parameters(params)
     t0 = time.perf_counter()
-    ctx = make_context(params)
-    backend = _TenSEALBackend(ctx, _measure_drift(ctx, params.depth))
-    setup = time.perf_counter() - t0
+    ctx = make_context(params, galois=mode == "latency")
+    if mode == "batch":
+        setup = time.perf_counter() - t0
+        out = run_batches(program, ctx, params, x, batch_size=batch_size, workers=workers, progress=progress)
+        enc_logits, sizes, times = out.logits, dict(out.sizes), out.times
+        packing = (f"batch (CryptoNets): one ciphertext per input element, sample j in slot j of each; "
+                   f"{out.batch_sizes[0]} samples per batch of {program.input_size} ciphertexts; "
+                   "ciphertext x plain scalar products over non-zero weights, one rescale per output; "
+                   "no rotations (no Galois keys)")
+        extra = dict(wall_seconds=out.wall_seconds, batches=len(out.batch_sizes), batch_size=out.batch_sizes[0],
+                     workers=out.workers, peak_rss=out.peak_rss)
+    else:
+        backend = _TenSEALBackend(ctx, _measure_drift(ctx, params.depth))
+        setup = time.perf_counter() - t0
+        enc_logits, times, sizes, wall = _latency_mode(program, backend, x, progress)
+        # A backend may name its own packing (the latency-mode work behind the same interface).
+        packing = getattr(backend, "packing", "latency: one ciphertext per sample, CKKSVector.mm (diagonal "
+                          "method, one rotation per input)")
+        extra = dict(wall_seconds=wall, batches=len(x), batch_size=1, workers=1,
+                     peak_rss={"main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
+    notes = []
+    if _serialize_is_safe():
+        sizes["public_context"] = len(ctx.serialize(save_public_key=True, save_secret_key=False,
+                                                    save_galois_keys=mode == "latency", save_relin_keys=True))
+    else:
+        what = "public context size" if sizes else "ciphertext sizes"
+        notes.append(f"{what} not measured: TensorFlow was imported before TenSEAL, and then "
+                     "TenSEAL's serialize() crashes (their protobuf libraries clash); import tenseal first")
+    err = np.abs(enc_logits - plain_logits)
+    rel = err.max() / max(1e-12, float(np.abs(plain_logits).max()))
+    model_top1 = model_out.argmax(axis=1)
+    enc_top1 = enc_logits.argmax(axis=1)
+    agree = enc_top1 == model_top1
+    per_batch = {k: {"mean": float(np.mean([t[k] for t in times])), "max": float(np.max([t[k] for t in times]))}
+                 for k in ("encrypt", "evaluate", "decrypt")}
+    return HERunReport(
+        samples=len(x), parameters=params, stages=[s.describe() for s in program.stages],
+        agreement=float(agree.mean()), max_abs_logit_error=float(err.max()), max_rel_logit_error=float(rel),
+        plaintext_accuracy=None if y is None else float((model_top1 == y).mean()),
+        encrypted_accuracy=None if y is None else float((enc_top1 == y).mean()),
+        compile_check=compile_check, latency=per_batch, sizes=sizes, setup_seconds=setup,
+        final_softmax=program.final_softmax, disagreements=[int(i) for i in np.flatnonzero(~agree)],
+        notes=notes, encrypted_logits=enc_logits, plaintext_logits=plain_logits, mode=mode, packing=packing,
+        throughput=len(x) / max(extra["wall_seconds"], 1e-9), batch_latency=per_batch, **extra,
+    )
+
+
+def _latency_mode(program: Any, backend: Any, x: np.ndarray, progress: Callable[[int, int], None] | None,
+                  ) -> tuple[np.ndarray, list[dict[str, float]], dict[str, int], float]:
+    """One ciphertext per sample: logits, per-sample phase times, sizes, wall seconds."""
     flat = x.reshape(len(x), -1).astype("float64")
     enc_logits = np.zeros((len(x), program.output_size))
-    times = {"encrypt": [], "evaluate": [], "decrypt": []}
-    sizes: dict[str, int] = {}
+    times, sizes = [], {}
+    start = time.perf_counter()
     for i in range(len(x)):
         t = time.perf_counter()
         enc = backend.encrypt(flat[i])
@@ -123,35 +207,12 @@ def run(
         t2 = time.perf_counter()
         enc_logits[i] = np.asarray(out.data.decrypt()) / out.factor
         t3 = time.perf_counter()
-        times["encrypt"].append(t1 - t)
-        times["evaluate"].append(t2 - t1)
-        times["decrypt"].append(t3 - t2)
+        times.append({"encrypt": t1 - t, "evaluate": t2 - t1, "decrypt": t3 - t2})
         if i == 0 and _serialize_is_safe():
             sizes = {"input": len(enc.serialize()), "output": len(out.data.serialize())}
         if progress is not None:
             progress(i + 1, len(x))
-    notes = []
-    if sizes:
-        sizes["public_context"] = len(ctx.serialize(save_public_key=True, save_secret_key=False,
-                                                    save_galois_keys=True, save_relin_keys=True))
-    else:
-        notes.append("ciphertext sizes not measured: TensorFlow was imported before TenSEAL, and then "
-                     "TenSEAL's serialize() crashes (their protobuf libraries clash); import tenseal first")
-    err = np.abs(enc_logits - plain_logits)
-    rel = err.max() / max(1e-12, float(np.abs(plain_logits).max()))
-    model_top1 = model_out.argmax(axis=1)
-    enc_top1 = enc_logits.argmax(axis=1)
-    agree = enc_top1 == model_top1
-    latency = {k: {"mean": float(np.mean(v)), "max": float(np.max(v))} for k, v in times.items()}
-    return HERunReport(
-        samples=len(x), parameters=params, stages=[s.describe() for s in program.stages],
-        agreement=float(agree.mean()), max_abs_logit_error=float(err.max()), max_rel_logit_error=float(rel),
-        plaintext_accuracy=None if y is None else float((model_top1 == y).mean()),
-        encrypted_accuracy=None if y is None else float((enc_top1 == y).mean()),
-        compile_check=compile_check, latency=latency, sizes=sizes, setup_seconds=setup,
-        final_softmax=program.final_softmax, disagreements=[int(i) for i in np.flatnonzero(~agree)],
-        notes=notes, encrypted_logits=enc_logits, plaintext_logits=plain_logits,
-    )
+    return enc_logits, times, sizes, time.perf_counter() - start
 
 
 def _serialize_is_safe() -> bool:

@@ -104,13 +104,17 @@ def choose_parameters(depth: int, slots: int, magnitude: dict[int, float]) -> CK
     )
 
 
-def make_context(params: CKKSParameters) -> Any:
+def make_context(params: CKKSParameters, galois: bool = True) -> Any:
+    """A TenSEAL context with public, secret and relinearisation keys, and the Galois
+    keys rotations need (``CKKSVector.mm``) unless ``galois`` is False (batch mode
+    never rotates; the keys are most of the public context's size)."""
     import tenseal as ts
 
     ctx = ts.context(ts.SCHEME_TYPE.CKKS, params.poly_modulus_degree,
                      coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes))
     ctx.global_scale = 2.0 ** params.scale_bits
-    ctx.generate_galois_keys()  # rotations for CKKSVector.mm
+    if galois:
+        ctx.generate_galois_keys()
     return ctx
 
 
