@@ -23,6 +23,7 @@ from actswap.cli import app  # noqa: E402
 from actswap.he import batch as he_batch  # noqa: E402
 from actswap.he import encrypted as he_encrypted  # noqa: E402
 from actswap.he import params as he_params  # noqa: E402
+from actswap.he import tenseal_mm as he_mm  # noqa: E402
 from actswap.he import program as he_program  # noqa: E402
 from actswap.activations import PolynomialActivation  # noqa: E402
 from test_he_run import POLY_CASES, logits_of, rand, randomize, tiny_model  # noqa: E402
@@ -120,11 +121,11 @@ def test_more_samples_than_slots_go_into_further_ciphertexts():
 
 def test_drift_is_the_one_tenseal_leaves():
     """The factor each rescale leaves, computed from the primes, equals the one
-    TenSEAL's own vectors show (params._measure_drift, an independent measurement)."""
+    TenSEAL's own vectors show (tenseal_mm.measure_drift, an independent measurement)."""
     params = he_params.choose_parameters(4, 1, {4: 10.0})
     ctx = he_params.make_context(params, galois=False)
-    backend = he_batch._BatchBackend(ctx, params.scale_bits)
-    measured = he_params._measure_drift(ctx, params.depth)
+    backend = he_batch._BatchBackend(ctx)
+    measured = he_mm.measure_drift(ctx, params.depth)
     computed = [backend.drift(level) for level in range(1, params.depth + 1)]
     np.testing.assert_allclose(computed, measured, rtol=1e-6)
     assert all(abs(f - 1) > 1e-6 for f in computed)  # compensation is not a no-op
@@ -136,7 +137,7 @@ def test_default_mode_depends_on_the_sample_count():
     many = he_encrypted.run(model, rand((he_encrypted.BATCH_ABOVE + 1, 3), seed=1))
     assert (few.mode, many.mode) == ("latency", "batch")
     assert few.batches == 2 and many.batches == 1
-    assert "no Galois keys" in many.packing and "mm" in few.packing
+    assert "no Galois keys" in many.packing and "baby-step giant-step" in few.packing
     close(many.encrypted_logits, logits_of(model, rand((he_encrypted.BATCH_ABOVE + 1, 3), seed=1)))
 
 

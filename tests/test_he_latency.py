@@ -16,9 +16,11 @@ ts = pytest.importorskip("tenseal")
 
 from actswap.activations import Polynomial, Square  # noqa: E402
 from actswap.he import encrypted as he_encrypted  # noqa: E402
+from actswap.he import diagonals as he_diagonals  # noqa: E402
 from actswap.he import evaluate as he_evaluate  # noqa: E402
 from actswap.he import latency as he_latency  # noqa: E402
 from actswap.he import params as he_params  # noqa: E402
+from actswap.he import tenseal_mm as he_mm  # noqa: E402
 from actswap.he import program as he_program  # noqa: E402
 
 L = keras.layers
@@ -29,7 +31,7 @@ L = keras.layers
 HE_TOL = 1e-3
 
 
-def simulate(plan: he_latency._Plan, x_slots: np.ndarray) -> np.ndarray:
+def simulate(plan: he_diagonals._Plan, x_slots: np.ndarray) -> np.ndarray:
     """The plan applied to a plaintext slot vector, rotation for rotation:
     SEAL's rotate_vector(ct, k)[s] = ct[s + k] is np.roll(ct, -k)."""
     rot = lambda v, k: np.roll(v, -k)  # noqa: E731
@@ -60,7 +62,7 @@ def test_plan_equals_the_product(n_in, n_out, density, slots, layout):
         pos = (np.arange(n_in) + slots - 4) % slots
     else:
         pos = rng.choice(slots, n_in, replace=False)
-    plan = he_latency.plan_product(m, pos, slots)
+    plan = he_diagonals.plan_product(m, pos, slots)
     x = rng.normal(size=n_in)
     x_slots = rng.normal(size=slots) * 100  # garbage everywhere else must not leak in
     x_slots[pos] = x
@@ -79,16 +81,16 @@ def test_plans_rotate_far_less_than_once_per_input():
     """mm rotates 784 + 980 + 100 times per CryptoNets digit; the plans' key switches
     (with power-of-two Galois keys, NAF steps) stay a small fraction of that."""
     rng = np.random.default_rng(0)
-    conv = he_latency.plan_product(conv_matrix(), np.arange(784), 4096)
-    dense = he_latency.plan_product(rng.normal(size=(980, 100)), np.arange(980), 4096)
-    last = he_latency.plan_product(rng.normal(size=(100, 10)), dense.out_pos, 4096)
+    conv = he_diagonals.plan_product(conv_matrix(), np.arange(784), 4096)
+    dense = he_diagonals.plan_product(rng.normal(size=(980, 100)), np.arange(980), 4096)
+    last = he_diagonals.plan_product(rng.normal(size=(100, 10)), dense.out_pos, 4096)
     assert len(conv.masks) <= 400 and conv.bsgs.key_switches <= 60, conv.describe()
     assert len(dense.masks) <= 128 and dense.bsgs.key_switches + np.log2(dense.fold) <= 40, dense.describe()
     assert last.bsgs.key_switches + np.log2(last.fold) <= 15, last.describe()
 
 
 def test_naf_weight():
-    assert [he_latency._naf_weight(k) for k in (0, 1, 2, 3, 7, 13, 1024, -5)] == [0, 1, 1, 2, 2, 3, 1, 2]
+    assert [he_diagonals._naf_weight(k) for k in (0, 1, 2, 3, 7, 13, 1024, -5)] == [0, 1, 1, 2, 2, 3, 1, 2]
 
 
 def per_channel_poly(channels, degree=2, seed=3):
@@ -129,8 +131,8 @@ def test_latency_evaluation_matches_plaintext(case):
     x = np.random.default_rng(7).uniform(0, 1, (3,) + program.input_shape).astype("float32")
     reference = program.plain(x)
     depth, magnitude = he_params.depth_and_magnitudes(program, x)
-    params = he_params.choose_parameters(depth, he_params.slots_needed(program), magnitude)
-    backend = he_evaluate._TenSEALBackend(he_params.make_context(params))
+    params = he_params.choose_parameters(depth, he_mm.slots_needed(program), magnitude)
+    backend = he_latency.LatencyBackend(he_params.make_context(params))
     assert backend.packing == he_latency.PACKING and "diagonals" in backend.packing
     flat = x.reshape(len(x), -1).astype("float64")
     for i in range(len(x)):
@@ -139,7 +141,7 @@ def test_latency_evaluation_matches_plaintext(case):
         err = np.abs(got - reference[i]).max()
         assert err <= HE_TOL * max(1.0, np.abs(reference[i]).max()), (case, i, err, reference[i])
     # The exact drift factors are TenSEAL's measured ones (to CKKS precision).
-    measured = he_params._measure_drift(backend.context, params.depth)
+    measured = he_mm.measure_drift(backend.context, params.depth)
     np.testing.assert_allclose([backend.drift(k + 1) for k in range(params.depth)], measured, rtol=1e-5)
 
 
@@ -160,8 +162,8 @@ def test_prepare_plans_once_and_vectors_serialize():
     program = he_program.compile_model(MODELS["conv"]())
     x = np.random.default_rng(5).uniform(0, 1, (2, program.input_size))
     depth, magnitude = he_params.depth_and_magnitudes(program, x)
-    params = he_params.choose_parameters(depth, he_params.slots_needed(program), magnitude)
-    backend = he_evaluate._TenSEALBackend(he_params.make_context(params)).prepare(program)
+    params = he_params.choose_parameters(depth, he_mm.slots_needed(program), magnitude)
+    backend = he_latency.LatencyBackend(he_params.make_context(params)).prepare(program)
     plans = backend.describe()
     assert len(plans) == 3 and all("diagonals" in p for p in plans), plans
     enc = backend.encrypt(x[0])
@@ -181,13 +183,13 @@ def test_latency_slots_fit_where_mm_would_not():
     program = he_program.Program(
         [he_program.Affine(m1, np.zeros(450), ["a"], (100,), (450,)),
          he_program.Affine(m2, np.zeros(10), ["b"], (450,), (10,))], (100,), 10, False)
-    assert he_latency.slots_needed(program) == 450 < 512 < he_params.slots_needed(program)
+    assert he_latency.slots_needed(program) == 450 < 512 < he_mm.slots_needed(program)
     x = rng.uniform(0, 1, 100)
-    plan1 = he_latency.plan_product(m1, np.arange(100), 512)
+    plan1 = he_diagonals.plan_product(m1, np.arange(100), 512)
     x_slots = np.zeros(512)
     x_slots[:100] = x
     h = simulate(plan1, x_slots)
-    plan2 = he_latency.plan_product(m2, plan1.out_pos, 512)
+    plan2 = he_diagonals.plan_product(m2, plan1.out_pos, 512)
     np.testing.assert_allclose(simulate(plan2, h)[plan2.out_pos], x @ m1 @ m2, atol=1e-9)
 
 
@@ -199,7 +201,7 @@ def test_weights_below_the_mask_resolution_give_the_bias():
         [he_program.Affine(np.full((4, 3), 1e-12), bias, ["tiny"], (4,), (3,)),
          he_program.Poly(np.array([0.0, 0.0, 1.0]), "square", 3)], (4,), 3, False)
     params = he_params.choose_parameters(2, 8, {1: 2.0, 2: 4.0})
-    backend = he_evaluate._TenSEALBackend(he_params.make_context(params))
+    backend = he_latency.LatencyBackend(he_params.make_context(params))
     out = he_evaluate._evaluate_from(program, backend, backend.encrypt(np.ones(4)))
     assert backend.stats["products"] == 0
     np.testing.assert_allclose(np.asarray(out.data.decrypt()) / out.factor, bias**2, atol=1e-3)
@@ -211,9 +213,9 @@ def test_mm_reference_backend_still_agrees():
     program = he_program.compile_model(MODELS["dense_poly"]())
     x = np.random.default_rng(8).uniform(0, 1, (1, program.input_size))
     depth, magnitude = he_params.depth_and_magnitudes(program, x)
-    params = he_params.choose_parameters(depth, he_params.slots_needed(program), magnitude)
+    params = he_params.choose_parameters(depth, he_mm.slots_needed(program), magnitude)
     ctx = he_params.make_context(params)
-    backend = he_evaluate._TenSEALMMBackend(ctx, he_params._measure_drift(ctx, params.depth))
+    backend = he_mm.MMBackend(ctx, he_mm.measure_drift(ctx, params.depth))
     assert backend.packing.startswith("tenseal-mm")
     out = he_evaluate._evaluate_from(program, backend, backend.encrypt(x[0]))
     reference = program.plain(x)[0]

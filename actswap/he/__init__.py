@@ -4,10 +4,15 @@ operations, multiplicative depth), and running it on CKKS-encrypted data
 
 Layout: :mod:`.readiness` (``he_report``), :mod:`.layers` (what both know of
 Keras layers; activations come from :mod:`actswap.catalog`), :mod:`.program`
-(compile a model into affine stages and polynomials), :mod:`.params` (CKKS parameters),
-:mod:`.evaluate` (plaintext and TenSEAL backends), :mod:`.batch` (batch mode:
-many samples per ciphertext), :mod:`.encrypted` (``run``, its report),
-:mod:`.limits` (security limits, the refusals).
+(compile a model into affine stages and polynomials), :mod:`.params` (CKKS
+parameters and context), :mod:`.evaluate` (the level/factor bookkeeping all
+backends share, and the plaintext backend), :mod:`.seal` (SEAL on a TenSEAL
+context's keys, what the two encrypted backends share), :mod:`.latency` with
+:mod:`.diagonals` (latency mode: one sample per ciphertext), :mod:`.batch`
+(batch mode: one sample per slot), :mod:`.tenseal_mm` (TenSEAL's
+``CKKSVector.mm``, the packing before them, kept as a test reference),
+:mod:`.encrypted` (``run``, its report), :mod:`.limits` (security limits,
+the refusals).
 
 Running a converted model encrypted:
 
@@ -28,12 +33,20 @@ Three steps, each with one job:
    coefficient modulus chain, scale) from the program's multiplicative depth,
    its vector sizes and the magnitudes of its values, at 128-bit security.
 3. :func:`~.encrypted.run` encrypts the samples, evaluates the program and
-   decrypts the logits, in one of two modes: *latency*, one ciphertext per
-   sample (TenSEAL, ``CKKSVector.mm`` for matrices), or *batch*, one ciphertext
-   per vector element holding up to N/2 samples (:mod:`.batch`: CryptoNets'
-   packing, scalar products only, no rotations); squares and products for
-   polynomials in both. It reports agreement, errors, latency, throughput,
-   memory and sizes.
+   decrypts the logits, in one of two packings:
+
+   * *batch* (:mod:`.batch`, CryptoNets' packing): one ciphertext per vector
+     element, sample j in slot j of each, up to N/2 samples per batch; a
+     matrix is ciphertext x scalar products over its non-zero weights, summed
+     and rescaled once per output; no rotations, so no Galois keys. For many
+     samples: ~10 ms per MNIST image amortised on the CryptoNets fixture.
+   * *latency* (:mod:`.latency`): one sample per ciphertext; a matrix is its
+     non-zero generalized diagonals (one plain product each), rotated with
+     baby-step giant-step (:mod:`.diagonals`): ~85 key switches per MNIST
+     digit where ``CKKSVector.mm`` made 1,864 rotations; ~1 s per image.
+
+   Squares and products for polynomials in both. It reports agreement, errors,
+   latency, throughput, memory and sizes.
 
 Scope: Dense, Conv1D/2D/3D (and transposed, depthwise, separable), average
 pooling, Flatten/Reshape/Permute, BatchNormalization (inference mode),
@@ -44,24 +57,17 @@ softmax as the very last operation (its input, the logits, is what is
 decrypted and compared). Anything else is refused with
 :class:`OutOfScopeError`, naming the layer and what to do.
 
-Two TenSEAL facts the evaluator is built around (both measured on 0.3.18):
-
-* ``CKKSVector.mm`` (the Halevi-Shoup diagonal method) reads the encrypted
-  vector cyclically: an input of size n multiplied by an n x m matrix needs
-  the slots to hold the vector repeated over n + m - 1 positions. Encryption
-  repeats it over all slots, a product keeps the repetition one input length
-  shorter, but ``add_plain``/``mul_plain`` of a plain *vector* write it once
-  and zero the rest, which corrupts the next product (OpenMined/TenSEAL#462).
-  So vector constants (biases, per-element coefficients) are encrypted once
-  with the public key (encryption repeats them) and added or multiplied as
-  ciphertexts; scalars stay plain. The slot count must cover
-  ``sum(n_i - 1) + m`` over the chain of products (:func:`slots_needed`).
-* after every rescale TenSEAL sets the ciphertext's scale back to 2^s although
-  it divided by a prime q that is only close to 2^s, so every level multiplies
-  the value by 2^s/q (0.3% per level for 27-bit primes). The factor of each
-  level is measured once per context (:func:`_measure_drift`) and compensated
-  exactly in the next plain matrix or scalar, so the logits keep the precision
-  of the scale instead of losing a few percent.
+Both encrypted backends drive SEAL through TenSEAL's bundled binding
+(``tenseal.sealapi``, :mod:`.seal`): TenSEAL's vectors rescale after every
+product and expose neither rescale nor rotation. One TenSEAL fact the
+evaluator is built around (measured on 0.3.18): after every rescale the
+ciphertext's scale is set back to 2^s although the value was divided by a
+prime q only close to 2^s, so every level multiplies the value by 2^s/q (0.3%
+per level for 27-bit primes). The backends keep that convention and know the
+factor of each level from the primes (:meth:`~.seal.Seal.drift`, checked
+against TenSEAL's own vectors); :func:`~.evaluate._evaluate` compensates it
+exactly in the next plain matrix or scalar, so the logits keep the precision
+of the scale instead of losing a few percent.
 """
 
 from __future__ import annotations

@@ -47,6 +47,7 @@ import numpy as np
 
 from .evaluate import _evaluate_from
 from .program import Program
+from .seal import Seal
 
 
 # A matrix is shared out by columns among forked processes when its columns have at
@@ -55,85 +56,47 @@ from .program import Program
 SPLIT_PRODUCTS_PER_OUTPUT = 200
 
 
-class _BatchBackend:
+def packing(batch_size: int, inputs: int) -> str:
+    """What the report says of this packing."""
+    return (f"batch (CryptoNets): one ciphertext per input element, sample j in slot j of each; "
+            f"{batch_size} samples per batch of {inputs} ciphertexts; ciphertext x plain scalar products "
+            "over non-zero weights, one rescale per output; no rotations (no Galois keys)")
+
+
+class _BatchBackend(Seal):
     """The evaluator's backend on lists of SEAL ciphertexts, one per vector element."""
 
-    def __init__(self, context: Any, scale_bits: int, split: int = 1) -> None:
-        import tenseal.sealapi as sa
-
+    def __init__(self, context: Any, split: int = 1) -> None:
+        super().__init__(context)
         self.split = split  # processes sharing a wide matrix's columns (see matmul)
-        self.sa = sa
-        self.seal = context.seal_context().data
-        self.ev, self.encoder = sa.Evaluator(self.seal), sa.CKKSEncoder(self.seal)
-        self.encryptor = sa.Encryptor(self.seal, context.public_key().data)
-        self.decryptor = sa.Decryptor(self.seal, context.secret_key().data) if context.is_private() else None
-        self.relin = context.relin_keys().data
-        self.scale = 2.0**scale_bits
-        self.parms, primes = [], []
-        cd = self.seal.first_context_data()
-        while cd is not None:
-            self.parms.append(cd.parms_id())
-            primes.append(cd.parms().coeff_modulus()[-1].value())
-            cd = cd.next_context_data()
-        self.top = len(self.parms) - 1  # the chain index of level 0
-        self._drift = [self.scale / q for q in primes[:-1]]  # into level l: divided by level l-1's last prime
-
-    # bookkeeping
-    def drift(self, level: int) -> float:
-        return self._drift[level - 1]
 
     def note(self, level: int, value: Any) -> None:
         pass  # magnitudes are the plaintext backend's business
 
-    def level(self, ct: Any) -> int:
-        return self.top - self.seal.get_context_data(ct.parms_id()).chain_index()
-
-    def _plain(self, value: float, parms_id: Any) -> Any:
-        pt = self.sa.Plaintext()
-        self.encoder.encode(float(value), parms_id, self.scale, pt)
-        return pt
-
     def _rescale(self, ct: Any, level: int) -> Any:
-        self.ev.rescale_to_next_inplace(ct)
-        ct.scale = self.scale
+        self.rescale(ct)
         if self.level(ct) != level:
             raise AssertionError(f"ciphertext at level {self.level(ct)}, the evaluator counts {level}")
         return ct
 
+    def _plain(self, value: float, parms_id: Any) -> Any:
+        return self.plain(float(value), parms_id)
+
     def _zero(self, level: int) -> Any:
-        ct = self.sa.Ciphertext()
+        ct = self.new()
         self.encryptor.encrypt_zero(self.parms[level], ct)
         ct.scale = self.scale
         return ct
 
-    def _aligned(self, a: Any, b: Any) -> tuple[Any, Any]:
-        """Bring the one with fewer rescales down the modulus chain to the other's level
-        (a mod switch: no division, the value and scale stay)."""
-        la, lb = self.level(a), self.level(b)
-        if la == lb:
-            return a, b
-        low, high = (a, b) if la < lb else (b, a)
-        moved = self.sa.Ciphertext()
-        self.ev.mod_switch_to(low, high.parms_id(), moved)
-        return (moved, b) if la < lb else (a, moved)
-
     # client side
     def encrypt(self, x: np.ndarray) -> list[Any]:
         """``x`` (samples, n) -> n ciphertexts, ciphertext i holding column i."""
-        out = []
-        for column in np.asarray(x, "float64").T:
-            pt, ct = self.sa.Plaintext(), self.sa.Ciphertext()
-            self.encoder.encode(column.tolist(), self.parms[0], self.scale, pt)
-            self.encryptor.encrypt(pt, ct)
-            out.append(ct)
-        return out
+        return [super(_BatchBackend, self).encrypt(column.tolist()) for column in np.asarray(x, "float64").T]
 
     def decrypt(self, cts: list[Any], samples: int) -> np.ndarray:
         out = np.empty((samples, len(cts)))
-        pt = self.sa.Plaintext()
         for i, ct in enumerate(cts):
-            self.decryptor.decrypt(ct, pt)
-            out[:, i] = self.encoder.decode_double(pt)[:samples]
+            out[:, i] = super().decrypt(ct)[:samples]
         return out
 
     # the evaluator's operations
@@ -166,7 +129,7 @@ class _BatchBackend:
             if failed:
                 raise RuntimeError(f"{len(failed)} of the processes computing a matrix's columns failed")
             for j in np.concatenate(parts[1:]):
-                ct = self.sa.Ciphertext()
+                ct = self.new()
                 ct.load(self.seal, os.path.join(folder, str(j)))
                 out.append(ct)
             return out
@@ -174,17 +137,17 @@ class _BatchBackend:
             shutil.rmtree(folder, ignore_errors=True)
 
     def _columns(self, x: list[Any], m: np.ndarray, keep: np.ndarray, columns: np.ndarray, level: int) -> list[Any]:
-        parms_id, tmp, out = x[0].parms_id(), self.sa.Ciphertext(), []
+        parms_id, tmp, out = x[0].parms_id(), self.new(), []
         for j in columns:
             rows = np.flatnonzero(keep[:, j])
             if rows.size == 0:
                 out.append(self._zero(level))
                 continue
-            acc = self.sa.Ciphertext()
-            self.ev.multiply_plain(x[rows[0]], self._plain(m[rows[0], j], parms_id), acc)
+            acc = self.new()
+            self.evaluator.multiply_plain(x[rows[0]], self._plain(m[rows[0], j], parms_id), acc)
             for i in rows[1:]:
-                self.ev.multiply_plain(x[i], self._plain(m[i, j], parms_id), tmp)
-                self.ev.add_inplace(acc, tmp)
+                self.evaluator.multiply_plain(x[i], self._plain(m[i, j], parms_id), tmp)
+                self.evaluator.add_inplace(acc, tmp)
             out.append(self._rescale(acc, level))
         return out
 
@@ -194,8 +157,8 @@ class _BatchBackend:
             if abs(c) * self.scale < 0.5:
                 out.append(self._zero(level))
                 continue
-            r = self.sa.Ciphertext()
-            self.ev.multiply_plain(ct, self._plain(c, ct.parms_id()), r)
+            r = self.new()
+            self.evaluator.multiply_plain(ct, self._plain(c, ct.parms_id()), r)
             out.append(self._rescale(r, level))
         return out
 
@@ -205,28 +168,28 @@ class _BatchBackend:
     def mul(self, a: list[Any], b: list[Any], level: int) -> list[Any]:
         out = []
         for p, q in zip(a, b):
-            r = self.sa.Ciphertext()
+            r = self.new()
             if a is b:
-                self.ev.square(p, r)
+                self.evaluator.square(p, r)
             else:
-                self.ev.multiply(*self._aligned(p, q), r)
-            self.ev.relinearize_inplace(r, self.relin)
+                self.evaluator.multiply(*self.aligned(p, q), r)
+            self.evaluator.relinearize_inplace(r, self.relin)
             out.append(self._rescale(r, level))
         return out
 
     def add(self, a: list[Any], b: list[Any]) -> list[Any]:
         out = []
         for p, q in zip(a, b):
-            r = self.sa.Ciphertext()
-            self.ev.add(*self._aligned(p, q), r)
+            r = self.new()
+            self.evaluator.add(*self.aligned(p, q), r)
             out.append(r)
         return out
 
     def add_vector(self, x: list[Any], v: np.ndarray, key: Any) -> list[Any]:
         out = []
         for ct, c in zip(x, np.broadcast_to(v, (len(x),))):
-            r = self.sa.Ciphertext()
-            self.ev.add_plain(ct, self._plain(c, ct.parms_id()), r)
+            r = self.new()
+            self.evaluator.add_plain(ct, self._plain(c, ct.parms_id()), r)
             out.append(r)
         return out
 
@@ -236,21 +199,10 @@ class _BatchBackend:
     def neg(self, a: list[Any]) -> list[Any]:
         out = []
         for ct in a:
-            r = self.sa.Ciphertext()
-            self.ev.negate(ct, r)
+            r = self.new()
+            self.evaluator.negate(ct, r)
             out.append(r)
         return out
-
-
-def _saved_size(ct: Any) -> int:
-    """Bytes of one ciphertext as SEAL serializes it (its default compression)."""
-    fd, path = tempfile.mkstemp(suffix=".ct")
-    os.close(fd)
-    try:
-        ct.save(path)
-        return os.path.getsize(path)
-    finally:
-        os.unlink(path)
 
 
 @dataclass
@@ -269,8 +221,8 @@ _JOB: dict[str, Any] = {}  # set before forking: what every worker needs (inheri
 
 def _one_batch(job: tuple[int, int]) -> tuple[int, np.ndarray, dict[str, float], dict[str, int], int]:
     index, split = job
-    program, context, params, x = _JOB["program"], _JOB["context"], _JOB["params"], _JOB["batches"][index]
-    backend = _BatchBackend(context, params.scale_bits, split)
+    program, context, x = _JOB["program"], _JOB["context"], _JOB["batches"][index]
+    backend = _BatchBackend(context, split)
     t0 = time.perf_counter()
     enc = backend.encrypt(x)
     t1 = time.perf_counter()
@@ -280,7 +232,7 @@ def _one_batch(job: tuple[int, int]) -> tuple[int, np.ndarray, dict[str, float],
     t3 = time.perf_counter()
     sizes = {}
     if index == 0:
-        one_in, one_out = _saved_size(enc[0]), _saved_size(out.data[0])
+        one_in, one_out = len(backend.serialize(enc[0])), len(backend.serialize(out.data[0]))
         sizes = {"input": one_in * len(enc), "output": one_out * len(out.data),
                  "input_ciphertext": one_in, "output_ciphertext": one_out}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from .batch import run_batches
-from .evaluate import _evaluate_from, _TenSEALBackend
-from .params import CKKSParameters, _measure_drift, choose_parameters, depth_and_magnitudes, make_context, slots_needed
+from . import batch, latency
+from .evaluate import _evaluate_from
+from .params import CKKSParameters, choose_parameters, depth_and_magnitudes, make_context
 from .program import _softmax, compile_model
 
 
@@ -130,7 +130,7 @@ def run(
     mine = _softmax(plain_logits) if program.final_softmax else plain_logits
     compile_check = float(np.abs(mine - model_out).max())
     depth, magnitude = depth_and_magnitudes(program, x)
-    slots = slots_needed(program)
+    slots = latency.slots_needed(program)
     if mode == "batch":
         # The smallest N that holds the depth (cheapest per batch); its slots hold the batch.
         n = params.poly_modulus_degree if params is not None else choose_parameters(depth, 1, magnitude).poly_modulus_degree
@@ -148,21 +148,16 @@ def run(
     ctx = make_context(params, galois=mode == "latency")
     if mode == "batch":
         setup = time.perf_counter() - t0
-        out = run_batches(program, ctx, params, x, batch_size=batch_size, workers=workers, progress=progress)
+        out = batch.run_batches(program, ctx, params, x, batch_size=batch_size, workers=workers, progress=progress)
         enc_logits, sizes, times = out.logits, dict(out.sizes), out.times
-        packing = (f"batch (CryptoNets): one ciphertext per input element, sample j in slot j of each; "
-                   f"{out.batch_sizes[0]} samples per batch of {program.input_size} ciphertexts; "
-                   "ciphertext x plain scalar products over non-zero weights, one rescale per output; "
-                   "no rotations (no Galois keys)")
+        packing = batch.packing(out.batch_sizes[0], program.input_size)
         extra = dict(wall_seconds=out.wall_seconds, batches=len(out.batch_sizes), batch_size=out.batch_sizes[0],
                      workers=out.workers, peak_rss=out.peak_rss)
     else:
-        backend = _TenSEALBackend(ctx, _measure_drift(ctx, params.depth))
+        backend = latency.LatencyBackend(ctx).prepare(program)  # plans every product once
         setup = time.perf_counter() - t0
         enc_logits, times, sizes, wall = _latency_mode(program, backend, x, progress)
-        # A backend may name its own packing (the latency-mode work behind the same interface).
-        packing = getattr(backend, "packing", "latency: one ciphertext per sample, CKKSVector.mm (diagonal "
-                          "method, one rotation per input)")
+        packing = f"{backend.packing}; per product: {'; '.join(backend.describe())}"
         extra = dict(wall_seconds=wall, batches=len(x), batch_size=1, workers=1,
                      peak_rss={"main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
     notes = []

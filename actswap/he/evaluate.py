@@ -1,12 +1,12 @@
-"""Evaluate a :class:`~actswap.he.program.Program` on a backend: plaintext float64
-(the reference and the depth/magnitude probe) or CKKS ciphertexts.
+"""Evaluate a :class:`~actswap.he.program.Program` on a backend: the level and
+factor bookkeeping every backend shares (:func:`_evaluate`), and the plaintext
+float64 backend (the reference and the depth/magnitude probe).
 
-The encrypted backend of :func:`~.encrypted.run` is :data:`_TenSEALBackend`, the
-latency mode of :mod:`.latency` (one sample per ciphertext, products by sparse
-diagonals with baby-step giant-step rotations; its ``packing`` string names it).
-:class:`_TenSEALMMBackend` is the packing before it (``CKKSVector.mm``, one
-rotation per input element), kept as a reference: same protocol, ~50x slower on
-the CryptoNets fixture.
+The encrypted backends implement the same small protocol (``encrypt``,
+``matmul``, ``add``, ``add_vector``, ``add_scalar``, ``mul``, ``mul_scalar``,
+``mul_vector``, ``neg``, ``drift``, ``note``): :mod:`.latency` (one sample per
+ciphertext), :mod:`.batch` (one sample per slot), and :mod:`.tenseal_mm`
+(TenSEAL's ``CKKSVector.mm``, the packing before them, kept as a reference).
 """
 
 from __future__ import annotations
@@ -80,58 +80,6 @@ class _PlainBackend:
         return -a
 
 
-class _TenSEALMMBackend:
-    """TenSEAL CKKSVector operations (``CKKSVector.mm``: one rotation per input element);
-    vector constants are encrypted once and cached. The packing before issue 18, kept
-    as the reference for the latency backend (:data:`_TenSEALBackend`)."""
-
-    packing = "tenseal-mm: one sample per CKKSVector, replicated; CKKSVector.mm (one rotation per input)"
-
-    def __init__(self, context: Any, drift: list[float]) -> None:
-        import tenseal as ts
-
-        self.ts, self.context, self._drift = ts, context, drift
-        self.constants: dict[Any, Any] = {}
-
-    def drift(self, level: int) -> float:
-        return self._drift[level - 1]
-
-    def note(self, level: int, value: Any) -> None:
-        pass  # magnitudes are the plaintext backend's business
-
-    def encrypt(self, x: np.ndarray) -> Any:
-        return self.ts.ckks_vector(self.context, np.asarray(x, "float64").tolist())
-
-    def _constant(self, v: np.ndarray, key: Any) -> Any:
-        if key not in self.constants:
-            self.constants[key] = self.encrypt(v)
-        return self.constants[key]
-
-    def matmul(self, x: Any, m: np.ndarray, level: int) -> Any:
-        return x.mm(m)
-
-    def add_vector(self, x: Any, v: np.ndarray, key: Any) -> Any:
-        return x + self._constant(v, key)
-
-    def add_scalar(self, x: Any, c: float) -> Any:
-        return x + float(c)
-
-    def mul_scalar(self, x: Any, c: float, level: int) -> Any:
-        return x * float(c)
-
-    def mul_vector(self, x: Any, v: np.ndarray, key: Any, level: int) -> Any:
-        return x * self._constant(v, key)
-
-    def mul(self, a: Any, b: Any, level: int) -> Any:
-        return a.square() if a is b else a * b
-
-    def add(self, a: Any, b: Any) -> Any:
-        return a + b
-
-    def neg(self, a: Any) -> Any:
-        return -a
-
-
 def _evaluate(program: Program, backend: Any, x: np.ndarray) -> tuple[Any, _Ct]:
     """Evaluate ``program`` on ``x`` (one flat sample, or a batch for the plain
     backend). Returns the encrypted input and the output; ``out.data / out.factor``
@@ -200,10 +148,6 @@ def _polynomial(p: Poly, backend: Any, x: _Ct, index: int) -> _Ct:
     elif s0 != 0.0:
         result.data = backend.add_scalar(result.data, s0 * result.factor)
     return result
-
-
-# The encrypted backend of run(): latency mode (see .latency, its PACKING).
-from .latency import LatencyBackend as _TenSEALBackend  # noqa: E402
 
 
 def _evaluate_from(program: Program, backend: Any, enc: Any) -> _Ct:

@@ -47,20 +47,15 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import tempfile
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from .diagonals import _Plan, _rotation_cost, plan_product
+from .seal import Seal
+
 PACKING = ("latency: one sample per ciphertext, matrix products by sparse generalized diagonals "
            "with baby-step giant-step rotations and folded partial sums (tenseal.sealapi)")
-
-# Relative costs for the planner (measured at N=8192, level 0: a key switch ~9 ms,
-# a plain product plus its addition ~0.7 ms, a plain encoding ~1.4 ms but cached).
-_COST_KEY_SWITCH = 9.0
-_COST_PRODUCT = 0.7
 
 # A rotation (key switch) adds noise of ~6e-4 at scale 2^28 (N=8192, a 37-bit special
 # prime): 20x the fresh encryption's. Products therefore rotate their input where its
@@ -71,136 +66,11 @@ _COST_PRODUCT = 0.7
 BOOST_BITS = 4
 
 
-def _naf_weight(k: int) -> int:
-    """Non-zero digits of the non-adjacent form of ``k``: the key switches SEAL
-    needs for a rotation by ``k`` with power-of-two Galois keys."""
-    k, w = abs(k), 0
-    while k:
-        if k & 1:
-            w += 1
-            k += 1 if (k & 3) == 3 else -1  # digit -1 for ...11, +1 for ...01
-        k >>= 1
-    return w
-
-
-def _rotation_cost(step: int, slots: int) -> int:
-    step %= slots
-    if step == 0:
-        return 0
-    signed = step - slots if step > slots // 2 else step
-    return _naf_weight(signed)
-
-
-@dataclass
-class _BSGS:
-    """How to apply the set of rotations ``rs``: ``r = g + b`` with ``b = r mod size``.
-    Baby step ``b`` is computed from baby step ``parent[b]`` (a rotation by a power of
-    two where possible: one key switch, and rotation noise adds up over a few steps
-    only, not along a chain of all the baby steps)."""
-
-    size: int
-    baby: list[int]
-    giant: list[int]
-    parent: dict[int, int]
-    key_switches: int
-
-
-def _baby_tree(baby: list[int], slots: int) -> tuple[dict[int, int], int]:
-    parent, depth, cost = {}, {0: 0}, 0
-    for b in baby:
-        if b == 0:
-            continue
-        options = [0] + [b - (1 << k) for k in range(b.bit_length()) if (b - (1 << k)) in depth]
-        p = min(options, key=lambda q: (_rotation_cost(b - q, slots), depth[q]))
-        parent[b] = p
-        depth[b] = depth[p] + _rotation_cost(b - p, slots)
-        cost += _rotation_cost(b - p, slots)
-    return parent, cost
-
-
-def _bsgs(rs: np.ndarray, slots: int) -> _BSGS:
-    best: _BSGS | None = None
-    limit = int(min(slots, max(2, 4 * math.isqrt(int(rs.max() - rs.min()) + 1) + 2)))
-    for b_size in range(1, limit + 1):
-        giant = np.unique(rs - rs % b_size)
-        g_cost = sum(_rotation_cost(int(g), slots) for g in giant)
-        if best is not None and g_cost >= best.key_switches:
-            continue
-        baby = [int(b) for b in np.unique(rs % b_size)]
-        parent, b_cost = _baby_tree(baby, slots)
-        if best is None or g_cost + b_cost < best.key_switches:
-            best = _BSGS(b_size, baby, [int(g) for g in giant], parent, g_cost + b_cost)
-    assert best is not None
-    return best
-
-
-@dataclass
-class _Plan:
-    """One matrix product for one input layout: masks per (giant, baby) pre-rotated,
-    the fold (``fold`` partial sums ``period`` slots apart) and the output slots."""
-
-    bsgs: _BSGS
-    masks: dict[tuple[int, int], np.ndarray]  # (g, b) -> (slots,) float64
-    period: int
-    fold: int
-    out_pos: np.ndarray
-    cost: float
-    encoded: dict[Any, dict[tuple[int, int], Any]] = field(default_factory=dict)
-
-    def describe(self) -> str:
-        return (f"{len(self.masks)} diagonals, {len(self.bsgs.baby)} baby x {len(self.bsgs.giant)} giant steps "
-                f"({self.bsgs.key_switches} key switches), fold {self.fold} x {self.period}")
-
-
-def plan_product(m: np.ndarray, in_pos: np.ndarray, slots: int) -> _Plan:
-    """The cheapest packing of ``x @ m`` for ``x`` at slots ``in_pos``: outputs contiguous
-    from slot 0 (before folding), fold period chosen by estimated cost."""
-    n_in, n_out = m.shape
-    if n_out > slots or in_pos.size != n_in or (n_in and (in_pos.min() < 0 or in_pos.max() >= slots)):
-        raise ValueError(f"latency packing: a {n_in} x {n_out} product does not fit {slots} slots")
-    rows, cols = np.nonzero(m)
-    if rows.size == 0:  # an all-zero matrix: one zero mask
-        rows, cols = np.zeros(1, int), np.zeros(1, int)
-    vals = m[rows, cols]
-    d = in_pos[rows].astype(np.int64) - cols.astype(np.int64)
-    candidates = []
-    period = 1 << max(0, (n_out - 1).bit_length())
-    while period <= slots:
-        if period == slots:
-            f = np.zeros_like(d)
-            r = d % slots
-        else:
-            f = np.floor_divide(d, period)
-            r = d - f * period
-        fold = 1 << int(f.max() - f.min()).bit_length() if f.max() > f.min() else 1
-        if fold * period <= slots:
-            rs = np.unique(r)
-            bsgs = _bsgs(rs, slots)
-            ks = bsgs.key_switches + int(math.log2(fold)) if fold > 1 else bsgs.key_switches
-            cost = ks * _COST_KEY_SWITCH + len(rs) * _COST_PRODUCT
-            candidates.append((cost, period, f, r, fold, bsgs))
-        period *= 2
-    cost, period, f, r, fold, bsgs = min(candidates, key=lambda c: c[0])
-    fmin = int(f.min())
-    partial = (cols + f * period) % slots  # slot of the partial sum of output cols
-    masks: dict[tuple[int, int], np.ndarray] = {}
-    for rv in np.unique(r):
-        rv = int(rv)
-        b = rv % bsgs.size
-        g = rv - b
-        sel = r == rv
-        mask = np.zeros(slots)
-        mask[partial[sel]] = vals[sel]
-        masks[(g, b)] = np.roll(mask, g)  # pre-rotated by -g: rot(mask, -g)[s] = mask[s - g]
-    out_pos = (np.arange(n_out) + fmin * period) % slots
-    return _Plan(bsgs, masks, period, fold, out_pos, cost)
-
-
 def slots_needed(program: Any) -> int:
     """Slots the latency packing needs: the largest vector of the program (every
     product can fall back to contiguous outputs with full-ring diagonals), where
     ``CKKSVector.mm`` needs ``sum(n_i - 1) + m`` over its chain
-    (:func:`~.params.slots_needed`, an upper bound of this)."""
+    (:func:`~.tenseal_mm.slots_needed`, an upper bound of this)."""
     from .program import Affine
 
     sizes = [program.input_size] + [s.matrix.shape[1] for s in program.stages if isinstance(s, Affine)]
@@ -217,23 +87,13 @@ class _Vec:
         self.backend, self.ct, self.pos, self.pre = backend, ct, pos, pre
 
     def decrypt(self) -> list[float]:
-        b = self.backend
-        pt = b.sa.Plaintext()
-        b.decryptor.decrypt(self.ct, pt)
-        return list(np.asarray(b.encoder.decode_double(pt))[self.pos])
+        return list(np.asarray(self.backend.decrypt(self.ct))[self.pos])
 
     def serialize(self) -> bytes:
-        fd, path = tempfile.mkstemp(suffix=".ct")
-        os.close(fd)
-        try:
-            self.ct.save(path)
-            with open(path, "rb") as f:
-                return f.read()
-        finally:
-            os.unlink(path)
+        return self.backend.serialize(self.ct)
 
 
-class LatencyBackend:
+class LatencyBackend(Seal):
     """The :mod:`.evaluate` backend protocol on SEAL ciphertexts (see the module docstring).
     ``context`` is a TenSEAL CKKS context with a global scale, Galois and relinearization
     keys (``params.make_context``); ``drift`` is accepted for the protocol and replaced by
@@ -242,28 +102,10 @@ class LatencyBackend:
     packing = PACKING
 
     def __init__(self, context: Any, drift: list[float] | None = None) -> None:
-        from tenseal import sealapi as sa
-
-        self.sa, self.context = sa, context
-        seal = context.seal_context().data
-        self.seal = seal
-        self.evaluator = sa.Evaluator(seal)
-        self.encoder = sa.CKKSEncoder(seal)
-        self.slots = self.encoder.slot_count()
-        self.scale = float(context.global_scale)
-        self.galois = context.galois_keys().data
-        self.relin = context.relin_keys().data
-        self.encryptor = context.data.encryptor()
-        self.decryptor = context.data.decryptor() if context.is_private() else None
-        primes = [q.value() for q in seal.first_context_data().parms().coeff_modulus()]
-        # The k-th rescale drops the k-th prime from the end.
-        self._drift = [self.scale / q for q in primes[::-1][:-1]]
+        super().__init__(context)
         self.plans: dict[bytes, _Plan] = {}
         self.boost_bits = BOOST_BITS
         self.stats: dict[str, int] = {"key_switches": 0, "products": 0}
-
-    def drift(self, level: int) -> float:
-        return self._drift[level - 1]
 
     def note(self, level: int, value: Any) -> None:
         pass
@@ -284,70 +126,38 @@ class LatencyBackend:
     # -- encoding helpers -------------------------------------------------------------
 
     def _encode(self, values: Any, ct: Any, scale: float | None = None) -> Any:
-        pt = self.sa.Plaintext()
         v = values if isinstance(values, float) else np.asarray(values, "float64").tolist()
-        self.encoder.encode(v, ct.parms_id(), self.scale if scale is None else scale, pt)
-        return pt
+        return self.plain(v, ct.parms_id(), scale)
 
     def _spread(self, v: np.ndarray, pos: np.ndarray) -> np.ndarray:
         full = np.zeros(self.slots)
         full[pos] = v
         return full
 
-    def _rescale(self, ct: Any) -> Any:
-        self.evaluator.rescale_to_next_inplace(ct)
-        ct.scale = self.scale  # as TenSEAL: the 2^s/q factor is the evaluator's drift
-        return ct
-
     def _rescaled(self, pre: Any, pos: np.ndarray) -> _Vec:
         """A _Vec from a product not yet rescaled, keeping the product as ``pre``."""
-        out = self.sa.Ciphertext()
-        self.evaluator.rescale_to_next(pre, out)
-        out.scale = self.scale
-        return _Vec(self, out, pos, pre)
+        return _Vec(self, self.rescaled(pre), pos, pre)
 
     def _match(self, a: _Vec, b: _Vec) -> tuple[Any, Any]:
         if not np.array_equal(a.pos, b.pos):
             raise ValueError("latency backend: element-wise operation on two different layouts")
-        ca, cb = a.ct, b.ct
-        ia = self.seal.get_context_data(ca.parms_id()).chain_index()
-        ib = self.seal.get_context_data(cb.parms_id()).chain_index()
-        if ia > ib:
-            ca = self._mod_switch(ca, cb.parms_id())
-        elif ib > ia:
-            cb = self._mod_switch(cb, ca.parms_id())
-        return ca, cb
-
-    def _mod_switch(self, ct: Any, parms_id: Any) -> Any:
-        out = self.sa.Ciphertext()
-        self.evaluator.mod_switch_to(ct, parms_id, out)
-        return out
-
-    def _rescale_copy(self, ct: Any) -> Any:
-        out = self.sa.Ciphertext()
-        self.evaluator.rescale_to_next(ct, out)
-        out.scale = self.scale
-        return out
+        return self.aligned(a.ct, b.ct)
 
     def _zero_like(self, x: _Vec, pos: np.ndarray) -> _Vec:
         """An encryption of zero one level below ``x`` (a product whose weights all
         round to zero at the mask scale)."""
-        pt = self.sa.Plaintext()
-        self.encoder.encode(0.0, x.ct.parms_id(), self.scale, pt)
-        out = self.sa.Ciphertext()
-        self.encryptor.encrypt(pt, out)
-        return _Vec(self, self._rescale(self._times_one(out)), pos)
+        out = self.new()
+        self.encryptor.encrypt(self.plain(0.0, x.ct.parms_id()), out)
+        return _Vec(self, self.rescale(self._times_one(out)), pos)
 
     def _times_one(self, ct: Any) -> Any:
-        out = self.sa.Ciphertext()
+        out = self.new()
         self.evaluator.multiply_plain(ct, self._encode(1.0, ct), out)
         return out
 
     def _rotate(self, ct: Any, step: int) -> Any:
-        out = self.sa.Ciphertext()
-        self.evaluator.rotate_vector(ct, int(step), self.galois, out)
         self.stats["key_switches"] += _rotation_cost(step, self.slots)
-        return out
+        return self.rotate(ct, step)
 
     # -- the protocol -----------------------------------------------------------------
 
@@ -355,11 +165,7 @@ class LatencyBackend:
         x = np.asarray(x, "float64").ravel()
         if x.size > self.slots:
             raise ValueError(f"latency backend: {x.size} values do not fit {self.slots} slots")
-        pt = self.sa.Plaintext()
-        self.encoder.encode(self._spread(x, np.arange(x.size)).tolist(), self.scale, pt)
-        ct = self.sa.Ciphertext()
-        self.encryptor.encrypt(pt, ct)
-        return _Vec(self, ct, np.arange(x.size))
+        return _Vec(self, super().encrypt(self._spread(x, np.arange(x.size)).tolist()), np.arange(x.size))
 
     def plan(self, m: np.ndarray, in_pos: np.ndarray) -> _Plan:
         key = hashlib.blake2b(np.ascontiguousarray(m).tobytes() + bytes(str(m.shape), "ascii")
@@ -393,14 +199,14 @@ class LatencyBackend:
                 if b:
                     p = plan.bsgs.parent[b]
                     pre[b] = self._rotate(pre[p], b - p)
-                    rotated[b] = self._rescale_copy(pre[b])
+                    rotated[b] = self.rescaled(pre[b])
         elif rotating:
             x_ct = x.ct
             if boost:
                 # Lift the input's scale by an exact 2^boost (a constant plaintext: every
                 # coefficient times 2^boost, no rounding) so the baby steps' key-switching
                 # noise is 2^-boost of the value's; the masks are encoded 2^boost lower.
-                x_ct = self.sa.Ciphertext()
+                x_ct = self.new()
                 self.evaluator.multiply_plain(x.ct, self._encode(1.0, x.ct, 2.0**boost), x_ct)
             rotated[0] = x_ct
             for b in plan.bsgs.baby:
@@ -413,7 +219,7 @@ class LatencyBackend:
             for (gg, b), pt in encoded.items():
                 if gg != g:
                     continue
-                t = self.sa.Ciphertext()
+                t = self.new()
                 ev.multiply_plain(rotated[b], pt, t)
                 self.stats["products"] += 1
                 if inner is None:
@@ -439,27 +245,27 @@ class LatencyBackend:
         return self._rescaled(total, plan.out_pos)
 
     def add_vector(self, x: _Vec, v: np.ndarray, key: Any) -> _Vec:
-        out = self.sa.Ciphertext()
+        out = self.new()
         self.evaluator.add_plain(x.ct, self._encode(self._spread(v, x.pos), x.ct, x.ct.scale), out)
         return _Vec(self, out, x.pos)
 
     def add_scalar(self, x: _Vec, c: float) -> _Vec:
-        out = self.sa.Ciphertext()
+        out = self.new()
         self.evaluator.add_plain(x.ct, self._encode(float(c), x.ct, x.ct.scale), out)
         return _Vec(self, out, x.pos)
 
     def mul_scalar(self, x: _Vec, c: float, level: int) -> _Vec:
-        out = self.sa.Ciphertext()
+        out = self.new()
         self.evaluator.multiply_plain(x.ct, self._encode(float(c), x.ct), out)
         return self._rescaled(out, x.pos)
 
     def mul_vector(self, x: _Vec, v: np.ndarray, key: Any, level: int) -> _Vec:
-        out = self.sa.Ciphertext()
+        out = self.new()
         self.evaluator.multiply_plain(x.ct, self._encode(self._spread(v, x.pos), x.ct), out)
         return self._rescaled(out, x.pos)
 
     def mul(self, a: _Vec, b: _Vec, level: int) -> _Vec:
-        out = self.sa.Ciphertext()
+        out = self.new()
         if a is b:
             self.evaluator.square(a.ct, out)
         else:
@@ -470,11 +276,11 @@ class LatencyBackend:
 
     def add(self, a: _Vec, b: _Vec) -> _Vec:
         ca, cb = self._match(a, b)
-        out = self.sa.Ciphertext()
+        out = self.new()
         self.evaluator.add(ca, cb, out)
         return _Vec(self, out, a.pos)
 
     def neg(self, a: _Vec) -> _Vec:
-        out = self.sa.Ciphertext()
+        out = self.new()
         self.evaluator.negate(a.ct, out)
         return _Vec(self, out, a.pos)

@@ -11,20 +11,7 @@ import numpy as np
 
 from .evaluate import _evaluate, _PlainBackend
 from .limits import MARGIN_BITS, MAX_MODULUS_BITS, MAX_PRIME_BITS, MAX_SCALE_BITS, MIN_SCALE_BITS, ParameterError
-from .program import Affine, Program
-
-
-def slots_needed(program: Program) -> int:
-    """Slots a TenSEAL ``mm`` chain needs: before each product of an n-vector by an
-    n x m matrix the vector must repeat over n + m - 1 slots, and each product
-    shortens the repetition by n - 1 (see the module docstring)."""
-    used, need = 0, program.input_size
-    for s in program.stages:
-        if isinstance(s, Affine):
-            n, m = s.matrix.shape
-            need = max(need, used + n + m - 1)
-            used += n - 1
-    return need
+from .program import Program
 
 
 @dataclass
@@ -116,21 +103,6 @@ def make_context(params: CKKSParameters, galois: bool = True) -> Any:
     if galois:
         ctx.generate_galois_keys()
     return ctx
-
-
-def _measure_drift(ctx: Any, depth: int) -> list[float]:
-    """Per level, the factor 2^s/q that TenSEAL's rescale leaves in the value (see
-    the module docstring), measured on a vector of ones over all slots."""
-    import tenseal as ts
-
-    ones = ts.ckks_vector(ctx, [1.0] * 256)
-    previous, out = 1.0, []
-    for _ in range(depth):
-        ones = ones * 1.0
-        value = float(np.mean(ones.decrypt()))
-        out.append(value / previous)
-        previous = value
-    return out
 
 
 # --- the run ---------------------------------------------------------------------

@@ -1,0 +1,118 @@
+"""SEAL itself, on the keys of a TenSEAL context: what the batch and latency
+backends share.
+
+TenSEAL's vectors rescale after every product, rotate only inside ``mm`` and
+expose no rescale, which is where the time goes (issue 18). TenSEAL's wheel
+ships SEAL's own Python binding, ``tenseal.sealapi``: its ``Evaluator`` works
+on the very ciphertexts and keys of a TenSEAL context, so both backends drive
+SEAL directly and decide when to rescale and rotate.
+
+Invariant kept by :meth:`Seal.rescale` (what :mod:`.evaluate`'s level and
+factor bookkeeping assumes of every backend): after a rescale the ciphertext's
+scale is set back to exactly 2^s, as TenSEAL does, so the value is multiplied
+by ``2^s / q`` for the prime q dropped: :meth:`Seal.drift` gives that factor
+from the primes themselves (tests check it against TenSEAL's own vectors,
+:func:`~.tenseal_mm.measure_drift`).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+
+class Seal:
+    """Evaluator, encoder, encryptor, decryptor (a private context only) and keys of
+    a TenSEAL CKKS ``context`` with a global scale."""
+
+    def __init__(self, context: Any) -> None:
+        from tenseal import sealapi as sa
+
+        self.sa, self.context = sa, context
+        self.seal = context.seal_context().data
+        self.evaluator = sa.Evaluator(self.seal)
+        self.encoder = sa.CKKSEncoder(self.seal)
+        self.slots = self.encoder.slot_count()
+        self.scale = float(context.global_scale)
+        self.relin = context.relin_keys().data
+        self.galois = context.galois_keys().data if context.has_galois_keys() else None
+        self.encryptor = sa.Encryptor(self.seal, context.public_key().data)
+        self.decryptor = sa.Decryptor(self.seal, context.secret_key().data) if context.is_private() else None
+        self.parms, primes = [], []  # per level (rescales so far): its parms_id, its last prime
+        data = self.seal.first_context_data()
+        while data is not None:
+            self.parms.append(data.parms_id())
+            primes.append(data.parms().coeff_modulus()[-1].value())
+            data = data.next_context_data()
+        self._drift = [self.scale / q for q in primes[:-1]]  # into level l: level l-1's last prime
+
+    def drift(self, level: int) -> float:
+        """The factor a rescale into ``level`` leaves in the value (2^s / q)."""
+        return self._drift[level - 1]
+
+    def level(self, ct: Any) -> int:
+        """Rescales (or modulus switches) ``ct`` has been through."""
+        return len(self.parms) - 1 - self.seal.get_context_data(ct.parms_id()).chain_index()
+
+    def new(self) -> Any:
+        return self.sa.Ciphertext()
+
+    def plain(self, values: Any, parms_id: Any, scale: float | None = None) -> Any:
+        """``values`` (a float: every slot; else a list over the slots) encoded at
+        ``parms_id`` and ``scale`` (default 2^s)."""
+        pt = self.sa.Plaintext()
+        v = float(values) if isinstance(values, float) else list(values)
+        self.encoder.encode(v, parms_id, self.scale if scale is None else scale, pt)
+        return pt
+
+    def encrypt(self, values: Any) -> Any:
+        ct = self.new()
+        self.encryptor.encrypt(self.plain(values, self.parms[0]), ct)
+        return ct
+
+    def decrypt(self, ct: Any) -> list[float]:
+        pt = self.sa.Plaintext()
+        self.decryptor.decrypt(ct, pt)
+        return self.encoder.decode_double(pt)
+
+    def rescale(self, ct: Any) -> Any:
+        """``ct`` rescaled in place, its scale set back to 2^s; returns it."""
+        self.evaluator.rescale_to_next_inplace(ct)
+        ct.scale = self.scale
+        return ct
+
+    def rescaled(self, ct: Any) -> Any:
+        """A rescaled copy of ``ct`` (which is kept)."""
+        out = self.new()
+        self.evaluator.rescale_to_next(ct, out)
+        out.scale = self.scale
+        return out
+
+    def aligned(self, a: Any, b: Any) -> tuple[Any, Any]:
+        """``a`` and ``b`` at the same level: the higher one's copy mod-switched down
+        (no rescale: the value and scale are unchanged)."""
+        la, lb = self.level(a), self.level(b)
+        if la == lb:
+            return a, b
+        low, high = (a, b) if la < lb else (b, a)
+        moved = self.new()
+        self.evaluator.mod_switch_to(low, high.parms_id(), moved)
+        return (moved, b) if la < lb else (a, moved)
+
+    def rotate(self, ct: Any, step: int) -> Any:
+        out = self.new()
+        self.evaluator.rotate_vector(ct, int(step), self.galois, out)
+        return out
+
+    @staticmethod
+    def serialize(ct: Any) -> bytes:
+        """``ct`` as SEAL saves it (its default compression)."""
+        fd, path = tempfile.mkstemp(suffix=".ct")
+        os.close(fd)
+        try:
+            ct.save(path)
+            with open(path, "rb") as f:
+                return f.read()
+        finally:
+            os.unlink(path)
