@@ -176,3 +176,11 @@ def test_cli_refuses_an_unknown_mode(tmp_path):
     assert result.exit_code == 2, (result.stdout, result.stderr)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "--mode" in lines[0] and "batch" in lines[0]
+
+
+def test_cli_refuses_workers_in_latency_mode(tmp_path):
+    from conftest import assert_user_error
+
+    model, data = saved(tmp_path)
+    result = runner.invoke(app, ["he-run", model, "--data", data, "--mode", "latency", "--workers", "2"])
+    assert_user_error(result, "--workers 2 is for batch mode")

@@ -84,9 +84,10 @@ def run(
 ) -> HERunReport:
     """Run ``model`` (a Keras model or a path) on the samples ``x`` encrypted and
     compare with plaintext. ``mode`` "latency": one ciphertext per sample
-    (CKKSVector.mm); "batch": one ciphertext per input element holding up to N/2
-    samples (:mod:`.batch`) on ``workers`` processes [default: batch for more than
-    :data:`BATCH_ABOVE` samples]. ``batch_size`` caps the samples per ciphertext.
+    (:mod:`.latency`: products by generalized diagonals); "batch": one ciphertext
+    per input element holding up to N/2 samples (:mod:`.batch`) on ``workers``
+    processes [default: batch for more than :data:`BATCH_ABOVE` samples].
+    ``batch_size`` caps the samples per ciphertext.
 
     The plaintext reference is the model itself: top-1 agreement is against its
     predictions, and the logits it compiles to (checked against its own outputs
@@ -118,6 +119,9 @@ def run(
     if len(x) == 0:
         raise UserError("no samples to run")
     mode = mode or ("batch" if len(x) > BATCH_ABOVE else "latency")
+    if mode == "latency" and (workers or 1) > 1:
+        raise UserError(f"--workers {workers} is for batch mode; latency mode evaluates one sample at a time "
+                        "on one core (SEAL's Python binding holds the GIL)")
     want = tuple(model.inputs[0].shape[1:]) if len(getattr(model, "inputs", [])) == 1 else None
     if want is not None and None not in want and tuple(x.shape[1:]) != want:
         if int(np.prod(x.shape[1:])) != int(np.prod(want)):
