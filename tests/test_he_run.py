@@ -331,3 +331,22 @@ def test_cli_he_run_needs_x(tmp_path):
     np.savez(tmp_path / "d.npz", inputs=rand((2, 3)))
     result = runner.invoke(app, ["he-run", str(path), "--data", str(tmp_path / "d.npz")])
     assert result.exit_code == 2 and "needs 'x'" in result.stderr
+
+
+def test_cli_he_run_fails_when_the_encrypted_logits_are_off(tmp_path, monkeypatch):
+    """A fault in the evaluator (here: every rescale's drift compensated as 0.5
+    instead of ~1, so each level halves the values) is a failure, not a report:
+    exit 1 and one error line, the figures still printed."""
+    from actswap.he import seal
+
+    model = keras.Sequential([keras.Input((3,)), L.Dense(4), Square(), L.Dense(2, activation="softmax")])
+    randomize(model)
+    model.save(tmp_path / "m.keras")
+    np.savez(tmp_path / "d.npz", x=rand((2, 3), seed=2))
+    monkeypatch.setattr(seal.Seal, "drift", lambda self, level: 0.5)
+    result = runner.invoke(app, ["he-run", str(tmp_path / "m.keras"), "--data", str(tmp_path / "d.npz"), "--json"])
+    assert result.exit_code == 1, (result.stdout, result.stderr)
+    data = json.loads(result.stdout)
+    assert data["max_rel_logit_error"] > 1e-2 and "differ from plaintext" in data["failure"]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: encrypted run failed: "), result.stderr

@@ -82,7 +82,7 @@ def he_run(
         r = report.to_dict()
         if as_json:
             typer.echo(json.dumps(r))
-            return 0
+            return _failed(r)
         lat, size, per = r["latency_seconds"], r["ciphertext_bytes"], "batch" if r["mode"] == "batch" else "sample"
         table = Table(title=f"he-run {model} ({r['samples']} samples, {r['mode']} mode)")
         table.add_column("figure")
@@ -112,6 +112,14 @@ def he_run(
             console.print(f"stage {i + 1}: {stage}")
         for note in r["notes"]:
             console.print(f"note: {note}")
-        return 0
+        return _failed(r)
 
     _run(debug, body)
+
+
+def _failed(r: dict[str, Any]) -> int:
+    """Exit 1 with the reason when the encrypted run did not reproduce plaintext."""
+    if r["failure"]:
+        typer.echo(f"error: encrypted run failed: {r['failure']}", err=True)
+        return 1
+    return 0

@@ -17,6 +17,12 @@ from .params import CKKSParameters, choose_parameters, depth_and_magnitudes, mak
 from .program import _softmax, compile_model
 
 
+# The decrypted logits may differ from the plaintext program's by this much, relative to
+# their largest magnitude: CKKS noise at the chosen scales measures 2e-5 to 7e-5
+# (docs/benchmarks.md); a parameter or evaluator fault is O(1).
+MAX_REL_LOGIT_ERROR = 1e-2
+
+
 @dataclass
 class HERunReport:
     samples: int
@@ -47,8 +53,22 @@ class HERunReport:
     encrypted_logits: np.ndarray | None = None
     plaintext_logits: np.ndarray | None = None
 
+    def failure(self) -> str | None:
+        """Why the encrypted run did not reproduce the plaintext one, or None:
+        non-finite decrypted logits, or logits further than :data:`MAX_REL_LOGIT_ERROR`
+        (relative) from the plaintext program's."""
+        logits = self.encrypted_logits
+        if logits is not None and not np.all(np.isfinite(logits)):
+            return f"{int(np.size(logits) - np.isfinite(logits).sum())} decrypted logit(s) are NaN/Inf"
+        if not self.max_rel_logit_error <= MAX_REL_LOGIT_ERROR:
+            return (f"the decrypted logits differ from plaintext by {self.max_rel_logit_error:.3g} of their "
+                    f"largest magnitude (allowed: {MAX_REL_LOGIT_ERROR:g}); the encrypted run does not reproduce "
+                    "the model")
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         return {
+            "failure": self.failure(),
             "samples": self.samples, "parameters": self.parameters.to_dict(), "stages": list(self.stages),
             "top1_agreement": self.agreement, "max_abs_logit_error": self.max_abs_logit_error,
             "max_rel_logit_error": self.max_rel_logit_error,

@@ -96,12 +96,11 @@ class _Vec:
 class LatencyBackend(Seal):
     """The :mod:`.evaluate` backend protocol on SEAL ciphertexts (see the module docstring).
     ``context`` is a TenSEAL CKKS context with a global scale, Galois and relinearization
-    keys (``params.make_context``); ``drift`` is accepted for the protocol and replaced by
-    the exact factors of the context's primes."""
+    keys (``params.make_context``); the drift of each level comes from its primes (:class:`~.seal.Seal`)."""
 
     packing = PACKING
 
-    def __init__(self, context: Any, drift: list[float] | None = None) -> None:
+    def __init__(self, context: Any) -> None:
         super().__init__(context)
         self.plans: dict[bytes, _Plan] = {}
         self.boost_bits = BOOST_BITS

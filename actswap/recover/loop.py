@@ -45,10 +45,6 @@ def is_chief(strategy: Any) -> bool:
         "chief" not in resolver.cluster_spec().as_dict()
 
 
-class LoopHistory(keras.callbacks.History):
-    """What ``fit`` returns: ``history`` (key -> per-epoch values) and ``epoch``."""
-
-
 def _dataset(train: Any, batch_size: int) -> Any:
     if isinstance(train, tf.data.Dataset):
         return train  # batched (global batches) and shuffled by its own pipeline
@@ -96,7 +92,7 @@ def fit(model: Any, train: Any, val: Any, *, strategy: Any, epochs: int, initial
         batch_size: int, callbacks: list[Any]) -> Any:
     """Train ``model`` (a compiled :class:`~.training.Distiller`, or a student
     compiled with sparse categorical cross-entropy) like ``model.fit`` would,
-    under ``strategy``. Returns a :class:`LoopHistory`."""
+    under ``strategy``. Returns its ``keras.callbacks.History``, as ``fit`` does."""
     from .training import per_example_loss
 
     student = getattr(model, "student", model)
@@ -108,7 +104,7 @@ def fit(model: Any, train: Any, val: Any, *, strategy: Any, epochs: int, initial
     steps = _steps(ds)
     chief = is_chief(strategy)
     kept = [c for c in callbacks if chief or not writes_files(c)]
-    history = LoopHistory()
+    history = keras.callbacks.History()
     cbs = keras.callbacks.CallbackList([*kept, history], model=model, epochs=epochs, steps=steps, verbose=0)
 
     def replica_step(x: Any, y: Any) -> Any:
