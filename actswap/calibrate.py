@@ -152,6 +152,11 @@ def _batches(data: Any, batch_size: int) -> Any:
         yield chunk if len(chunk) > 1 else chunk[0]
 
 
+def batches_of(data: Any, batch_size: int = 64) -> Any:
+    """The input batches of calibration ``data`` (any form :func:`calibrate` takes)."""
+    return _batches(load_samples(data), batch_size)
+
+
 def calibrate(model: Any, sites: list[Site], data: Any, *, batch_size: int = 64) -> dict[str, Range]:
     """Input ranges, per site path, of ``model`` run on ``data`` (arrays, an .npz/.npy path,
     or a ``tf.data.Dataset`` of inputs or (inputs, labels))."""

@@ -48,6 +48,7 @@ np: Any = _NumPy()
 # Families whose members are not activations to convert (``--from all`` skips them).
 POLYNOMIAL_FAMILY = "polynomial"  # actswap's own output
 POOL_FAMILY = "pool"  # max pooling (--pool avg)
+POOL_SOURCE = "max_pool"
 BLEND_FAMILY = "blend"  # a site on its way to a polynomial (actswap.recover)
 NOT_CONVERTED_FAMILIES = frozenset({POLYNOMIAL_FAMILY, POOL_FAMILY, BLEND_FAMILY})
 
@@ -70,7 +71,9 @@ class Source:
     names (``"nn.relu"``). ``reference`` is None when there is nothing to fit.
     ``elementwise`` is False for activations a per-element polynomial cannot
     stand in for: they mix elements (softmax), split their input (glu) or
-    carry weights (prelu)."""
+    carry weights (prelu). A source that is no activation at all (a
+    normalisation, the softmax inside attention, max pooling) is replaced by a
+    rule of :mod:`actswap.rules`."""
 
     name: str
     family: str | None = None
@@ -82,6 +85,9 @@ class Source:
     tf_keras_symbols: tuple[str, ...] = ()
     reference: Reference | None = None
     elementwise: bool = True
+    # detail(config) -> the site's detail, for layers whose config says more
+    # than their class (LayerNormalization(rms_scaling=True)); None: none.
+    detail: Callable[[Mapping[str, Any]], str] | None = None
 
     @property
     def group(self) -> str:
@@ -231,6 +237,13 @@ def is_elementwise(name: str) -> bool:
     return record is None or record.elementwise
 
 
+def detail_of(name: str, config: Mapping[str, Any]) -> str | None:
+    """The detail of a layer that is a site of ``name`` when its record reads one
+    from the config (None: the record has no such reader)."""
+    record = RECORDS.get(name)
+    return record.detail(config) if record is not None and record.detail is not None else None
+
+
 def reference_function(activation: str, detail: str) -> Callable[[Any], Any] | None:
     """The NumPy reference of ``activation`` at a site with ``detail``
     (``"negative_slope=0.1"``), as a function of an array; None: none to fit."""
@@ -321,13 +334,21 @@ _BUILT_IN = (
     Source("threshold", keras_ops=("Threshold",)),
     # Max pooling is not an activation, but HE cannot compute a maximum either;
     # --pool avg swaps it for average pooling (registry.POOL_SWAPS).
-    Source("max_pool", POOL_FAMILY),
+    Source(POOL_SOURCE, POOL_FAMILY),
+    # Transformer blocks: replaced by the rules of actswap.rules (--to approx),
+    # not by a per-element polynomial.
+    Source("layernorm", aliases=("layer_norm",), keras_layers=("LayerNormalization",), elementwise=False,
+           detail=lambda c: "rms_scaling=True" if c.get("rms_scaling") else ""),
+    Source("attention_softmax", aliases=("attention",), keras_layers=("MultiHeadAttention",), elementwise=False),
     # What actswap itself puts in: recognised so that re-converting a converted
     # model reports them instead of ignoring them. ``Square`` is also the op
     # --to square leaves in a frozen GraphDef.
     Source("square", POLYNOMIAL_FAMILY, tf_ops=("Square",)),
     Source("poly", POLYNOMIAL_FAMILY),
     Source("blend", BLEND_FAMILY),
+    Source("poly_softmax", POLYNOMIAL_FAMILY),
+    Source("poly_layernorm", POLYNOMIAL_FAMILY),
+    Source("poly_attention", POLYNOMIAL_FAMILY),
 )
 _BUILT_IN_OWN = (
     OwnActivation("square", ("Square",), ("actswap>square", "actswap>SquareActivation", "actswap>Square"),

@@ -131,9 +131,10 @@ def classify_node(
         if cls == "ReLU":
             return (*relu_variant(config, dialect.max_value_as_float), RELU_LAYER_FORM)
         if cls in dialect.activation_layers:
+            name = dialect.activation_layers[cls]
             key = dialect.layer_detail_keys.get(cls)
             detail = f"{key}={float(config[key]):g}" if key and key in config else ""
-            return dialect.activation_layers[cls], detail, f"{cls} layer"
+            return name, registry.detail_of(name, config) or detail, f"{cls} layer"
     found = dialect.other_node(module, cls, config)
     if found:
         return found

@@ -69,6 +69,8 @@ class ExportReport:
     op_counts: dict[str, int]
     parity: Parity
     notes: list[str] = field(default_factory=list)
+    # "Op 'node'" of every node CKKS cannot evaluate, but an output softmax (the client's).
+    non_polynomial: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -78,6 +80,7 @@ class ExportReport:
             "relu_nodes": self.op_counts.get("Relu", 0),
             "pow_nodes": self.op_counts.get("Pow", 0),
             "mul_nodes": self.op_counts.get("Mul", 0),
+            "non_polynomial_nodes": list(self.non_polynomial),
             "parity": self.parity.to_dict(),
             "notes": list(self.notes),
         }
@@ -213,6 +216,33 @@ def op_counts(model: Any) -> dict[str, int]:
     return counts
 
 
+# ONNX ops that are no polynomial of their inputs (what HE cannot evaluate).
+NON_POLYNOMIAL_OPS = frozenset({
+    "Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Gelu", "Erf", "Tanh", "Sigmoid", "HardSigmoid", "HardSwish",
+    "Softplus", "Softsign", "Mish", "Exp", "Log", "Sqrt", "Reciprocal", "Softmax", "LogSoftmax",
+    "LayerNormalization", "Max", "Min", "MaxPool", "GlobalMaxPool", "Abs", "Sign", "Clip",
+})
+
+
+def non_polynomial_nodes(proto: Any) -> list[str]:
+    """Nodes of ``proto`` whose op is not a polynomial, as "Op 'name'", except a
+    Softmax whose output is a graph output (through Identity nodes only): the
+    output softmax the client applies after decryption."""
+    outputs = {o.name for o in proto.graph.output}
+    # A tensor reaches an output through Identity nodes only.
+    identity = {n.input[0]: n.output[0] for n in proto.graph.node if n.op_type == "Identity" and n.input}
+
+    def reaches_output(tensor: str) -> bool:
+        seen = set()
+        while tensor not in outputs and tensor in identity and tensor not in seen:
+            seen.add(tensor)
+            tensor = identity[tensor]
+        return tensor in outputs
+
+    return [f"{n.op_type} '{n.name}'" for n in proto.graph.node if n.op_type in NON_POLYNOMIAL_OPS
+            and not (n.op_type == "Softmax" and all(reaches_output(o) for o in n.output))]
+
+
 def run_onnx(proto: Any, inputs: list[np.ndarray]) -> list[np.ndarray]:
     """Outputs of ``proto`` in onnxruntime (CPU) for ``inputs``, in graph order."""
     import onnxruntime as ort
@@ -284,7 +314,7 @@ def export_onnx(
     opset = proto.opset_import[0].version
     parity = check_parity(call, proto, sample, tol)
     del keep
-    report = ExportReport(None, opset, op_counts(proto), parity)
+    report = ExportReport(None, opset, op_counts(proto), parity, non_polynomial=non_polynomial_nodes(proto))
     if not parity.ok:
         raise ExportCheckError(
             f"ONNX output differs from TensorFlow: {parity.describe()}; nothing written", report

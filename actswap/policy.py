@@ -5,7 +5,7 @@ No TensorFlow here.
 
 from __future__ import annotations
 
-from . import registry
+from . import registry, rules
 from .report import Site
 
 # Parity tolerance for ONNX-vs-TF and verify checks, relative to the output's
@@ -33,7 +33,7 @@ def decide(
         return "unrecognised custom activation"
     if fam == "polynomial":
         return f"already {site.activation}"
-    refusal = target.refuses(site.activation, site.detail)
+    refusal = rules.refusal(site.activation, site.detail, target, site)
     if site.activation not in sources:
         # A member of a selected family (relu6 when converting relu) is reported
         # with the target's own reason when it has one: that is the real why.

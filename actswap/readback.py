@@ -136,17 +136,23 @@ def read_back_savedmodel(path: str | os.PathLike[str], signatures: Any, variable
 def replaced_sites_check(report: Report) -> Callable[[list[Any]], None]:
     """A check of the sites read back from a written Keras model: every site the
     report replaced holds the target ("square" or "poly") at its path."""
+    from . import rules
+
     replaced = [s for s in report.sites if s.action == REPLACED and s.activation != POOL_SOURCE]
-    expected = "square" if report.target == "square" else "poly"
+    default = "square" if report.target == "square" else "poly"
+
+    def expected(site: Any) -> str:
+        rule = rules.rule_for(site.activation, report.target or "")
+        return rule.emits[0].source if rule is not None and rule.emits else default
 
     def check(after: list[Any]) -> None:
         # A layer can hold several sites (activation=, recurrent_activation=).
         got = Counter((s.path, s.activation) for s in after)
-        for (path, act), n in Counter((s.path, expected) for s in replaced).items():
+        for (path, act), n in Counter((s.path, expected(s)) for s in replaced).items():
             if got[(path, act)] < n:
                 found = sorted({s.activation for s in after if s.path == path}) or ["no activation"]
                 raise InvariantError(
-                    f"the written model has {', '.join(found)} at '{path}' where {expected} was put; "
+                    f"the written model has {', '.join(found)} at '{path}' where {act} was put; "
                     "nothing written"
                 )
 

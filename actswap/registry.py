@@ -36,6 +36,7 @@ from .catalog import (  # noqa: F401  (re-exported)
     TF_OPS,
     Source,
     canonical,
+    detail_of,
     family,
     register_source,
     unregister_source,
@@ -45,14 +46,10 @@ from .errors import UserError
 
 # --- Pooling ----------------------------------------------------------------
 
-# Max pooling is not an activation, but HE cannot compute a maximum either;
-# --pool avg swaps it for average pooling (same window, strides, padding).
-POOL_SWAPS: dict[str, str] = {
-    "MaxPooling1D": "AveragePooling1D", "MaxPooling2D": "AveragePooling2D",
-    "MaxPooling3D": "AveragePooling3D", "GlobalMaxPooling1D": "GlobalAveragePooling1D",
-    "GlobalMaxPooling2D": "GlobalAveragePooling2D", "GlobalMaxPooling3D": "GlobalAveragePooling3D",
-}
-POOL_SOURCE = "max_pool"
+# Max pooling -> average pooling is a rule of :mod:`actswap.rules` (``--pool avg``).
+from .rules import POOL_SWAPS  # noqa: E402,F401  (re-exported)
+
+POOL_SOURCE = catalog.POOL_SOURCE
 
 
 # --- Targets --------------------------------------------------------------
@@ -320,8 +317,10 @@ TARGET_FACTORIES["quad"] = _quad_factory
 
 def check_pairs(sources: frozenset[str], target: Target) -> None:
     """Refuse (UserError) explicitly chosen sources the target can never replace."""
+    from . import rules
+
     for name in sorted(sources):
-        reason = target.refuses(name, "")
+        reason = rules.refusal(name, "", target)
         if reason is not None:
             raise UserError(f"--from {name} --to {target.name}: {reason}")
 

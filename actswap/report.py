@@ -46,6 +46,9 @@ class Site:
     coefficients: tuple[float, ...] | None = None
     # With calibration: the largest |output| of the site after the swap.
     output_max: float | None = None
+    # The layer produces one of the model's outputs (a final softmax is the
+    # client's work after decryption, not the network's).
+    at_output: bool = False
     # Where the site lives, for the engine: the leaf layer object's id and a
     # key path into that leaf's serialized config. Not part of the report.
     leaf_id: int = field(default=0, repr=False, compare=False)
@@ -83,6 +86,8 @@ class Site:
             d["coefficients"] = list(self.coefficients)
         if self.output_max is not None:
             d["output_max"] = self.output_max
+        if self.at_output:
+            d["at_output"] = True
         return d
 
 

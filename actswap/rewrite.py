@@ -47,10 +47,16 @@ ActivationBuilder = Callable[[Site, dict[str, Any]], Any]
 def target_owned(layer: Any) -> set[int]:
     """ids of the weights that target-created layers inside ``layer`` own (e.g.
     trainable polynomial coefficients): new weights, not copies of old ones.
-    A target layer says so with a class attribute ``actswap_target = True``."""
+    A target layer says so with a class attribute ``actswap_target = True``
+    (all its weights), or a method ``actswap_own_weights()`` listing them (a
+    layer that stands in for one with weights, such as a polynomial
+    LayerNormalization, keeps the others' copies)."""
     owned: set[int] = set()
     for sub in layer._flatten_layers(include_self=True, recursive=True):
-        if getattr(sub, "actswap_target", False):
+        own = getattr(sub, "actswap_own_weights", None)
+        if callable(own):
+            owned.update(id(v) for v in own())
+        elif getattr(sub, "actswap_target", False):
             owned.update(id(v) for v in sub.weights)
     return owned
 

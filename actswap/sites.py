@@ -126,6 +126,7 @@ def find_sites(model: Any, flavor: Flavor = KERAS3) -> list[Site]:
     sites: list[Site] = []
     by_leaf: dict[int, list[Site]] = {}
     first_path: dict[int, str] = {}
+    outputs = output_names(model) if flavor.is_graph_model(model) else set()
     if flavor.is_graph_model(model):
         nodes = list(iter_nodes(model, "", flavor))
     else:
@@ -143,7 +144,18 @@ def find_sites(model: Any, flavor: Flavor = KERAS3) -> list[Site]:
         by_leaf[id(obj)] = found
         first_path[id(obj)] = path
         sites.extend(found)
+    for s in sites:
+        s.at_output = s.path in outputs
     return sites
+
+
+def output_names(model: Any) -> set[str]:
+    """Names of the top-level layers/ops producing a graph model's outputs (empty
+    for a subclassed model, whose outputs are Python code)."""
+    try:
+        return {t._keras_history[0].name for t in keras.tree.flatten(model.outputs)}
+    except (AttributeError, TypeError, ValueError):
+        return set()
 
 
 def _is_graph_config(node: Any) -> bool:

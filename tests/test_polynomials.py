@@ -275,14 +275,16 @@ def test_inspect_he_on_the_fixture_before_and_after_matches_a_hand_count(tmp_pat
         return json.loads(r.stdout)["he"]
 
     before = he(fixtures_dir / "mnist_cnn.keras")
+    # The output softmax is the client's (applied after decryption): listed apart, not blocking.
     assert sorted(i["path"] for i in before["non_polynomial"]) == [
-        "conv1", "pool1", "pool2", "probs", "relu2", "relu3",
+        "conv1", "pool1", "pool2", "relu2", "relu3",
     ]
+    assert [i["path"] for i in before["client_side"]] == ["probs"]
     assert before["multiplicative_depth"] == {"depth": 4, "ct_ct": 0, "ct_pt": 4}
     out = tmp_path / "sq.keras"
     assert runner.invoke(app, ["convert", str(fixtures_dir / "mnist_cnn.keras"), "--to", "square", "-o", str(out)]).exit_code == 0
     after = he(out)
-    assert sorted(i["path"] for i in after["non_polynomial"]) == ["pool1", "pool2", "probs"]
+    assert sorted(i["path"] for i in after["non_polynomial"]) == ["pool1", "pool2"]
     assert after["multiplicative_depth"] == {"depth": 7, "ct_ct": 3, "ct_pt": 4}
     assert after["he_ready"] is False
     # Degree 4 fits: ceil(log2 4) = 2 ct x ct each, and their coefficients scale (+1 ct x pt each).

@@ -57,6 +57,12 @@ def inspect(
         if report.he is not None:
             for item in report.he["non_polynomial"]:
                 console.print(f"not polynomial: {item['path']}: {item['op']} ({item['why']})")
+            for item in report.he["client_side"]:
+                console.print(f"client-side: {item['path']}: {item['op']} ({item['why']})")
+            for item in report.he["parts"]:
+                cost = ("not a polynomial" if item["ct_ct"] is None
+                        else f"{item['ct_ct']} ciphertext x ciphertext, {item['ct_pt']} ciphertext x plaintext")
+                console.print(f"  {item['path']}: {item['part']}: {cost}")
             d = report.he["multiplicative_depth"]
             console.print(
                 f"multiplicative depth {d['depth']}: {d['ct_ct']} ciphertext x ciphertext, "

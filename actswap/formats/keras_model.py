@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import registry
+from .. import registry, rules
 from ..errors import UnsupportedModelError, UserError
 from ..keras_setup import keras
 from ..policy import decide
@@ -58,22 +58,27 @@ def convert_model(
     sites = find_sites(model)
     if options.pool not in (None, "avg"):
         raise UserError(f"--pool takes 'avg', got '{options.pool}'")
+    if options.pool == "avg":
+        chosen = chosen | {registry.POOL_SOURCE}
     if options.calibrate is not None:
-        _calibrate_sites(model, sites, options.calibrate, options.margin)
+        # Measured input ranges are what element-wise fits use; the layers rules
+        # put in measure their own statistics after the rewrite.
+        elementwise = [s for s in sites if s.activation not in rules.RULES]
+        _calibrate_sites(model, elementwise, options.calibrate, options.margin)
+    sites.extend(rules.unlisted_sites(model, chosen))
     for s in sites:
         reason = decide(s, target, chosen)
         s.replaceable = reason is None
         s.action = REPLACED if reason is None else SKIPPED
-        s.reason = reason or f"{s.activation} -> {target.name}"
-        if reason is None and target.coefficients is not None:
+        s.reason = reason or rules.site_reason(s, target.name)
+        if reason is None and target.coefficients is not None and rules.rule_for(s.activation, target.name) is None:
             s.coefficients = target.coefficients(s)
-    if options.pool == "avg":
-        sites.extend(_pool_sites(model))
 
     def make_layer(site: Site, old_node: dict[str, Any]) -> Any:
+        rule = rules.rule_for(site.activation, target.name)
+        if rule is not None:
+            return rule.layer(site, old_node, False)
         cfg = old_node["config"]
-        if site.activation == registry.POOL_SOURCE:
-            return _average_pooling(old_node)
         kwargs: dict[str, Any] = {"name": cfg["name"], "trainable": cfg.get("trainable", True)}
         if "dtype" in cfg:
             kwargs["dtype"] = cfg["dtype"]
@@ -82,6 +87,11 @@ def convert_model(
         return target.layer(grad_mode, site, **kwargs)
 
     def make_activation(site: Site, owner: dict[str, Any]) -> Any:
+        rule = rules.rule_for(site.activation, target.name)
+        if rule is not None:
+            if rule.activation is None:
+                raise UnsupportedModelError(f"'{site.path}': {rule.name} has no activation= form")
+            return rule.activation(site, owner)
         return target.activation(grad_mode, site, channels=owner.get("units") or owner.get("filters"))
 
     def check_subclassed(path: str, new_leaf: Any) -> None:
@@ -89,6 +99,7 @@ def convert_model(
 
     new_model = rewrite(model, sites, make_layer, make_activation, check_subclassed, consume=consume)
     notes.extend(precision_warnings(model, sites, target.name))
+    notes.extend(_calibrate_rule_layers(new_model, sites, options.calibrate))
     if options.calibrate is not None:
         notes.extend(_overflow_warnings(new_model, sites, options.calibrate))
     if getattr(model, "compiled", False):
@@ -108,25 +119,23 @@ def convert_model(
     return new_model, report
 
 
-def _pool_sites(model: Any) -> list[Site]:
-    """Max-pooling layers as sites, to be swapped for average pooling."""
-    from ..sites import is_graph_model, iter_nodes
+def _calibrate_rule_layers(converted: Any, sites: list[Site], data: Any) -> list[str]:
+    """Set the constants of the layers rules put in (softmax and LayerNorm
+    scales) from ``data``; without data they keep their data-free defaults, and
+    a note says so."""
+    ruled = [s for s in sites if s.action == REPLACED and s.activation != registry.POOL_SOURCE
+             and rules.RULES.get(s.activation) is not None]
+    if not ruled:
+        return []
+    if data is None:
+        return [
+            f"{len(ruled)} site(s) ({', '.join(sorted({s.activation for s in ruled}))}) use data-free constants; "
+            "pass --calibrate data.npz, or run `actswap recover`, which calibrates them on its training data"
+        ]
+    from ..calibrate import batches_of
 
-    found = []
-    for path, obj in iter_nodes(model) if is_graph_model(model) else []:
-        name = type(obj).__name__
-        if name in registry.POOL_SWAPS:
-            s = Site(path, name, "pooling layer", registry.POOL_SOURCE, leaf_id=id(obj), pointer=())
-            s.action, s.replaceable = REPLACED, True
-            s.reason = f"{name} -> {registry.POOL_SWAPS[name]} (--pool avg)"
-            found.append(s)
-    return found
-
-
-def _average_pooling(old_node: dict[str, Any]) -> Any:
-    cls = getattr(keras.layers, registry.POOL_SWAPS[old_node["class_name"]])
-    keys = ("name", "pool_size", "strides", "padding", "data_format", "keepdims", "trainable", "dtype")
-    return cls(**{k: v for k, v in old_node["config"].items() if k in keys})
+    rules.calibrate_layers(converted, batches_of(data))
+    return []
 
 
 def _calibrate_sites(model: Any, sites: list[Site], data: Any, margin: float) -> None:

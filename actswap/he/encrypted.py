@@ -89,6 +89,41 @@ MODES = ("batch", "latency")
 BATCH_ABOVE = 8  # the default mode: batch for more samples than this, latency otherwise
 
 
+def refuse_attention(model: Any) -> None:
+    """Refuse a model with attention in one line: with the multiplicative depth it
+    needs against the most any 128-bit-secure CKKS setting holds when it does not
+    fit, else naming what the evaluator does not compile (products of two
+    encrypted activations, residual branches across polynomials)."""
+    from ..sites import is_graph_model
+    from .limits import MAX_MODULUS_BITS, MIN_SCALE_BITS, OutOfScopeError, ParameterError, max_depth
+    from .readiness import he_report
+
+    if not is_graph_model(model):
+        return
+    report = he_report(model)
+    if not report.parts:
+        return
+    first = report.parts[0]["path"]
+    if report.non_polynomial:
+        item = report.non_polynomial[0]
+        raise OutOfScopeError(
+            f"'{item['path']}': {item['op']} is not a polynomial; convert the model first: "
+            "`actswap convert MODEL --from all --to approx` (or `actswap recover ... --to approx --from all`)"
+        )
+    d, available = report.depth, max_depth()
+    if d.total > available:
+        raise ParameterError(
+            f"multiplicative depth {d.total} needed ({d.ct_ct} ciphertext x ciphertext, {d.ct_pt} ciphertext x "
+            f"plaintext), at most {available} available at 128-bit security (N={max(MAX_MODULUS_BITS)}, "
+            f"{max(MAX_MODULUS_BITS.values())}-bit modulus, 2^{MIN_SCALE_BITS} scale): use fewer blocks"
+        )
+    raise OutOfScopeError(
+        f"'{first}': attention multiplies two encrypted activations (QKᵀ, weights x V) and its block adds "
+        f"residual branches, which the encrypted evaluator does not compile yet (depth {d.total} would fit: "
+        f"at most {available} at 128-bit security)"
+    )
+
+
 def run(
     model: Any,
     x: np.ndarray,
@@ -148,6 +183,7 @@ def run(
             raise UserError(f"the samples have shape {tuple(x.shape[1:])}, the model takes {want}")
         x = x.reshape((len(x),) + want)  # e.g. MNIST without its channel axis
     x = x.astype("float32")
+    refuse_attention(model)
     program = compile_model(model, x[:16])
     plain_logits = program.plain(x)
     model_out = np.asarray(model.predict(x, batch_size=256, verbose=0), "float64").reshape(len(x), -1)

@@ -27,6 +27,15 @@ MARGIN_BITS = 3  # headroom over the largest value seen (values up to 8x larger 
 MAX_SLOTS = max(MAX_MODULUS_BITS) // 2  # the widest vector any parameter set holds
 
 
+def max_depth() -> int:
+    """The most rescale levels any 128-bit-secure setting holds: the largest
+    modulus, two outer primes of the smallest scale plus the sign bit and
+    margin, and primes of the smallest scale between them (as
+    :func:`actswap.he.params.choose_parameters` lays them out)."""
+    outer = MIN_SCALE_BITS + 1 + MARGIN_BITS
+    return (max(MAX_MODULUS_BITS.values()) - 2 * outer) // MIN_SCALE_BITS
+
+
 class OutOfScopeError(UnsupportedModelError):
     """The model is not a chain of affine maps and polynomials (exit 2); names the layer."""
 

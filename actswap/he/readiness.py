@@ -20,6 +20,12 @@ Counting rule (stated in the README too):
   coefficients other than 0/1 add 1 ct_pt (so the scaled square ``s·x²``
   that recovery leaves is 1 ct_ct + 1 ct_pt): each target's cost is declared
   in its catalog record (:mod:`actswap.catalog`); a Multiply of two tensors is 1.
+* attention: the query projection (1 ct_pt), QKᵀ (1 ct_ct), the softmax
+  (actswap's s·(x + c)²: 1 ct_ct + 1 ct_pt; Keras' own is not a polynomial and
+  is listed), the weights times V (1 ct_ct) and the output projection (1 ct_pt)
+  along the chain; the report names each part (``parts``).
+* a softmax that is the model's last op is the client's, after decryption:
+  listed under ``client_side``, it does not block ``he_ready``.
 * Flatten, Reshape, Add, Concatenate, padding, cropping, dropout and the
   input cost nothing.
 
@@ -43,7 +49,7 @@ import keras
 
 from .. import catalog
 from ..sites import find_sites, is_graph_model
-from .layers import AFFINE_LAYERS, CT_CT_LAYERS, NON_POLYNOMIAL_LAYERS, PASS_THROUGH, polynomial_cost
+from .layers import AFFINE_LAYERS, ATTENTION_LAYERS, CT_CT_LAYERS, NON_POLYNOMIAL_LAYERS, PASS_THROUGH, polynomial_cost
 
 # Views of the one table in :mod:`.layers`, under the names this module always had.
 CT_PT_LAYERS = {name: n for name, n in AFFINE_LAYERS.items() if n}
@@ -62,12 +68,21 @@ class Depth:
 
 @dataclass
 class HEReport:
+    """``non_polynomial`` blocks an encrypted run; ``client_side`` does not (a
+    softmax that is the model's last op: the client decrypts the logits and
+    applies it); ``parts`` names the cost of each part of a layer that is more
+    than one product (attention: QKᵀ, the softmax, the weights times V)."""
+
     non_polynomial: list[dict[str, str]] = field(default_factory=list)
     depth: Depth = Depth()
+    client_side: list[dict[str, str]] = field(default_factory=list)
+    parts: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "non_polynomial": list(self.non_polynomial),
+            "client_side": list(self.client_side),
+            "parts": list(self.parts),
             "multiplicative_depth": {
                 "depth": self.depth.total, "ct_ct": self.depth.ct_ct, "ct_pt": self.depth.ct_pt,
             },
@@ -82,6 +97,8 @@ def _leaf_cost(leaf: Any) -> tuple[int, int]:
     if own is not None:
         return own
     name = type(leaf).__name__
+    if name in ATTENTION_LAYERS:  # its softmax is a site of its own (not a polynomial yet)
+        return ATTENTION_LAYERS[name]
     ct_ct, ct_pt = CT_CT_LAYERS.get(name, 0), CT_PT_LAYERS.get(name, 0)
     if name == "Rescaling" and getattr(leaf, "scale", 1.0) == 1.0:
         ct_pt = 0
@@ -109,13 +126,20 @@ def _walk(model: Any, inputs: list[Depth]) -> list[Depth]:
     return [o for o in keras.tree.flatten(outs) if isinstance(o, Depth)]
 
 
-def _non_polynomial(model: Any) -> list[dict[str, str]]:
+CLIENT_SIDE = "output softmax: client-side, applied after decryption"
+
+
+def _non_polynomial(model: Any, client_side: list[dict[str, str]]) -> list[dict[str, str]]:
+    """What blocks an encrypted run; a final softmax goes to ``client_side``
+    instead (no other op may: everything else runs on ciphertexts)."""
     from ..sites import iter_nodes
 
     found: list[dict[str, str]] = []
     activation_sites = {s.path: s for s in find_sites(model)}
     for s in activation_sites.values():
-        if not catalog.is_polynomial(s.activation):
+        if s.activation == "softmax" and s.at_output:
+            client_side.append({"path": s.path, "op": f"{s.activation} ({s.form})", "why": CLIENT_SIDE})
+        elif not catalog.is_polynomial(s.activation):
             found.append({"path": s.path, "op": f"{s.activation} ({s.form})", "why": "not a polynomial"})
     nodes = list(iter_nodes(model)) if is_graph_model(model) else []
     for path, obj in nodes:
@@ -138,4 +162,22 @@ def he_report(model: Any) -> HEReport:
         raise UnsupportedModelError("the HE report needs a Sequential or Functional model")
     n_inputs = len(keras.tree.flatten(model.inputs))
     outs = _walk(model, [Depth()] * n_inputs)
-    return HEReport(_non_polynomial(model), max(outs) if outs else Depth())
+    client_side: list[dict[str, str]] = []
+    found = _non_polynomial(model, client_side)
+    return HEReport(found, max(outs) if outs else Depth(), client_side, _parts(model))
+
+
+def _parts(model: Any) -> list[dict[str, Any]]:
+    """The cost of each part of every attention layer, polynomial or not."""
+    from ..rules import attention_parts
+    from ..sites import iter_nodes
+
+    out: list[dict[str, Any]] = []
+    for path, obj in iter_nodes(model) if is_graph_model(model) else []:
+        name = type(obj).__name__
+        if name in ATTENTION_LAYERS or name in catalog.OWN_LAYERS and catalog.OWN_LAYERS[name] == "poly_attention":
+            for part, ct_ct, ct_pt in attention_parts(obj):
+                polynomial = name not in ATTENTION_LAYERS or not part.startswith("softmax")
+                out.append({"path": path, "part": part, "ct_ct": ct_ct if polynomial else None,
+                            "ct_pt": ct_pt if polynomial else None})
+    return out

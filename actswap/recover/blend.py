@@ -22,14 +22,31 @@ from ..rewrite import rewrite
 from ..sites import find_sites
 from .blend_layer import SQUARE, Blend
 
-def blends(model: Any) -> list[Blend]:
-    """Every Blend in ``model`` (as a layer or as another layer's activation), once."""
-    found: dict[int, Blend] = {}
+def _in_blend_mode(obj: Any) -> bool:
+    """A layer a rule put in (:mod:`actswap.rules`), built to blend from the
+    function it replaces to its polynomial: it has a ``factor`` like a Blend."""
+    return getattr(obj, "actswap_blend_capable", False) and getattr(obj, "blend", False)
+
+
+def blends(model: Any) -> list[Any]:
+    """Every Blend in ``model`` (as a layer or as another layer's activation), and
+    every rule layer in blend mode, once: each has a ``factor`` and a ``peak``."""
+    found: dict[int, Any] = {}
     for layer in model._flatten_layers(include_self=False, recursive=True):
         for candidate in (layer, getattr(layer, "activation", None)):
-            if isinstance(candidate, Blend):
+            if isinstance(candidate, Blend) or _in_blend_mode(candidate):
                 found.setdefault(id(candidate), candidate)
     return list(found.values())
+
+
+def rule_layers_of(converted: Any) -> dict[str, dict[str, Any]]:
+    """Layer name -> the serialized layer a rule put there (a polynomial softmax,
+    LayerNormalization or attention), for :func:`blend_model` to blend towards."""
+    out: dict[str, dict[str, Any]] = {}
+    for layer in converted._flatten_layers(include_self=False, recursive=True):
+        if getattr(layer, "actswap_blend_capable", False):
+            out.setdefault(layer.name, keras.saving.serialize_keras_object(layer))
+    return out
 
 
 def _source_value(site: Any) -> Any:
@@ -62,18 +79,24 @@ def blend_model(
     original: Any, to: Any = "square", sources: Iterable[str] = ("relu",),
     polynomials: dict[str, tuple[float, ...]] | None = None,
     squares: dict[str, tuple[float, float]] | None = None,
+    rule_layers: dict[str, dict[str, Any]] | None = None,
     **target_options: Any,
 ) -> Any:
     """``original`` with each selected site (that ``to`` accepts) as a Blend at factor 0.
     With ``polynomials`` (from :func:`polynomials_of` a converted model), exactly
     those sites blend towards exactly those polynomials. ``squares`` (layer name
     -> (scale, shift)): those x² sites blend towards ``scale·(x + shift)²``
-    (:func:`fit_squares`)."""
+    (:func:`fit_squares`). ``rule_layers`` (from :func:`rule_layers_of`): those
+    sites become the same layers in blend mode (a softmax, LayerNormalization
+    or attention moving to its polynomial form), weights copied."""
     target = registry.get_target(to, **target_options)
     chosen = frozenset(sources)
+    rule_layers = rule_layers or {}
     sites = find_sites(original)
     for s in sites:
-        if polynomials is not None:
+        if s.path.split("/")[-1] in rule_layers:
+            ok = True
+        elif polynomials is not None:
             ok = s.path.split("/")[-1] in polynomials
         else:
             ok = s.activation in chosen and target.refuses(s.activation, s.detail) is None
@@ -96,12 +119,24 @@ def blend_model(
         return Blend(_source_value(site), c, **kwargs)
 
     def make_layer(site: Any, node: dict[str, Any]) -> Any:
+        ruled = rule_layers.get(site.path.split("/")[-1])
+        if ruled is not None:
+            return _with_blend(ruled, True)
         return blend(site, name=node["config"]["name"])
 
     def make_activation(site: Any, owner: dict[str, Any]) -> Any:
+        ruled = rule_layers.get(site.path.split("/")[-1])
+        if ruled is not None:  # an activation= softmax has no weights to blend with: swapped at once
+            return keras.saving.deserialize_keras_object(owner[site.pointer[-1]], safe_mode=True)
         return blend(site)
 
     return rewrite(original, sites, make_layer, make_activation)
+
+
+def _with_blend(node: dict[str, Any], blend: bool) -> Any:
+    """The serialized rule layer ``node`` rebuilt with its blend mode set (safe mode)."""
+    return keras.saving.deserialize_keras_object({**node, "config": {**node["config"], "blend": blend}},
+                                                 safe_mode=True)
 
 
 def _monomial(c: tuple[float, ...]) -> bool:
@@ -165,8 +200,10 @@ def finalize(blended: Any) -> Any:
         if float(b.factor.numpy()) != 1.0:
             raise ValueError(f"blend '{b.name}' is at {float(b.factor.numpy()):g}, not 1: finish the schedule first")
     sites = find_sites(blended)
+    in_blend_mode = {layer.name for layer in blended._flatten_layers(include_self=False, recursive=True)
+                     if _in_blend_mode(layer)}
     for s in sites:
-        s.action = REPLACED if s.activation == "blend" else SKIPPED
+        s.action = REPLACED if s.activation == "blend" or s.path.split("/")[-1] in in_blend_mode else SKIPPED
     by_layer = _blend_by_layer(blended)
     shifted = {name: b.shift for name, b in by_layer.items() if b.is_square and b.shift}
     where = producers(blended) if shifted else {}
@@ -179,6 +216,8 @@ def finalize(blended: Any) -> Any:
         return b.scale if b.is_square else None
 
     def make_layer(site: Any, node: dict[str, Any]) -> Any:
+        if site.activation != "blend":  # a rule layer: the same layer without its blend
+            return _with_blend(node, False)
         scale = square_scale(site)
         if scale is not None:
             return Square(scale=scale, name=node["config"]["name"])

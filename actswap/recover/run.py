@@ -14,7 +14,9 @@ import numpy as np
 import tensorflow as tf
 
 from ..sites import find_sites
-from .blend import blend_model, blends, finalize, fit_squares, polynomials_of, reestimate_statistics
+from .. import rules
+from ..calibrate import batches_of
+from .blend import blend_model, blends, finalize, fit_squares, polynomials_of, reestimate_statistics, rule_layers_of
 from .training import BlendSchedule, Distiller, NaNGuard
 
 
@@ -102,7 +104,12 @@ def recover(
             squares = None if state["squares"] is None else {k: tuple(v) for k, v in state["squares"].items()}
         else:
             squares = fit_squares(original, polynomials, _calibration_inputs(train, batch_size)) if fit else None
-        student = blend_model(original, polynomials=polynomials, squares=squares)
+        student = blend_model(original, polynomials=polynomials, squares=squares,
+                              rule_layers=rule_layers_of(converted))
+        # The rule layers' constants (softmax and LayerNorm scales) from the
+        # training inputs: at blend factor 0 the student computes the original.
+        # (Measured again on a resume, from the same first inputs.)
+        rules.calibrate_layers(student, batches_of(_calibration_inputs(train, batch_size), batch_size))
         teacher = original
         optimizer = keras.optimizers.Adam(learning_rate, clipnorm=clipnorm)
         if distill:

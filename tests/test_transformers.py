@@ -1,0 +1,257 @@
+"""Transformers made polynomial: the attention softmax, LayerNormalization and a
+hidden softmax as sources, their rules, the HE report, ONNX and he-run.
+
+The reference is independent of actswap: a NumPy forward pass of the same tiny
+ViT with the polynomial forms written out, its constants measured by NumPy on
+the original's own statistics."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import actswap
+from actswap.cli import app
+
+runner = CliRunner()
+TRANSFORMER = frozenset({"softmax", "layernorm", "attention_softmax"})
+SHIFT = 5.0  # c of the attention's s·(x + c)² (MPCFormer's 2Quad constant)
+
+
+def tiny_vit(seed: int = 0, blocks: int = 1, dim: int = 8, heads: int = 2, hidden_softmax: bool = False):
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((28, 28, 1), name="image")
+    h = keras.layers.Conv2D(dim, 7, strides=7, name="patches")(inp)
+    h = keras.layers.Reshape((16, dim), name="tokens")(h)
+    for b in range(blocks):
+        n = keras.layers.LayerNormalization(name=f"ln{b}a")(h)
+        a = keras.layers.MultiHeadAttention(heads, dim // heads, name=f"mha{b}")(n, n)
+        h = keras.layers.Add(name=f"res{b}a")([h, a])
+        n = keras.layers.LayerNormalization(name=f"ln{b}b")(h)
+        m = keras.layers.Dense(16, activation="gelu", name=f"mlp{b}")(n)
+        h = keras.layers.Add(name=f"res{b}b")([h, keras.layers.Dense(dim, name=f"proj{b}")(m)])
+    if hidden_softmax:
+        h = keras.layers.Softmax(name="gate")(h)
+    h = keras.layers.GlobalAveragePooling1D(name="pool")(h)
+    return keras.Model(inp, keras.layers.Dense(10, activation="softmax", name="probs")(h))
+
+
+def _digits(n: int = 32, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(0, 1, (n, 28, 28, 1)).astype("float32")
+
+
+# --- the NumPy reference ---------------------------------------------------------
+
+
+def _w(model, name):
+    return [np.asarray(v, "float64") for v in model.get_layer(name).get_weights()]
+
+
+def _ln_exact(x, gamma, beta, eps=1e-3):
+    mu = x.mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(x.var(-1, keepdims=True) + eps) * gamma + beta
+
+
+def _scores(model, name, x):
+    qk, qb, kk, kb, vk, vb, ok, ob = _w(model, name)
+    q = np.einsum("btd,dnh->btnh", x, qk) + qb
+    k = np.einsum("bsd,dnh->bsnh", x, kk) + kb
+    v = np.einsum("bsd,dnh->bsnh", x, vk) + vb
+    scores = np.einsum("btnh,bsnh->bnts", q / math.sqrt(qk.shape[-1]), k)
+    return scores, v, ok, ob
+
+
+def _attend(probs, v, ok, ob):
+    return np.einsum("btnh,nhe->bte", np.einsum("bnts,bsnh->btnh", probs, v), ok) + ob
+
+
+def _gelu(x):
+    return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+
+
+def _forward(model, x, polynomial: bool, constants: dict | None = None, record: dict | None = None):
+    """The tiny ViT (1 block) in NumPy; ``polynomial``: LayerNorm as (x - mean)·c·gamma + beta and
+    attention weights s·(scores + 5)² with ``constants``; ``record`` collects the statistics
+    those constants are measured from (the exact model's)."""
+    pk, pb = _w(model, "patches")
+    patches = x.astype("float64").reshape(len(x), 4, 7, 4, 7).transpose(0, 1, 3, 2, 4).reshape(len(x), 16, 49)
+    h = patches @ pk.reshape(49, -1) + pb
+
+    def ln(name, t):
+        gamma, beta = _w(model, name)
+        if record is not None:
+            record.setdefault(name, []).append(t.var(-1).mean())
+        if not polynomial:
+            return _ln_exact(t, gamma, beta)
+        return (t - t.mean(-1, keepdims=True)) * constants[name] * gamma + beta
+
+    n = ln("ln0a", h)
+    scores, v, ok, ob = _scores(model, "mha0", n)
+    if record is not None:
+        record.setdefault("mha0", []).append(((scores + SHIFT) ** 2).sum(-1).mean())
+    if polynomial:
+        probs = constants["mha0"] * (scores + SHIFT) ** 2
+    else:
+        e = np.exp(scores - scores.max(-1, keepdims=True))
+        probs = e / e.sum(-1, keepdims=True)
+    h = h + _attend(probs, v, ok, ob)
+    n = ln("ln0b", h)
+    mk, mb = _w(model, "mlp0")
+    rk, rb = _w(model, "proj0")
+    h = h + _gelu(n @ mk + mb) @ rk + rb
+    dk, db = _w(model, "probs")
+    z = h.mean(1) @ dk + db
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _constants(model, x):
+    record: dict = {}
+    _forward(model, x, polynomial=False, record=record)
+    c = {name: 1.0 / math.sqrt(float(np.mean(v)) + 1e-3) for name, v in record.items() if name.startswith("ln")}
+    c["mha0"] = 1.0 / float(np.mean(record["mha0"]))
+    return c
+
+
+# --- tests -------------------------------------------------------------------------
+
+
+def test_reference_forward_is_the_original_model():
+    """The NumPy reference computes what Keras does (so it can judge the converted model)."""
+    model, x = tiny_vit(), _digits(8)
+    np.testing.assert_allclose(_forward(model, x, polynomial=False), model(x), rtol=2e-4, atol=2e-6)
+
+
+def test_convert_from_all_makes_a_transformer_polynomial(tmp_path):
+    model, x = tiny_vit(), _digits(32)
+    converted, report = actswap.convert(model, to="approx", sources=TRANSFORMER, calibrate=x)
+    # Structure: each site is the rule's layer; the output softmax stays, as client-side work.
+    actions = {s.path: (s.activation, s.action) for s in report.sites}
+    assert actions == {
+        "ln0a": ("layernorm", "replaced"), "mha0": ("attention_softmax", "replaced"),
+        "ln0b": ("layernorm", "replaced"), "mlp0": ("gelu", "skipped"), "probs": ("softmax", "skipped"),
+    }
+    assert "client-side" in [s for s in report.sites if s.path == "probs"][0].reason
+    kinds = {n: type(converted.get_layer(n)).__name__ for n in ("ln0a", "mha0", "ln0b")}
+    assert kinds == {"ln0a": "PolyLayerNormalization", "mha0": "PolyMultiHeadAttention",
+                     "ln0b": "PolyLayerNormalization"}
+    # Numbers: against the NumPy reference with constants NumPy measured on the same data.
+    reference = _forward(model, x, polynomial=True, constants=_constants(model, x))
+    np.testing.assert_allclose(converted(x), reference, rtol=1e-4, atol=1e-6)
+    # Weights: the original's, bit for bit.
+    for name in ("ln0a", "mha0", "ln0b"):
+        for a, b in zip(model.get_layer(name).get_weights(), converted.get_layer(name).get_weights()):
+            assert a.tobytes() == b.tobytes()
+    # Round trip: save, reload in a fresh process after `import actswap`, equal outputs, one training step.
+    actswap.save(converted, tmp_path / "vit.keras")
+    np.savez(tmp_path / "x.npz", x=x, y=converted(x).numpy())
+    child = textwrap.dedent(f"""
+        import numpy as np, keras, actswap
+        m = keras.saving.load_model({str(tmp_path / 'vit.keras')!r})
+        d = np.load({str(tmp_path / 'x.npz')!r})
+        np.testing.assert_allclose(m(d["x"]), d["y"], rtol=1e-5, atol=1e-7)
+        assert type(m.get_layer("mha0")).__name__ == "PolyMultiHeadAttention"
+        m.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+        h = m.fit(d["x"], np.arange(len(d["x"])) % 10, epochs=1, batch_size=16, verbose=0)
+        assert np.isfinite(h.history["loss"][-1])
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+def test_from_selects_softmax_and_layernorm_one_by_one():
+    model = tiny_vit(hidden_softmax=True)
+    _, only_ln = actswap.convert(model, to="approx", sources={"layernorm"})
+    assert sorted(s.path for s in only_ln.sites if s.action == "replaced") == ["ln0a", "ln0b"]
+    converted, only_softmax = actswap.convert(model, to="approx", sources={"softmax"})
+    # The hidden Softmax layer is replaced; the output softmax is not (client-side); MHA's is another source.
+    assert [s.path for s in only_softmax.sites if s.action == "replaced"] == ["gate"]
+    assert type(converted.get_layer("gate")).__name__ == "PolySoftmax"
+
+
+def test_square_refuses_transformer_sources_with_a_hint(tmp_path):
+    path = tmp_path / "vit.keras"
+    tiny_vit().save(path)
+    r = runner.invoke(app, ["convert", str(path), "--to", "square", "--from", "layernorm", "-o",
+                            str(tmp_path / "o.keras")])
+    assert r.exit_code == 2
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "layernorm" in lines[0] and "--to approx" in lines[0]
+    assert not (tmp_path / "o.keras").exists()
+
+
+def test_output_softmax_is_client_side_and_does_not_block_he_ready(fixtures_dir):
+    # Today's CNNs: the fixture's only non-polynomial op after --to square --pool avg is its output softmax.
+    cnn, _ = actswap.convert(actswap.load(fixtures_dir / "mnist_cnn.keras"), pool="avg")
+    he = actswap.inspect(cnn, he=True).he
+    assert he["non_polynomial"] == [] and he["he_ready"]
+    assert [c["path"] for c in he["client_side"]] == ["probs"]
+    # A hidden softmax is not client-side work: it blocks.
+    hidden = actswap.inspect(tiny_vit(hidden_softmax=True), he=True).he
+    assert "gate" in [n["path"] for n in hidden["non_polynomial"]]
+    assert [c["path"] for c in hidden["client_side"]] == ["probs"]
+
+
+def test_he_report_counts_attention_products():
+    model = tiny_vit()
+    before = actswap.inspect(model, he=True).he
+    converted, _ = actswap.convert(model, to="approx", sources=TRANSFORMER | {"gelu"})
+    after = actswap.inspect(converted, he=True).he
+    assert not before["he_ready"] and after["he_ready"]
+    parts = {p["part"]: (p["ct_ct"], p["ct_pt"]) for p in after["parts"] if p["path"] == "mha0"}
+    assert parts["QKᵀ"] == (1, 0) and parts["weights × V"] == (1, 0) and parts["softmax s·(x + c)²"] == (1, 1)
+    # The chain through the block, counted by hand: patches 1 pt; LN 1 pt; attention: query 1 pt,
+    # QKᵀ 1 ct, softmax 1 ct + 1 pt, weights × V 1 ct, output 1 pt; LN 1 pt; mlp 1 pt + GELU's
+    # quadratic 1 ct + 1 pt; proj 1 pt; pool 1 pt; probs 1 pt.
+    d = after["multiplicative_depth"]
+    assert (d["ct_ct"], d["ct_pt"]) == (4, 11)
+    # Before conversion the attention's two products are counted already (its softmax is listed).
+    assert before["multiplicative_depth"]["ct_ct"] == 2
+
+
+def test_onnx_export_of_the_polynomial_transformer_keeps_only_the_output_softmax(tmp_path):
+    pytest.importorskip("tf2onnx")
+    model, x = tiny_vit(), _digits(16)
+    converted, _ = actswap.convert(model, to="approx", sources=TRANSFORMER | {"gelu"}, calibrate=x)
+    np.savez(tmp_path / "x.npz", x=x)
+    report = actswap.export_onnx(converted, tmp_path / "vit.onnx", sample=tmp_path / "x.npz")
+    assert report.parity.ok and report.non_polynomial == []
+    counts = report.op_counts
+    assert counts.get("Softmax") == 1 and not any(counts.get(op) for op in ("LayerNormalization", "Erf", "Tanh"))
+
+
+def test_he_run_refuses_a_transformer_in_one_line(tmp_path):
+    pytest.importorskip("tenseal")
+    converted, _ = actswap.convert(tiny_vit(), to="approx", sources=TRANSFORMER | {"gelu"})
+    path = tmp_path / "poly_vit.keras"
+    actswap.save(converted, path)
+    np.savez(tmp_path / "x.npz", x=_digits(4), y=np.zeros(4, "int64"))
+    r = runner.invoke(app, ["he-run", str(path), "--data", str(tmp_path / "x.npz")])
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.exit_code == 2 and len(lines) == 1, r.stderr
+    assert "mha0" in lines[0] and "at most 32" in lines[0]
+    # Unconverted: the first non-polynomial op is named, with the command that converts it.
+    raw = tmp_path / "vit.keras"
+    tiny_vit().save(raw)
+    r = runner.invoke(app, ["he-run", str(raw), "--data", str(tmp_path / "x.npz")])
+    assert r.exit_code == 2 and "--to approx" in r.stderr
+
+
+def test_he_run_refuses_with_the_depth_when_it_does_not_fit():
+    from actswap.he.encrypted import refuse_attention
+    from actswap.he.limits import ParameterError, max_depth
+
+    converted, _ = actswap.convert(tiny_vit(blocks=4), to="approx", sources=TRANSFORMER | {"gelu"})
+    need = actswap.inspect(converted, he=True).he["multiplicative_depth"]["depth"]
+    assert need > max_depth() == 32
+    with pytest.raises(ParameterError, match=f"depth {need} needed.*at most 32 available"):
+        refuse_attention(converted)
