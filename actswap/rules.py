@@ -61,8 +61,9 @@ class Rule:
     calibration: str = ""
     listed: bool = True
     # Layer classes that are a site of this rule's source when it is not listed
-    # (found by walking the model, only when selected).
+    # (found by walking the model, only when selected), and the form reported.
     layer_classes: tuple[str, ...] = ()
+    form: str = "layer"
 
     def serves(self, target: str) -> bool:
         return self.targets is None or target.split(":")[0] in self.targets
@@ -125,8 +126,7 @@ def unlisted_sites(model: Any, chosen: Iterable[str]) -> list[Any]:
     for path, obj in iter_nodes(model):
         rule = by_class.get(type(obj).__name__)
         if rule is not None:
-            found.append(Site(path, type(obj).__name__, "pooling layer" if rule.source == catalog.POOL_SOURCE
-                              else f"{type(obj).__name__} layer", rule.source, leaf_id=id(obj), pointer=()))
+            found.append(Site(path, type(obj).__name__, rule.form, rule.source, leaf_id=id(obj), pointer=()))
     return found
 
 
@@ -278,7 +278,7 @@ _POLY_ATTENTION = catalog.OwnActivation(
 
 register_rule(Rule(
     "max_pool -> average pool", catalog.POOL_SOURCE, "average pooling, same window (--pool avg)",
-    _average_pooling, reason=_pool_reason, listed=False, layer_classes=tuple(POOL_SWAPS),
+    _average_pooling, reason=_pool_reason, listed=False, layer_classes=tuple(POOL_SWAPS), form="pooling layer",
 ))
 register_rule(Rule(
     "softmax -> shifted square", "softmax",

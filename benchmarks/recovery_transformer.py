@@ -1,5 +1,5 @@
 """Transformers made polynomial on MNIST (issue 23): python benchmarks/recovery_transformer.py [--seeds 0 1 2]
-[--models vit rows] [--epochs 3] [--quick]
+[--models vit rows] [--epochs 5] [--lr-schedule cosine] [--quick]
 
 For each model and seed:
 
@@ -8,8 +8,9 @@ For each model and seed:
   2. actswap.convert --to approx --from all, calibrated on 2,048 training images
      (GELU -> fitted quadratic, LayerNorm -> fixed normalisation, attention softmax
      -> s·(x + 5)², the output softmax left to the client)                  -> after-swap accuracy
-  3. actswap.recover with its defaults (blend, guard, distillation), --epochs epochs on the
-     60,000 training images (the last tenth held out for its check)         -> recovered accuracy
+  3. actswap.recover with its defaults (blend, guard, distillation) and --lr-schedule (cosine:
+     `actswap recover --lr-schedule cosine`), --epochs epochs on the 60,000 training images
+     (the last tenth held out for its check)                                 -> recovered accuracy
 
 Test accuracy on the 10,000 MNIST test images. Also per site the polynomial put in and its
 degree, the HE report of the result (depth, ct×ct, he_ready), the largest |input| of each
@@ -104,7 +105,8 @@ def run(name: str, seed: int, data: dict, args) -> dict:
     keras.utils.set_random_seed(seed)
     t = time.time()
     try:
-        recovered, h = R.recover(orig, converted, (xtr, ytr), epochs=args.epochs, max_drop=None)
+        recovered, h = R.recover(orig, converted, (xtr, ytr), epochs=args.epochs, max_drop=None,
+                                 lr_schedule=args.lr_schedule)
         out = recovered.predict(xte, verbose=0)
         row.update(recovered=R.accuracy(recovered, xte, yte), restores=h.nan_restores,
                    nonfinite=bool(not np.all(np.isfinite(out)) or not np.all(np.isfinite(h.history["loss"]))))
@@ -128,10 +130,12 @@ def write_doc(rows: list[dict], args, seconds: float) -> None:
         "## Transformers made polynomial (issue 23)",
         "",
         f"`python benchmarks/recovery_transformer.py --seeds {' '.join(map(str, args.seeds))} --models "
-        f"{' '.join(args.models)} --epochs {args.epochs}` ({seconds / 60:.0f} min on 2 cores). Originals: "
+        f"{' '.join(args.models)} --epochs {args.epochs} --lr-schedule {args.lr_schedule}` "
+        f"({seconds / 60:.0f} min on 2 cores). Originals: "
         "`fixtures/transformers.py` trained by `benchmarks/transformer_baseline.py` (15 epochs, Adam 1e-3 cosine). "
         "Conversion: `--to approx --from all`, calibrated on 2,048 training images; recovery: `actswap.recover` "
-        f"defaults, {args.epochs} epochs on the 60,000 training images. Test accuracy on the 10,000 test images. "
+        f"defaults with the {args.lr_schedule} learning-rate schedule, {args.epochs} epochs on the 60,000 training "
+        "images. Test accuracy on the 10,000 test images. "
         "Target: every run within 1.0 point of its original, no NaN/Inf.",
         "",
         "| model | seed | original | after swap | recovered | drop (points) | NaN/Inf | depth (ct×ct) | he_ready | recover s |",
@@ -169,7 +173,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--models", nargs="+", default=["vit", "rows"], choices=["vit", "rows"])
-    ap.add_argument("--epochs", type=int, default=3, help="epochs of recovery (at most 5)")
+    ap.add_argument("--epochs", type=int, default=5, help="epochs of recovery (at most 5)")
+    ap.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine"])
     ap.add_argument("--train-epochs", type=int, default=TRAIN_EPOCHS, help="when the original is trained here")
     ap.add_argument("--cache", type=Path, default=CACHE, help="trained originals, {model}_s{seed}.keras")
     ap.add_argument("--quick", action="store_true", help="4,000 images, 1 seed, 1 epoch each: a smoke run")

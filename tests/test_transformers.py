@@ -255,3 +255,39 @@ def test_he_run_refuses_with_the_depth_when_it_does_not_fit():
     assert need > max_depth() == 32
     with pytest.raises(ParameterError, match=f"depth {need} needed.*at most 32 available"):
         refuse_attention(converted)
+
+
+def test_recover_brings_a_transformer_to_polynomials_without_blend_weights(tmp_path):
+    """recover: the rule layers blend in (factor 0 -> 1), are calibrated on the training
+    inputs, and end as plain polynomial layers holding the original's weights' shapes."""
+    from actswap.recover import recover
+
+    model = tiny_vit(seed=1)
+    x = _digits(384, seed=3)
+    y = np.argmax(model(x), -1)  # the original's own labels: it is right on all of them
+    converted, _ = actswap.convert(model, to="approx", sources=TRANSFORMER | {"gelu"})
+    recovered, history = recover(model, converted, (x, y), epochs=2, ramp_epochs=1.0, max_drop=None,
+                                 lr_schedule="cosine", batch_size=64)
+    kinds = {n: type(recovered.get_layer(n)).__name__ for n in ("ln0a", "mha0", "ln0b", "mlp0")}
+    assert kinds == {"ln0a": "PolyLayerNormalization", "mha0": "PolyMultiHeadAttention",
+                     "ln0b": "PolyLayerNormalization", "mlp0": "Dense"}
+    assert not recovered.get_layer("mha0").blend and not recovered.get_layer("ln0a").blend
+    # No blend/peak weights are left: the weight shapes are the original's.
+    assert [w.shape for w in recovered.weights] == [w.shape for w in model.weights]
+    # The blends reached 1 and the constants were measured, not the data-free defaults.
+    assert history.blend_factors[-1] == 1.0
+    assert recovered.get_layer("mha0").scale != converted.get_layer("mha0").scale
+    assert np.all(np.isfinite(recovered(x))) and history.check["recovered_accuracy"] > 0.5
+    assert actswap.inspect(recovered, he=True).he["he_ready"]
+
+
+def test_cosine_learning_rate_schedule(tmp_path):
+    from actswap.recover.run import cosine_learning_rate
+
+    schedule = cosine_learning_rate(2e-3, 4).schedule
+    assert [schedule(e, 0.0) for e in range(4)] == pytest.approx([2e-3, 1.7071e-3, 1e-3, 0.29289e-3], rel=1e-4)
+    tiny_vit().save(tmp_path / "m.keras")
+    np.savez(tmp_path / "d.npz", x=_digits(4), y=np.zeros(4, "int64"))
+    r = runner.invoke(app, ["recover", str(tmp_path / "m.keras"), "--to", "approx", "--data", str(tmp_path / "d.npz"),
+                            "--lr-schedule", "step"])
+    assert r.exit_code == 2 and "--lr-schedule" in r.stderr

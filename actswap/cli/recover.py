@@ -49,6 +49,9 @@ def recover(
     ramp: float = typer.Option(0.5, "--ramp", help="Epochs over which each site blends into its polynomial."),
     batch_size: int = typer.Option(128, "--batch-size"),
     learning_rate: float = typer.Option(2e-3, "--lr", help="Adam learning rate (gradients clipped to norm 1)."),
+    lr_schedule: str = typer.Option(
+        "constant", "--lr-schedule", help="constant | cosine: the rate down a half cosine over the epochs."
+    ),
     no_distill: bool = typer.Option(False, "--no-distill", help="Train on labels only, without the original as teacher."),
     plain: bool = typer.Option(
         False, "--plain", help="Blend x² sites towards plain x² (no fitted scale and shift s·(x + b)²)."
@@ -100,6 +103,8 @@ def recover(
             raise UserError(f"--epochs must be >= 1 and --ramp between 0 and --epochs; got {epochs}, {ramp}")
         if max_drop < 0:
             raise UserError(f"--max-drop must be >= 0 (points of accuracy), got {max_drop}")
+        if lr_schedule not in ("constant", "cosine"):
+            raise UserError(f"--lr-schedule takes constant or cosine, got '{lr_schedule}'")
         from ..recover.data import DataOptions, check_spec, parse_image_size, parse_scale
 
         if distribute not in (None, "mirrored", "multiworker"):
@@ -171,7 +176,7 @@ def recover(
                     original, converted, data, val=val, output=out, force=force, conversion=conversion,
                     data_options=data_options, checkpoint_dir=checkpoint_dir, resume=resume, logdir=logdir,
                     callbacks=[] if as_json else [Bar(progress)], epochs=epochs, ramp_epochs=ramp, distill=not no_distill,
-                    learning_rate=learning_rate, batch_size=batch_size, fit=not plain,
+                    learning_rate=learning_rate, lr_schedule=lr_schedule, batch_size=batch_size, fit=not plain,
                     max_drop=max_drop, strategy=strategy,
                 )
             except RecoveryFailedError as e:

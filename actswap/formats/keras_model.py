@@ -123,8 +123,8 @@ def _calibrate_rule_layers(converted: Any, sites: list[Site], data: Any) -> list
     """Set the constants of the layers rules put in (softmax and LayerNorm
     scales) from ``data``; without data they keep their data-free defaults, and
     a note says so."""
-    ruled = [s for s in sites if s.action == REPLACED and s.activation != registry.POOL_SOURCE
-             and rules.RULES.get(s.activation) is not None]
+    ruled = [s for s in sites if s.action == REPLACED and s.activation in rules.RULES
+             and rules.RULES[s.activation].calibration]
     if not ruled:
         return []
     if data is None:
