@@ -67,6 +67,9 @@ def export(
         counts = ", ".join(f"{k} {v}" for k, v in data["op_counts"].items())
         console.print(f"ops: {counts}")
         console.print(f"Relu nodes: {data['relu_nodes']}, Pow nodes: {data['pow_nodes']}, Mul nodes: {data['mul_nodes']}")
+        shown = ", ".join(report.non_polynomial[:5]) + (" ..." if len(report.non_polynomial) > 5 else "")
+        console.print(f"non-polynomial nodes: {len(report.non_polynomial)}{': ' + shown if shown else ''} "
+                      "(an output Softmax is the client's and not counted)")
         console.print(f"parity: {report.parity.describe()}")
         console.print(f"wrote {report.output} (opset {report.opset})")
         return 0
