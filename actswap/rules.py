@@ -138,6 +138,19 @@ def site_reason(site: Any, target: str) -> str:
     return f"{site.activation} -> {target}"
 
 
+def put_in_by_a_rule(obj: Any) -> bool:
+    """Whether ``obj`` (a layer or an ``activation=`` object) is what a rule puts in."""
+    import inspect as pyinspect
+
+    import keras
+
+    if obj is None:
+        return False
+    key = obj if pyinspect.isfunction(obj) else type(obj)
+    source = catalog.OWN_OBJECTS.get(keras.saving.get_registered_name(key))
+    return any(own.source == source for rule in RULES.values() for own in rule.emits)
+
+
 def calibrate_layers(model: Any, batches: Iterable[Any]) -> list[str]:
     """Run ``model`` on ``batches`` (input arrays) with every layer a rule put in in
     calibration mode, then set their constants from what they measured; returns

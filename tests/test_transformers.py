@@ -291,3 +291,25 @@ def test_cosine_learning_rate_schedule(tmp_path):
     r = runner.invoke(app, ["recover", str(tmp_path / "m.keras"), "--to", "approx", "--data", str(tmp_path / "d.npz"),
                             "--lr-schedule", "step"])
     assert r.exit_code == 2 and "--lr-schedule" in r.stderr
+
+
+def test_recover_keeps_a_hidden_activation_softmax_polynomial():
+    """A softmax as a hidden Dense's activation= becomes the polynomial at once (it has no
+    weight to blend with) and stays one through recovery: nothing falls back to softmax."""
+    from actswap.recover import recover
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((6,))
+    h = keras.layers.Dense(4, activation="softmax", name="gate")(inp)
+    model = keras.Model(inp, keras.layers.Dense(3, activation="softmax", name="out")(h))
+    x = np.random.default_rng(0).normal(size=(128, 6)).astype("float32")
+    converted, report = actswap.convert(model, to="approx", sources={"softmax"})
+    assert [s.path for s in report.sites if s.action == "replaced"] == ["gate"]
+    recovered, _ = recover(model, converted, (x, np.argmax(model(x), -1)), epochs=1, max_drop=None)
+    act = recovered.get_layer("gate").activation
+    assert type(act).__name__ == "PolySoftmaxActivation" and act.scale == pytest.approx(1 / (4 * SHIFT**2))
+    # An independent reference of what the layer computes now.
+    k, b = (np.asarray(w, "float64") for w in recovered.get_layer("gate").get_weights())
+    z = x.astype("float64") @ k + b
+    gate = keras.Model(recovered.inputs, recovered.get_layer("gate").output)
+    np.testing.assert_allclose(gate(x), act.scale * (z + SHIFT) ** 2, rtol=1e-5)

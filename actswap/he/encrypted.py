@@ -117,11 +117,39 @@ def refuse_attention(model: Any) -> None:
             f"plaintext), at most {available} available at 128-bit security (N={max(MAX_MODULUS_BITS)}, "
             f"{max(MAX_MODULUS_BITS.values())}-bit modulus, 2^{MIN_SCALE_BITS} scale): use fewer blocks"
         )
+    n, width = _modulus_degree(d.total), _widest(model)
+    # Batch packing holds one ciphertext per value: 2 polynomials of n coefficients per data prime.
+    gigabytes = width * 2 * (d.total + 1) * n * 8 / 1e9
     raise OutOfScopeError(
         f"'{first}': attention multiplies two encrypted activations (QKᵀ, weights x V) and its block adds "
         f"residual branches, which the encrypted evaluator does not compile yet (depth {d.total} would fit: "
-        f"at most {available} at 128-bit security)"
+        f"at most {available} at 128-bit security, N={n}; batch mode would hold its widest activation, "
+        f"{width} values, as {width} ciphertexts, {gigabytes:.1f} GB)"
     )
+
+
+def _modulus_degree(depth: int) -> int:
+    """The smallest N whose 128-bit budget holds ``depth`` levels (as :func:`refuse_attention` counts them)."""
+    from .limits import MARGIN_BITS, MAX_MODULUS_BITS, MIN_SCALE_BITS
+
+    outer = MIN_SCALE_BITS + 1 + MARGIN_BITS
+    return min(n for n, bits in MAX_MODULUS_BITS.items() if 2 * outer + depth * MIN_SCALE_BITS <= bits)
+
+
+def _widest(model: Any) -> int:
+    """The most values one layer of ``model`` outputs per sample (its top-level graph)."""
+    import keras
+
+    widest = 0
+    for op in getattr(model, "operations", []):
+        try:
+            shapes = [t.shape for t in keras.tree.flatten(op.output)]
+        except (AttributeError, ValueError):  # a layer used several times has no single output
+            continue
+        for shape in shapes:
+            if all(dim is not None for dim in shape[1:]):
+                widest = max(widest, int(np.prod(shape[1:])))
+    return widest
 
 
 def run(

@@ -40,12 +40,17 @@ def blends(model: Any) -> list[Any]:
 
 
 def rule_layers_of(converted: Any) -> dict[str, dict[str, Any]]:
-    """Layer name -> the serialized layer a rule put there (a polynomial softmax,
-    LayerNormalization or attention), for :func:`blend_model` to blend towards."""
+    """Layer name -> what a rule put there, serialized: the layer (a polynomial
+    softmax, LayerNormalization or attention), or the ``activation=`` object of
+    the layer (a polynomial softmax of a Dense); for :func:`blend_model`."""
+    from .. import rules
+
     out: dict[str, dict[str, Any]] = {}
     for layer in converted._flatten_layers(include_self=False, recursive=True):
         if getattr(layer, "actswap_blend_capable", False):
             out.setdefault(layer.name, keras.saving.serialize_keras_object(layer))
+        elif rules.put_in_by_a_rule(getattr(layer, "activation", None)):
+            out.setdefault(layer.name, keras.saving.serialize_keras_object(layer.activation))
     return out
 
 
@@ -126,8 +131,8 @@ def blend_model(
 
     def make_activation(site: Any, owner: dict[str, Any]) -> Any:
         ruled = rule_layers.get(site.path.split("/")[-1])
-        if ruled is not None:  # an activation= softmax has no weights to blend with: swapped at once
-            return keras.saving.deserialize_keras_object(owner[site.pointer[-1]], safe_mode=True)
+        if ruled is not None:  # an activation= softmax has no weight to blend with: swapped at once
+            return keras.saving.deserialize_keras_object(ruled, safe_mode=True)
         return blend(site)
 
     return rewrite(original, sites, make_layer, make_activation)
