@@ -58,6 +58,7 @@ def _register_with_keras(keras_module: Any) -> None:
     # user on another backend. actswap's API reports the backend problem itself.
     try:  # written with keras.ops: registered on every backend
         importlib.import_module("actswap.transformer")
+        importlib.import_module("actswap.normalization")
     except Exception:  # noqa: BLE001 - see above
         pass
     if keras_module.backend.backend() == "tensorflow":

@@ -339,6 +339,7 @@ _BUILT_IN = (
     # not by a per-element polynomial.
     Source("layernorm", aliases=("layer_norm",), keras_layers=("LayerNormalization",), elementwise=False,
            detail=lambda c: "rms_scaling=True" if c.get("rms_scaling") else ""),
+    Source("rmsnorm", aliases=("rms_norm",), keras_layers=("RMSNormalization",), elementwise=False),
     Source("attention_softmax", aliases=("attention",), keras_layers=("MultiHeadAttention",), elementwise=False),
     # What actswap itself puts in: recognised so that re-converting a converted
     # model reports them instead of ignoring them. ``Square`` is also the op
@@ -348,6 +349,7 @@ _BUILT_IN = (
     Source("blend", BLEND_FAMILY),
     Source("poly_softmax", POLYNOMIAL_FAMILY),
     Source("poly_layernorm", POLYNOMIAL_FAMILY),
+    Source("poly_rmsnorm", POLYNOMIAL_FAMILY),
     Source("poly_attention", POLYNOMIAL_FAMILY),
 )
 _BUILT_IN_OWN = (

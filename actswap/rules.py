@@ -240,9 +240,15 @@ def _output_softmax(site: Any) -> str | None:
 
 
 def _layernorm(site: Any, node: dict[str, Any], blend: bool) -> Any:
-    from .transformer import PolyLayerNormalization
+    from .normalization import PolyLayerNormalization
 
     return PolyLayerNormalization.from_config({**_config(node), "coefficients": [1.0], "blend": blend})
+
+
+def _rmsnorm(site: Any, node: dict[str, Any], blend: bool) -> Any:
+    from .normalization import PolyRMSNormalization
+
+    return PolyRMSNormalization.from_config({**_config(node), "coefficients": [1.0], "blend": blend})
 
 
 def _attention(site: Any, node: dict[str, Any], blend: bool) -> Any:
@@ -286,6 +292,8 @@ _POLY_SOFTMAX = catalog.OwnActivation(
     "poly_softmax", ("PolySoftmax",), ("actswap>PolySoftmax", "actswap>PolySoftmaxActivation"), _cost_softmax)
 _POLY_LAYERNORM = catalog.OwnActivation(
     "poly_layernorm", ("PolyLayerNormalization",), ("actswap>PolyLayerNormalization",), _cost_layernorm)
+_POLY_RMSNORM = catalog.OwnActivation(
+    "poly_rmsnorm", ("PolyRMSNormalization",), ("actswap>PolyRMSNormalization",), _cost_layernorm)
 _POLY_ATTENTION = catalog.OwnActivation(
     "poly_attention", ("PolyMultiHeadAttention",), ("actswap>PolyMultiHeadAttention",), _cost_attention)
 
@@ -304,6 +312,12 @@ register_rule(Rule(
     "(x - mean(x))·c·gamma + beta, c = 1/sqrt(the variance measured on data + epsilon)",
     _layernorm, None, APPROX_TARGETS, emits=(_POLY_LAYERNORM,),
     calibration="c = 1/sqrt(mean variance over the data + epsilon)",
+))
+register_rule(Rule(
+    "rmsnorm -> fixed normalisation", "rmsnorm",
+    "x·c·scale, c = 1/sqrt(the mean square measured on data + epsilon)",
+    _rmsnorm, None, APPROX_TARGETS, emits=(_POLY_RMSNORM,),
+    calibration="c = 1/sqrt(mean of mean(x²) over the data + epsilon)",
 ))
 register_rule(Rule(
     "attention softmax -> shifted square", "attention_softmax",

@@ -1,9 +1,9 @@
 """Polynomial stand-ins for the non-polynomial parts of a transformer.
 
-:class:`PolySoftmax` (and the activation :class:`PolySoftmaxActivation`),
-:class:`PolyLayerNormalization` and :class:`PolyMultiHeadAttention` replace a
-softmax, a layer normalisation and the softmax inside multi-head attention by
-functions a CKKS scheme evaluates.
+:class:`PolySoftmax` (and the activation :class:`PolySoftmaxActivation`) and
+:class:`PolyMultiHeadAttention` replace a softmax and the softmax inside
+multi-head attention by functions a CKKS scheme evaluates; the normalisation
+layers are in :mod:`actswap.normalization`, on the helpers here.
 
 Invariants, relied on by conversion, recovery and encrypted inference:
 
@@ -35,9 +35,7 @@ caller's: ``finish_calibration`` leaves it as it is.
 from __future__ import annotations
 
 import math
-import warnings
-from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import keras
 import numpy as np
@@ -69,7 +67,7 @@ def _default_scale(n: int | None, shift: float, what: str) -> float:
     return 1.0 / (n * shift * shift)
 
 
-def _as_numpy(x: Any) -> np.ndarray | None:
+def as_numpy(x: Any) -> np.ndarray | None:
     """The float64 value of an eager tensor, None for a symbolic or traced one."""
     if x is None or isinstance(x, keras.KerasTensor):
         return None
@@ -99,7 +97,7 @@ class _SquareSum:
         self.total, self.rows = 0.0, 0
 
     def record(self, x: Any, mask: Any, axes: tuple[int, ...], shift: float) -> None:
-        xs = _as_numpy(x)
+        xs = as_numpy(x)
         if xs is None:
             return
         axes = tuple(a % xs.ndim for a in axes)
@@ -118,7 +116,7 @@ class _SquareSum:
         return 1.0 / mean
 
 
-class _Blendable:
+class Blendable:
     """Blend-mode plumbing shared by the three layers (a mixin on a keras Layer)."""
 
     actswap_blend_capable = True
@@ -146,7 +144,7 @@ class _Blendable:
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE, name="PolySoftmax")
-class PolySoftmax(_Blendable, keras.layers.Layer):
+class PolySoftmax(Blendable, keras.layers.Layer):
     """``scale * (x + shift)**2`` along ``axis``: a softmax normalised by a calibrated
     constant instead of a division (MPCFormer's 2Quad without its division).
 
@@ -225,120 +223,8 @@ class PolySoftmaxActivation:
         return f"PolySoftmaxActivation(shift={self.shift!r}, scale={self.scale!r})"
 
 
-@contextmanager
-def _rms_warning_silenced() -> Iterator[None]:
-    # Keras warns that rms_scaling=True is deprecated each time such a layer is
-    # made or called. The user's own layer had it (and its load reported it);
-    # the layer standing in for it repeats the user's config, not a new choice.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*rms_scaling=True.*")
-        yield
-
-
-@keras.saving.register_keras_serializable(package=PACKAGE, name="PolyLayerNormalization")
-class PolyLayerNormalization(_Blendable, keras.layers.LayerNormalization):
-    """LayerNormalization with ``1/sqrt(v + epsilon)`` replaced by a polynomial ``q(v)``.
-
-    ``coefficients`` are q's, ascending powers. With one coefficient ("fixed"
-    normalisation, as in PolyTransformer) the layer is affine in x and costs no
-    ciphertext-by-ciphertext product: ``(x - mean) * c0``. With more,
-    ``v`` is the variance over ``axis`` and the output ``(x - mean) * q(v)``.
-
-    ``rms_scaling=True`` follows the parent's semantics, not the name's: Keras
-    computes ``x * rsqrt(var(x) + epsilon) * gamma`` (the *variance*, uncentred
-    x, no beta), so here ``x * q(var(x)) * gamma``; q must stand in for what the
-    exact branch computes.
-    """
-
-    def __init__(self, coefficients: Sequence[float] = (1.0,), blend: bool = False, **kwargs: Any) -> None:
-        with _rms_warning_silenced():
-            super().__init__(**kwargs)
-        self.coefficients = tuple(float(c) for c in coefficients)
-        if not self.coefficients:
-            raise ValueError("coefficients must hold at least one number")
-        self.blend = bool(blend)
-        self.calibrating = False
-        self.factor = self.peak = None
-        self._reset_statistics()
-
-    def _reset_statistics(self) -> None:
-        self._v_sum, self._v_count, self._v_min, self._v_max = 0.0, 0, math.inf, -math.inf
-
-    def build(self, input_shape: Any) -> None:
-        super().build(input_shape)  # gamma, beta exactly as Keras makes them
-        self._add_blend_weights()
-
-    def _broadcast(self, w: Any, ndims: int, x: Any) -> Any:
-        # gamma/beta span the normalised axes; put them where those axes are.
-        shape = [1] * ndims
-        for i, a in enumerate(self.axis):  # build sorted self.axis and made w in that order
-            shape[a] = w.shape[i]
-        return ops.reshape(ops.cast(w, x.dtype), shape)
-
-    def _poly(self, inputs: Any) -> Any:
-        # At least float32, as the parent computes (half precision loses the variance).
-        x = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
-        ndims = len(x.shape)
-        centred = x - ops.mean(x, axis=self.axis, keepdims=True)
-        base = x if self.rms_scaling else centred
-        if len(self.coefficients) == 1:
-            y = base * self.coefficients[0]
-        else:
-            v = ops.mean(centred * centred, axis=self.axis, keepdims=True)
-            y = base * horner(v, self.coefficients)
-        if self.gamma is not None:
-            y = y * self._broadcast(self.gamma, ndims, x)
-        if self.beta is not None:
-            y = y + self._broadcast(self.beta, ndims, x)
-        return ops.cast(y, self.compute_dtype)
-
-    def _exact(self, inputs: Any) -> Any:
-        with _rms_warning_silenced():
-            return super().call(inputs)
-
-    def call(self, inputs: Any, training: Any = None) -> Any:
-        if self.calibrating:
-            self._record(inputs)
-            return self._exact(inputs)
-        self._watch(inputs, training)
-        poly = self._poly(inputs)
-        return self._mix(self._exact(inputs), poly) if self.blend else poly
-
-    def _record(self, inputs: Any) -> None:
-        xs = _as_numpy(inputs)
-        if xs is None:
-            return
-        v = xs.var(axis=tuple(self.axis))  # the parent's v, for rms_scaling too
-        self._v_sum += float(v.sum())
-        self._v_count += int(v.size)
-        self._v_min, self._v_max = min(self._v_min, float(v.min())), max(self._v_max, float(v.max()))
-
-    def finish_calibration(self) -> None:
-        if self._v_count == 0:
-            raise RuntimeError(f"'{self.name}': no calibration data was recorded: set calibrating = True "
-                               "and call the model eagerly (model(x), not model.predict) first")
-        mean_v, lo, hi = self._v_sum / self._v_count, self._v_min, self._v_max
-        self._reset_statistics()
-        degree = len(self.coefficients) - 1
-        inverse = 1.0 / math.sqrt(mean_v + self.epsilon)
-        # Below 1e-3 of the largest variance, 1/sqrt(v + eps) is steep and rare:
-        # fitting it there would spoil the fit where the data is.
-        lo = max(lo, 1e-3 * hi)
-        if degree == 0 or not hi > lo * (1 + 1e-6):
-            self.coefficients = (inverse,) + (0.0,) * degree  # one variance: the constant is exact
-            return
-        n = max(64, 8 * (degree + 1))  # Chebyshev nodes on [lo, hi]: a near-minimax least squares fit
-        v = lo + (hi - lo) * (1 + np.cos(np.pi * (np.arange(n) + 0.5) / n)) / 2
-        fit = np.polynomial.Chebyshev.fit(v, 1.0 / np.sqrt(v + self.epsilon), degree, domain=[lo, hi])
-        coef = fit.convert(kind=np.polynomial.Polynomial).coef
-        self.coefficients = tuple(float(c) for c in np.pad(coef, (0, degree + 1 - len(coef))))
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "coefficients": list(self.coefficients), "blend": self.blend}
-
-
 @keras.saving.register_keras_serializable(package=PACKAGE, name="PolyMultiHeadAttention")
-class PolyMultiHeadAttention(_Blendable, keras.layers.MultiHeadAttention):
+class PolyMultiHeadAttention(Blendable, keras.layers.MultiHeadAttention):
     """MultiHeadAttention whose attention probabilities are ``scale * (scores + shift)**2``.
 
     Always the explicit einsum path (never ``ops.dot_product_attention`` or flash
@@ -410,5 +296,5 @@ class PolyMultiHeadAttention(_Blendable, keras.layers.MultiHeadAttention):
         return {**super().get_config(), "shift": self.shift, "scale": self.scale, "blend": self.blend}
 
 
-__all__ = ["PolySoftmax", "PolySoftmaxActivation", "PolyLayerNormalization", "PolyMultiHeadAttention",
+__all__ = ["PolySoftmax", "PolySoftmaxActivation", "PolyMultiHeadAttention",
            "horner", "shifted_square"]

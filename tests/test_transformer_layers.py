@@ -1,4 +1,4 @@
-"""The polynomial transformer layers of actswap.transformer.
+"""The polynomial transformer layers of actswap.transformer and actswap.normalization.
 
 Every expected value comes from a NumPy reference written here (float64), not
 from the module: the shifted square, Keras' LayerNormalization formulas
@@ -15,12 +15,8 @@ import tensorflow as tf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actswap.transformer import (
-    PolyLayerNormalization,
-    PolyMultiHeadAttention,
-    PolySoftmax,
-    PolySoftmaxActivation,
-)
+from actswap.normalization import PolyLayerNormalization
+from actswap.transformer import PolyMultiHeadAttention, PolySoftmax, PolySoftmaxActivation
 
 RTOL, ATOL = 1e-5, 1e-5
 FORBIDDEN_OPS = {"Exp", "Sqrt", "Rsqrt", "Div", "RealDiv", "DivNoNan", "Pow", "Reciprocal", "Softmax", "Log"}

@@ -313,3 +313,27 @@ def test_recover_keeps_a_hidden_activation_softmax_polynomial():
     z = x.astype("float64") @ k + b
     gate = keras.Model(recovered.inputs, recovered.get_layer("gate").output)
     np.testing.assert_allclose(gate(x), act.scale * (z + SHIFT) ** 2, rtol=1e-5)
+
+
+def test_rmsnormalization_is_a_source_with_a_fixed_polynomial_form(tmp_path):
+    keras.utils.set_random_seed(2)
+    inp = keras.Input((5, 6))
+    h = keras.layers.Dense(6, name="fc")(inp)
+    h = keras.layers.RMSNormalization(name="rms")(h)
+    model = keras.Model(inp, keras.layers.Dense(2, name="out")(h))
+    model.get_layer("rms").scale.assign(np.linspace(0.5, 1.5, 6).astype("float32"))
+    x = np.random.default_rng(1).normal(size=(16, 5, 6)).astype("float32")
+    converted, report = actswap.convert(model, to="approx", sources={"rmsnorm"}, calibrate=x)
+    assert [(s.path, s.action) for s in report.sites] == [("rms", "replaced")]
+    assert type(converted.get_layer("rms")).__name__ == "PolyRMSNormalization"
+    # NumPy: c = 1/sqrt(mean of mean(z²) + eps) measured on z = fc(x), then x·c·scale.
+    k, b = (np.asarray(w, "float64") for w in model.get_layer("fc").get_weights())
+    z = x.astype("float64") @ k + b
+    c = 1.0 / math.sqrt(float((z * z).mean(-1).mean()) + 1e-6)
+    ok, ob = (np.asarray(w, "float64") for w in model.get_layer("out").get_weights())
+    expected = (z * c * np.linspace(0.5, 1.5, 6)) @ ok + ob
+    np.testing.assert_allclose(converted(x), expected, rtol=1e-4, atol=1e-6)
+    he = actswap.inspect(converted, he=True).he
+    assert he["he_ready"] and he["multiplicative_depth"]["ct_ct"] == 0
+    actswap.save(converted, tmp_path / "rms.keras")
+    np.testing.assert_allclose(keras.saving.load_model(tmp_path / "rms.keras")(x), converted(x), rtol=1e-6)

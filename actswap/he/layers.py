@@ -43,7 +43,7 @@ ATTENTION_LAYERS: dict[str, tuple[int, int]] = {"MultiHeadAttention": (2, 2)}
 PASS_THROUGH = frozenset({"InputLayer", "Activation", "ReLU"})
 # Layers that are no polynomial of their input (besides the catalog's activation layers).
 NON_POLYNOMIAL_LAYERS = frozenset(registry.POOL_SWAPS) | {
-    "LayerNormalization", "RMSNormalization", "GroupNormalization", "UnitNormalization", "Maximum", "Minimum",
+    "LayerNormalization", "GroupNormalization", "UnitNormalization", "Maximum", "Minimum",
     "MultiHeadAttention", "Attention", "AdditiveAttention", "Lambda",
 }
 
