@@ -340,7 +340,8 @@ _BUILT_IN = (
     Source("layernorm", aliases=("layer_norm",), keras_layers=("LayerNormalization",), elementwise=False,
            detail=lambda c: "rms_scaling=True" if c.get("rms_scaling") else ""),
     Source("rmsnorm", aliases=("rms_norm",), keras_layers=("RMSNormalization",), elementwise=False),
-    Source("attention_softmax", aliases=("attention",), keras_layers=("MultiHeadAttention",), elementwise=False),
+    Source("attention_softmax", aliases=("attention",), keras_layers=("MultiHeadAttention", "Attention"),
+           elementwise=False, detail=lambda c: "score_mode=concat" if c.get("score_mode") == "concat" else ""),
     # What actswap itself puts in: recognised so that re-converting a converted
     # model reports them instead of ignoring them. ``Square`` is also the op
     # --to square leaves in a frozen GraphDef.

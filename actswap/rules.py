@@ -252,9 +252,16 @@ def _rmsnorm(site: Any, node: dict[str, Any], blend: bool) -> Any:
 
 
 def _attention(site: Any, node: dict[str, Any], blend: bool) -> Any:
-    from .transformer import PolyMultiHeadAttention
+    from .transformer import PolyAttention, PolyMultiHeadAttention
 
-    return PolyMultiHeadAttention.from_config({**_config(node), "blend": blend})
+    cls = PolyAttention if node["class_name"] == "Attention" else PolyMultiHeadAttention
+    return cls.from_config({**_config(node), "blend": blend})
+
+
+def _attention_refuses(site: Any) -> str | None:
+    if "score_mode=concat" in site.detail:
+        return "Attention(score_mode='concat'): its scores pass through tanh, which no polynomial form here replaces"
+    return None
 
 
 def _cost_softmax(obj: Any) -> tuple[int, int]:
@@ -284,6 +291,8 @@ def attention_parts(obj: Any = None) -> list[tuple[str, int, int]]:
     output projection. (1/sqrt(key_dim) folds into the query projection.)"""
     polynomial = obj is None or getattr(obj, "actswap_blend_capable", False)
     softmax = "softmax s·(x + c)²" if polynomial else "softmax"
+    if type(obj).__name__ in ("Attention", "PolyAttention"):  # no projections; its scale is a weight
+        return [("QKᵀ", 1, 1 if getattr(obj, "use_scale", False) else 0), (softmax, 1, 1), ("weights × V", 1, 0)]
     return [("query projection", 0, 1), ("QKᵀ", 1, 0), (softmax, 1, 1),
             ("weights × V", 1, 0), ("output projection", 0, 1)]
 
@@ -295,7 +304,8 @@ _POLY_LAYERNORM = catalog.OwnActivation(
 _POLY_RMSNORM = catalog.OwnActivation(
     "poly_rmsnorm", ("PolyRMSNormalization",), ("actswap>PolyRMSNormalization",), _cost_layernorm)
 _POLY_ATTENTION = catalog.OwnActivation(
-    "poly_attention", ("PolyMultiHeadAttention",), ("actswap>PolyMultiHeadAttention",), _cost_attention)
+    "poly_attention", ("PolyMultiHeadAttention", "PolyAttention"),
+    ("actswap>PolyMultiHeadAttention", "actswap>PolyAttention"), _cost_attention)
 
 register_rule(Rule(
     "max_pool -> average pool", catalog.POOL_SOURCE, "average pooling, same window (--pool avg)",
@@ -322,6 +332,6 @@ register_rule(Rule(
 register_rule(Rule(
     "attention softmax -> shifted square", "attention_softmax",
     "attention weights s·(QKᵀ/sqrt(d) + c)², s a calibrated constant instead of the softmax's division",
-    _attention, None, APPROX_TARGETS, emits=(_POLY_ATTENTION,),
+    _attention, None, APPROX_TARGETS, _attention_refuses, emits=(_POLY_ATTENTION,),
     calibration="s = 1 / mean over the data of the sum over keys of (score + c)²",
 ))

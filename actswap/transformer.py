@@ -296,5 +296,57 @@ class PolyMultiHeadAttention(Blendable, keras.layers.MultiHeadAttention):
         return {**super().get_config(), "shift": self.shift, "scale": self.scale, "blend": self.blend}
 
 
-__all__ = ["PolySoftmax", "PolySoftmaxActivation", "PolyMultiHeadAttention",
+@keras.saving.register_keras_serializable(package=PACKAGE, name="PolyAttention")
+class PolyAttention(Blendable, keras.layers.Attention):
+    """``keras.layers.Attention`` (dot-product scores) whose attention weights are
+    ``square_scale * (scores + shift)**2``. (``scale`` is the parent's own
+    trainable score scale, kept as it is.) ``score_mode="concat"`` has no
+    polynomial form: its scores pass through tanh. ``square_scale=None``
+    becomes ``1 / (Tv * shift**2)``, Tv the number of value positions."""
+
+    def __init__(self, shift: float = 5.0, square_scale: float | None = None, blend: bool = False,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if self.score_mode != "dot":
+            raise ValueError(f"score_mode={self.score_mode!r}: its scores pass through tanh, not a polynomial")
+        self.shift = float(shift)
+        self.square_scale = None if square_scale is None else float(square_scale)
+        self.blend = bool(blend)
+        self.calibrating = False
+        self.factor = self.peak = None
+        self._stats = _SquareSum()
+
+    def build(self, input_shape: Any) -> None:
+        super().build(input_shape)  # the parent's weights (its score scale) exactly as Keras makes them
+        if self.square_scale is None and input_shape[1][1] is not None:
+            self.square_scale = _default_scale(input_shape[1][1], self.shift, "value")
+        self._add_blend_weights()
+
+    def _apply_scores(self, scores: Any, value: Any, scores_mask: Any = None, training: Any = False) -> Any:
+        if self.square_scale is None:
+            self.square_scale = _default_scale(scores.shape[-1], self.shift, "value")
+        mask = None
+        if scores_mask is not None:  # (batch, 1, Tv) or (batch, Tq, Tv), as the parent takes it
+            mask = ops.cast(scores_mask if len(scores_mask.shape) == 3 else ops.expand_dims(scores_mask, -2), "bool")
+        if self.calibrating:
+            self._stats.record(scores, mask, (-1,), self.shift)
+            return super()._apply_scores(scores, value, scores_mask, training)
+        self._watch(scores, training)
+        weights = shifted_square(scores, self.shift, self.square_scale)
+        if mask is not None:
+            weights = ops.where(mask, weights, ops.zeros_like(weights))
+        if self.blend:
+            weights = self._mix(super()._apply_scores(scores, value, scores_mask, False)[1], weights)
+        if training and self.dropout > 0:
+            weights = keras.random.dropout(weights, self.dropout, seed=self.seed_generator)
+        return ops.matmul(weights, value), weights
+
+    def finish_calibration(self) -> None:
+        self.square_scale = self._stats.scale(self.name)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "shift": self.shift, "square_scale": self.square_scale, "blend": self.blend}
+
+
+__all__ = ["PolySoftmax", "PolySoftmaxActivation", "PolyMultiHeadAttention", "PolyAttention",
            "horner", "shifted_square"]

@@ -337,3 +337,40 @@ def test_rmsnormalization_is_a_source_with_a_fixed_polynomial_form(tmp_path):
     assert he["he_ready"] and he["multiplicative_depth"]["ct_ct"] == 0
     actswap.save(converted, tmp_path / "rms.keras")
     np.testing.assert_allclose(keras.saving.load_model(tmp_path / "rms.keras")(x), converted(x), rtol=1e-6)
+
+
+def test_keras_attention_layer_fits_the_same_rule_and_concat_is_refused(tmp_path):
+    keras.utils.set_random_seed(4)
+    inp = keras.Input((6, 5))
+    q = keras.layers.Dense(4, name="q")(inp)
+    v = keras.layers.Dense(4, name="v")(inp)
+    a = keras.layers.Attention(use_scale=True, name="att")([q, v])
+    c = keras.layers.Attention(score_mode="concat", name="cat")([q, v])
+    out = keras.layers.Dense(3, name="out")(keras.layers.GlobalAveragePooling1D(name="pool")(
+        keras.layers.Add(name="sum")([a, c])))
+    model = keras.Model(inp, out)
+    model.get_layer("att").scale.assign(0.7)
+    x = np.random.default_rng(5).normal(size=(8, 6, 5)).astype("float32")
+    converted, report = actswap.convert(model, to="approx", sources={"attention_softmax"}, calibrate=x)
+    decided = {s.path: (s.action, s.reason) for s in report.sites}
+    assert decided["att"][0] == "replaced" and decided["cat"][0] == "skipped" and "tanh" in decided["cat"][1]
+    assert type(converted.get_layer("att")).__name__ == "PolyAttention"
+    # NumPy: scores = 0.7·q·vᵀ; s measured on the original's scores; weights s·(scores + 5)²; times v.
+    sub = keras.Model(model.inputs, [model.get_layer("q").output, model.get_layer("v").output,
+                                     model.get_layer("cat").output])
+    qv, vv, cat = (np.asarray(t, "float64") for t in sub(x))
+    scores = 0.7 * qv @ vv.transpose(0, 2, 1)
+    s = 1.0 / float(((scores + SHIFT) ** 2).sum(-1).mean())
+    att = (s * (scores + SHIFT) ** 2) @ vv
+    ok, ob = (np.asarray(w, "float64") for w in model.get_layer("out").get_weights())
+    np.testing.assert_allclose(converted(x), (att + cat).mean(1) @ ok + ob, rtol=1e-4, atol=1e-6)
+    parts = [p["part"] for p in actswap.inspect(converted, he=True).he["parts"] if p["path"] == "att"]
+    assert parts == ["QKᵀ", "softmax s·(x + c)²", "weights × V"]
+    # Blend mode (recovery's) at factor 0 is the original layer; the saved model reloads.
+    from actswap.recover.blend import blend_model, rule_layers_of
+
+    blended = blend_model(model, polynomials={}, rule_layers=rule_layers_of(converted))
+    np.testing.assert_allclose(blended(x), model(x), rtol=1e-5, atol=1e-6)
+    path = tmp_path / "att.keras"
+    actswap.save(converted, path)
+    np.testing.assert_allclose(keras.saving.load_model(path)(x), converted(x), rtol=1e-6)

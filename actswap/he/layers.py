@@ -34,10 +34,10 @@ AFFINE_LAYERS: dict[str, int] = {
 NOT_COMPILED = frozenset({"Normalization", "RepeatVector"})
 # Products of two tensors: one ciphertext x ciphertext multiplication.
 CT_CT_LAYERS: dict[str, int] = {"Multiply": 1, "Dot": 1}
-# Attention layers whose softmax is a site (not a polynomial until replaced):
-# (ct_ct, ct_pt) of the rest, QKᵀ and the weights times V, the query and output
-# projections (the parts: :func:`actswap.rules.attention_parts`).
-ATTENTION_LAYERS: dict[str, tuple[int, int]] = {"MultiHeadAttention": (2, 2)}
+# Attention layers whose softmax is a site (not a polynomial until replaced);
+# the rest (QKᵀ, the weights times V, projections) is costed part by part
+# (:func:`actswap.rules.attention_parts`).
+ATTENTION_LAYERS = frozenset({"MultiHeadAttention", "Attention"})
 # Layers that cost nothing in themselves: the input, and Keras's activation
 # layers, whose cost is that of their activation (a site, or linear).
 PASS_THROUGH = frozenset({"InputLayer", "Activation", "ReLU"})

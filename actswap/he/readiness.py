@@ -98,7 +98,10 @@ def _leaf_cost(leaf: Any) -> tuple[int, int]:
         return own
     name = type(leaf).__name__
     if name in ATTENTION_LAYERS:  # its softmax is a site of its own (not a polynomial yet)
-        return ATTENTION_LAYERS[name]
+        from ..rules import attention_parts
+
+        rest = [p for p in attention_parts(leaf) if not p[0].startswith("softmax")]
+        return sum(p[1] for p in rest), sum(p[2] for p in rest)
     ct_ct, ct_pt = CT_CT_LAYERS.get(name, 0), CT_PT_LAYERS.get(name, 0)
     if name == "Rescaling" and getattr(leaf, "scale", 1.0) == 1.0:
         ct_pt = 0
