@@ -10,8 +10,9 @@ of the catalog (:mod:`actswap.catalog`):
 
 * what it matches: ``source``, the catalog record whose forms site finding
   reads; ``listed=False`` for a source whose sites are looked for only when it
-  is selected (max pooling, selected by ``--pool avg``), so that reports of
-  models that do not ask for it stay as they were;
+  is selected (max pooling, selected by ``--pool avg``; found by
+  :func:`actswap.sites.unlisted_sites`), so that reports of models that do not
+  ask for it stay as they were;
 * which targets use it (``targets``; None: every target);
 * what it puts in: ``layer(site, node, blend)`` for a whole layer (``node``
   is the old layer's serialized ``{"class_name", "config"}``), and
@@ -110,24 +111,6 @@ def refusal(activation: str, detail: str, target: Any, site: Any = None) -> str 
 
 def unlisted_sources(chosen: Iterable[str]) -> list[Rule]:
     return [r for name, r in RULES.items() if not r.listed and name in chosen]
-
-
-def unlisted_sites(model: Any, chosen: Iterable[str]) -> list[Any]:
-    """Sites of the selected sources that are not listed otherwise (layers of a
-    graph model matched by class name), parents first."""
-    from .report import Site
-    from .sites import is_graph_model, iter_nodes
-
-    rules = unlisted_sources(chosen)
-    if not rules or not is_graph_model(model):
-        return []
-    by_class = {cls: r for r in rules for cls in r.layer_classes}
-    found = []
-    for path, obj in iter_nodes(model):
-        rule = by_class.get(type(obj).__name__)
-        if rule is not None:
-            found.append(Site(path, type(obj).__name__, rule.form, rule.source, leaf_id=id(obj), pointer=()))
-    return found
 
 
 def site_reason(site: Any, target: str) -> str:

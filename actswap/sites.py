@@ -24,7 +24,7 @@ from typing import Any
 
 import keras
 
-from . import classify
+from . import classify, rules
 from .errors import UnsupportedModelError
 from .report import Site
 
@@ -198,4 +198,20 @@ def attribute_sites(model: Any, path: str) -> list[Site]:
         for s in leaf_sites(layer, prefix):
             s.form = f"{s.form} (set in {type(model).__name__} code)"
             found.append(s)
+    return found
+
+
+def unlisted_sites(model: Any, chosen: Any) -> list[Site]:
+    """Sites of the selected sources whose rules are not listed otherwise
+    (:attr:`actswap.rules.Rule.listed`): layers of a graph model matched by
+    class name, parents first."""
+    selected = rules.unlisted_sources(chosen)
+    if not selected or not is_graph_model(model):
+        return []
+    by_class = {cls: r for r in selected for cls in r.layer_classes}
+    found = []
+    for path, obj in iter_nodes(model):
+        rule = by_class.get(type(obj).__name__)
+        if rule is not None:
+            found.append(Site(path, type(obj).__name__, rule.form, rule.source, leaf_id=id(obj), pointer=()))
     return found

@@ -21,7 +21,7 @@ from ..keras_setup import keras
 from ..policy import decide
 from ..report import REPLACED, SKIPPED, Report, Site
 from ..rewrite import rewrite
-from ..sites import attribute_sites, find_sites, subclassed_models
+from ..sites import attribute_sites, find_sites, subclassed_models, unlisted_sites
 from ..trace import count_ops
 from .base import ConvertOptions
 
@@ -65,7 +65,7 @@ def convert_model(
         # put in measure their own statistics after the rewrite.
         elementwise = [s for s in sites if s.activation not in rules.RULES]
         _calibrate_sites(model, elementwise, options.calibrate, options.margin)
-    sites.extend(rules.unlisted_sites(model, chosen))
+    sites.extend(unlisted_sites(model, chosen))
     for s in sites:
         reason = decide(s, target, chosen)
         s.replaceable = reason is None
