@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import catalog
+from . import catalog, rules
 
 # The source activations and their forms are records of :mod:`actswap.catalog`;
 # these names are its views, the same dict objects (kept in step in place), so
@@ -47,8 +47,7 @@ from .errors import UserError
 # --- Pooling ----------------------------------------------------------------
 
 # Max pooling -> average pooling is a rule of :mod:`actswap.rules` (``--pool avg``).
-from .rules import POOL_SWAPS  # noqa: E402,F401  (re-exported)
-
+POOL_SWAPS = rules.POOL_SWAPS
 POOL_SOURCE = catalog.POOL_SOURCE
 
 
@@ -316,9 +315,8 @@ TARGET_FACTORIES["quad"] = _quad_factory
 
 
 def check_pairs(sources: frozenset[str], target: Target) -> None:
-    """Refuse (UserError) explicitly chosen sources the target can never replace."""
-    from . import rules
-
+    """Refuse (UserError) explicitly chosen sources the target can never replace
+    (a source with a rule is judged by its rule)."""
     for name in sorted(sources):
         reason = rules.refusal(name, "", target)
         if reason is not None:

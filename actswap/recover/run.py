@@ -84,6 +84,8 @@ def recover(
 
     from ..errors import ConversionError
 
+    if lr_schedule not in LR_SCHEDULES:
+        raise UserError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
     if isinstance(train, tf.data.Dataset):
         train = _with_length(train)
     check = val
@@ -123,8 +125,6 @@ def recover(
             model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     schedule = BlendSchedule(ramp_epochs, progressive)
     guard = NaNGuard(max_restores=max_restores)
-    if lr_schedule not in LR_SCHEDULES:
-        raise UserError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
     if lr_schedule == "cosine":
         callbacks = [cosine_learning_rate(learning_rate, epochs), *callbacks]
     with scope():  # the optimizer's variables are the strategy's too
