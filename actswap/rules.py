@@ -85,6 +85,8 @@ def register_rule(rule: Rule) -> Rule:
 
 
 def unregister_rule(source: str) -> Rule:
+    """Remove the rule of ``source`` (what it emitted stays in the catalog: models
+    that hold it are still recognised)."""
     return RULES.pop(source)
 
 
@@ -137,7 +139,7 @@ def put_in_by_a_rule(obj: Any) -> bool:
 def calibrate_layers(model: Any, batches: Iterable[Any]) -> list[str]:
     """Run ``model`` on ``batches`` (input arrays) with every layer a rule put in in
     calibration mode, then set their constants from what they measured; returns
-    the paths of the layers calibrated. A layer in calibration mode computes
+    the names of the layers calibrated. A layer in calibration mode computes
     the function it replaces, so every layer measures the statistics of the
     original model's function upstream of it, whatever order they are in."""
     layers = [layer for layer in model._flatten_layers(include_self=False, recursive=True)
