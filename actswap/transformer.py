@@ -1,9 +1,11 @@
 """Polynomial stand-ins for the non-polynomial parts of a transformer.
 
-:class:`PolySoftmax` (and the activation :class:`PolySoftmaxActivation`) and
-:class:`PolyMultiHeadAttention` replace a softmax and the softmax inside
-multi-head attention by functions a CKKS scheme evaluates; the normalisation
-layers are in :mod:`actswap.normalization`, on the helpers here.
+:class:`PolySoftmax` (and the activation :class:`PolySoftmaxActivation`),
+:class:`PolyMultiHeadAttention` and :class:`PolyAttention` replace a softmax
+and the softmax inside ``MultiHeadAttention`` / ``Attention`` by functions a
+CKKS scheme evaluates; the normalisation layers are in
+:mod:`actswap.normalization`, on the helpers here (:class:`Blendable`,
+:func:`horner`, :func:`as_numpy`).
 
 Invariants, relied on by conversion, recovery and encrypted inference:
 
