@@ -55,7 +55,7 @@ def original(name: str, seed: int, data: dict, args) -> tuple[keras.Model, str]:
     x, y = data["x_train"], data["y_train"]
     if args.quick:
         x, y = x[:4000], y[:4000]
-    T.train(model, x, y, args.train_epochs, seed=seed)
+    T.train(model, x, y, args.train_epochs, seed=seed, learning_rate=2e-3)  # as transformer_baseline.py
     return model, f"trained here, {args.train_epochs} epochs"
 
 
@@ -133,7 +133,7 @@ def write_doc(rows: list[dict], args, seconds: float) -> None:
         f"`python benchmarks/recovery_transformer.py --seeds {' '.join(map(str, args.seeds))} --models "
         f"{' '.join(args.models)} --epochs {args.epochs} --lr-schedule {args.lr_schedule}` "
         f"({seconds / 60:.0f} min on 2 cores). Originals: "
-        "`fixtures/transformers.py` trained by `benchmarks/transformer_baseline.py` (15 epochs, Adam 1e-3 cosine). "
+        "`fixtures/transformers.py` trained by `benchmarks/transformer_baseline.py` (15 epochs, Adam 2e-3 with cosine decay, batch 128). "
         "Conversion: `--to approx --from all`, calibrated on 2,048 training images; recovery: `actswap.recover` "
         f"defaults with the {args.lr_schedule} learning-rate schedule, {args.epochs} epochs on the 60,000 training "
         "images. Test accuracy on the 10,000 test images. "

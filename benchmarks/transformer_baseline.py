@@ -1,4 +1,4 @@
-"""Transformer baselines on MNIST: python benchmarks/transformer_baseline.py [--epochs 8] [--seeds 0 1 2]
+"""Transformer baselines on MNIST: python benchmarks/transformer_baseline.py [--epochs 15] [--seeds 0 1 2]
 
 Trains the stock-Keras transformers of fixtures/transformers.py (``vit``: 7x7
 patches, ``rows``: the 28 rows as tokens) on the 60k MNIST training images for
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["vit", "rows"], choices=sorted(T.BUILDERS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--lr", type=float, default=2e-3, help="peak Adam learning rate (cosine-decayed)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/actswap_tf"))
     ap.add_argument("--json", type=Path, default=None, help="summary file (default OUT/baseline.json)")
