@@ -374,3 +374,19 @@ def test_keras_attention_layer_fits_the_same_rule_and_concat_is_refused(tmp_path
     path = tmp_path / "att.keras"
     actswap.save(converted, path)
     np.testing.assert_allclose(keras.saving.load_model(path)(x), converted(x), rtol=1e-6)
+
+
+def test_keras_ops_softmax_in_a_functional_graph_becomes_a_polysoftmax():
+    inp = keras.Input((4, 6))
+    h = keras.ops.softmax(keras.layers.Dense(6, name="fc")(inp), axis=-1)
+    model = keras.Model(inp, keras.layers.Dense(2, name="out")(keras.layers.Flatten()(h)))
+    x = np.random.default_rng(0).normal(size=(5, 4, 6)).astype("float32")
+    converted, report = actswap.convert(model, to="approx", sources={"softmax"}, calibrate=x)
+    (site,) = report.sites
+    assert (site.form, site.action) == ("keras.ops call", "replaced")
+    layer = converted.get_layer(site.path)
+    assert type(layer).__name__ == "PolySoftmax"
+    # NumPy: s = 1 / mean row sum of (z + 5)² over the calibration inputs, z = fc(x).
+    k, b = (np.asarray(w, "float64") for w in model.get_layer("fc").get_weights())
+    z = x.astype("float64") @ k + b
+    assert layer.scale == pytest.approx(1.0 / float(((z + SHIFT) ** 2).sum(-1).mean()), rel=1e-5)
