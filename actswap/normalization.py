@@ -60,9 +60,7 @@ class _PolyNormalization(Blendable):
         self.coefficients = tuple(float(c) for c in coefficients)
         if not self.coefficients:
             raise ValueError("coefficients must hold at least one number")
-        self.blend = bool(blend)
-        self.calibrating = False
-        self.factor = self.peak = None
+        self._init_blendable(blend)
         self._reset_statistics()
 
     def _reset_statistics(self) -> None:

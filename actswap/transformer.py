@@ -124,6 +124,12 @@ class Blendable:
     actswap_blend_capable = True
     blend: bool
 
+    def _init_blendable(self, blend: bool) -> None:
+        # Blend weights come at build, and only in blend mode; calibration is the caller's flag.
+        self.blend = bool(blend)
+        self.calibrating = False
+        self.factor = self.peak = None
+
     def _add_blend_weights(self) -> None:
         # Created after the parent's weights, and only in blend mode: the rest of
         # the weight list stays that of the original layer.
@@ -161,10 +167,8 @@ class PolySoftmax(Blendable, keras.layers.Layer):
         self.axis = tuple(int(a) for a in axis) if isinstance(axis, (list, tuple)) else int(axis)
         self.shift = float(shift)
         self.scale = None if scale is None else float(scale)
-        self.blend = bool(blend)
+        self._init_blendable(blend)
         self.supports_masking = True
-        self.calibrating = False
-        self.factor = self.peak = None
         self._stats = _SquareSum()
         # The exact branch is Keras' own softmax layer (it has no weights).
         self._softmax = keras.layers.Softmax(axis=self.axis, dtype=self.dtype_policy)
@@ -240,9 +244,7 @@ class PolyMultiHeadAttention(Blendable, keras.layers.MultiHeadAttention):
         super().__init__(num_heads, key_dim, **kwargs)
         self.shift = float(shift)
         self.scale = None if scale is None else float(scale)
-        self.blend = bool(blend)
-        self.calibrating = False
-        self.factor = self.peak = None
+        self._init_blendable(blend)
         self._stats = _SquareSum()
 
     def build(self, query_shape: Any, value_shape: Any, key_shape: Any = None) -> None:
@@ -313,9 +315,7 @@ class PolyAttention(Blendable, keras.layers.Attention):
             raise ValueError(f"score_mode={self.score_mode!r}: its scores pass through tanh, not a polynomial")
         self.shift = float(shift)
         self.square_scale = None if square_scale is None else float(square_scale)
-        self.blend = bool(blend)
-        self.calibrating = False
-        self.factor = self.peak = None
+        self._init_blendable(blend)
         self._stats = _SquareSum()
 
     def build(self, input_shape: Any) -> None:

@@ -18,6 +18,16 @@ from hypothesis import strategies as st
 from actswap.normalization import PolyLayerNormalization
 from actswap.transformer import PolyMultiHeadAttention, PolySoftmax, PolySoftmaxActivation
 
+
+def central_differences(f, at, h):
+    """d f / d at, entry by entry, by central differences (f: array -> float)."""
+    out = np.zeros_like(at)
+    for i in np.ndindex(at.shape):
+        e = np.zeros_like(at)
+        e[i] = h
+        out[i] = (f(at + e) - f(at - e)) / (2 * h)
+    return out
+
 RTOL, ATOL = 1e-5, 1e-5
 FORBIDDEN_OPS = {"Exp", "Sqrt", "Rsqrt", "Div", "RealDiv", "DivNoNan", "Pow", "Reciprocal", "Softmax", "Log"}
 
@@ -236,13 +246,8 @@ def test_layer_norm_gradients_match_finite_differences(coefficients):
     def loss(x_, g_):
         return float((np_layer_norm(x_, g_, beta, [1], 1e-3, coefficients=coefficients) * dy).sum())
 
-    def numeric(f, at, h=1e-5):
-        out = np.zeros_like(at)
-        for i in np.ndindex(at.shape):
-            e = np.zeros_like(at)
-            e[i] = h
-            out[i] = (f(at + e) - f(at - e)) / (2 * h)
-        return out
+    def numeric(f, at):
+        return central_differences(f, at, h=1e-5)
 
     x64 = x.astype(np.float64)
     np.testing.assert_allclose(gx, numeric(lambda a: loss(a, gamma), x64), rtol=1e-4, atol=1e-4)
@@ -354,13 +359,8 @@ def test_attention_gradients_match_finite_differences():
         finally:
             kernel.assign(base.astype("float32"))
 
-    def numeric(f, at, h=1e-3):  # the reference is quadratic in each entry: central differences are exact
-        out = np.zeros_like(at)
-        for i in np.ndindex(at.shape):
-            e = np.zeros_like(at)
-            e[i] = h
-            out[i] = (f(at + e) - f(at - e)) / (2 * h)
-        return out
+    def numeric(f, at):  # the reference is quadratic in each entry: central differences are exact
+        return central_differences(f, at, h=1e-3)
 
     np.testing.assert_allclose(gq, numeric(lambda a: loss(a, base), q.astype(np.float64)), rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(gk, numeric(lambda a: loss(q, a), base), rtol=1e-3, atol=1e-3)
