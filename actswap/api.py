@@ -84,7 +84,7 @@ def inspect(
     model_or_path: ModelOrPath,
     *,
     to: str = "square",
-    sources: Iterable[str] = ("relu",),
+    sources: Iterable[str] | str = ("relu",),
     trust_code: bool = False,
     degree: int | None = None,
     interval: tuple[float, float] | None = None,
@@ -99,7 +99,7 @@ def inspect(
     (remaining non-polynomial operations, multiplicative depth; see
     :mod:`actswap.he`) for Keras models."""
     target = registry.get_target(to, degree=degree, interval=interval)
-    options = ConvertOptions(target=target, sources=frozenset(sources), trust_code=trust_code)
+    options = ConvertOptions(target=target, sources=registry.as_sources(sources), trust_code=trust_code)
     backend = _backend(model_or_path)
     if he:
         if backend is not None:
@@ -117,7 +117,7 @@ def convert(
     to: str = "square",
     grad: Any = "exact",
     *,
-    sources: Iterable[str] = ("relu",),
+    sources: Iterable[str] | str = ("relu",),
     signature: str | None = None,
     trust_code: bool = False,
     degree: int | None = None,
@@ -138,7 +138,8 @@ def convert(
     fitted on ``interval`` with a degree-``degree`` Chebyshev least-squares
     polynomial; defaults in :mod:`actswap.registry`). ``sources`` names the
     activations to replace (default: plain ReLU; other members of the ReLU
-    family are reported as skipped with a reason).
+    family are reported as skipped with a reason), as names or as one string
+    like ``--from`` (``"all"``, ``"gelu,softmax"``).
 
     The input is never modified; weights are copied bit-identically (checked);
     input/output names, shapes and dtypes are unchanged (checked).
@@ -170,7 +171,7 @@ def convert(
     options = ConvertOptions(
         target=registry.get_target(to, degree=degree, interval=interval, trainable=trainable, per_channel=per_channel),
         grad=gradients.normalize(grad) if isinstance(grad, str) else grad,
-        sources=frozenset(sources), signature=signature, trust_code=trust_code,
+        sources=registry.as_sources(sources), signature=signature, trust_code=trust_code,
         calibrate=calibrate, margin=margin, pool=pool,
     )
     backend = _backend(model_or_path)

@@ -14,7 +14,7 @@ objects only when asked to.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -338,6 +338,14 @@ def resolve_sources(spec: str) -> frozenset[str]:
             f"use 'all' or names from: {', '.join(n for n, f in SOURCES.items() if f != catalog.POLYNOMIAL_FAMILY)}"
         )
     return frozenset(canonical(n) for n in names)
+
+
+def as_sources(sources: Iterable[str] | str) -> frozenset[str]:
+    """The API's ``sources``: names, or one string as ``--from`` takes it
+    (``"all"``, ``"gelu,softmax"``); a string is never read letter by letter."""
+    if isinstance(sources, str):
+        return resolve_sources(sources)
+    return frozenset(sources)
 
 
 def float16_overflow(target: str) -> str:

@@ -28,7 +28,7 @@ def he_run(
     limit: Optional[int] = typer.Option(None, "--limit", help="Run only the first N samples."),
     mode: Optional[str] = typer.Option(
         None, "--mode", help="batch: many samples per ciphertext (throughput); latency: one sample per "
-        "ciphertext. [default: batch for more than 8 samples]"),
+        "ciphertext. [default: batch for more than 8 samples, or when the model is not a chain]"),
     workers: Optional[int] = typer.Option(None, "--workers", help="Batch mode: processes [default: one per core]."),
     as_json: AsJson = False,
     debug: Debug = False,

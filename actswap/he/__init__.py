@@ -18,17 +18,21 @@ Running a converted model encrypted:
 
 Three steps, each with one job:
 
-1. :func:`~.program.compile_model` turns a Keras model that is a chain of affine maps and
-   polynomial activations into a :class:`Program`: a list of stages, each an
-   :class:`Affine` (one plain matrix and bias) or a :class:`Poly` (polynomial
-   coefficients, shared or per element). Each affine stretch (every layer
-   between two polynomial activations) is compiled by applying the layers
-   themselves, cloned in float64 with the same weights, to the zero input and
-   to every basis vector: ``bias = f(0)``, ``matrix[i] = f(e_i) - f(0)``.
-   That is exact for affine layers (up to float64 rounding) and needs no
-   per-layer formula. Each stage is then checked against the original float32
-   layers on probe inputs (:data:`COMPILE_TOL`); a failure is an
-   :class:`~actswap.errors.InvariantError`.
+1. :func:`~.program.compile_model` turns a Keras model made of affine maps,
+   polynomial activations and actswap's polynomial attention into a
+   :class:`Program`: stages (:mod:`.stages`) that each read earlier values, an
+   :class:`Affine` (one plain matrix and bias over the values it reads), a
+   :class:`Poly` (polynomial coefficients, shared or per element) or a
+   :class:`Bilinear` (sums of products of two encrypted values: attention's
+   QKᵀ and weights x V, :mod:`.attention`). Each affine stretch (every layer
+   between two stages, across residual branches) is compiled by applying the
+   layers themselves, cloned in float64 with the same weights, to the zero
+   input and to every basis vector of the values it reads: ``bias = f(0)``,
+   ``matrix[i] = f(e_i) - f(0)``. That is exact for affine layers (up to
+   float64 rounding) and needs no per-layer formula. Each stage is then checked
+   against the original float32 layers on probe inputs (:data:`COMPILE_TOL`);
+   a failure is an :class:`~actswap.errors.InvariantError`. A model whose
+   values flow layer to layer compiles to a chain (what latency mode runs).
 2. :func:`~.params.choose_parameters` picks CKKS parameters (polynomial modulus degree,
    coefficient modulus chain, scale) from the program's multiplicative depth,
    its vector sizes and the magnitudes of its values, at 128-bit security.
@@ -51,8 +55,9 @@ Three steps, each with one job:
 Scope: Dense, Conv1D/2D/3D (and transposed, depthwise, separable), average
 pooling, Flatten/Reshape/Permute, BatchNormalization (inference mode),
 Rescaling, padding/cropping, dropout (identity at inference), Add/Subtract/
-Concatenate/Average of tensors of the same affine stretch, adding or
-multiplying by a constant, actswap's square and polynomial activations, and a
+Concatenate/Average of tensors, adding or multiplying by a constant,
+actswap's square and polynomial activations, its polynomial multi-head
+attention, fixed LayerNorm/RMSNorm and hidden softmax (batch mode), and a
 softmax as the very last operation (its input, the logits, is what is
 decrypted and compared). Anything else is refused with
 :class:`OutOfScopeError`, naming the layer and what to do.

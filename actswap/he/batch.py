@@ -45,8 +45,8 @@ from typing import Any
 
 import numpy as np
 
-from .evaluate import _evaluate_from
-from .program import Program
+from .evaluate import _evaluate, _evaluate_from, _PlainBackend
+from .stages import Affine, Bilinear, Program, inputs_of, last_uses
 from .seal import Seal
 
 
@@ -63,8 +63,59 @@ def packing(batch_size: int, inputs: int) -> str:
             "over non-zero weights, one rescale per output; no rotations (no Galois keys)")
 
 
+def peak_bytes(program: Program, params: Any) -> int:
+    """The bytes of ciphertexts batch mode's process holds at its peak, counted from
+    the program (one ciphertext per value; a value, the input too, held until its
+    last reader; a stage adds its output, its inputs' copies moved down to a
+    common level, and a polynomial the powers and terms of one slice).
+
+    SEAL allocates from a memory pool that keeps each allocation size it has
+    served at its peak and never shrinks: a ciphertext's size is its parts (2,
+    or 3 for a product before relinearisation) x N x 8 bytes per prime of the
+    level it was allocated at (before its rescale). So the figure is, summed
+    over those sizes, each one's largest count at any stage. (Measured on the
+    he_vit transformer, 256 images: 10.6 GB predicted, 13.4 GB peak RSS for the
+    whole process, ~1.2 GB of it there before any ciphertext; see
+    :data:`~.encrypted.MEMORY_MARGIN`.)"""
+    levels: dict[int, int] = {}
+    _evaluate(program, _PlainBackend(), np.zeros((1, program.input_size)), levels)
+    primes = len(params.coeff_mod_bit_sizes) - 1  # the special prime is in the keys only
+
+    def allocation(value: int) -> tuple[int, int]:  # (parts, primes) it was allocated with
+        if value == 0:
+            return 2, primes
+        parts = 3 if isinstance(program.stages[value - 1], Bilinear) else 2
+        return parts, primes - levels[value] + 1
+
+    def count(value: int) -> int:
+        return program.input_size if value == 0 else program.stages[value - 1].size
+
+    last, live = last_uses(program.stages), {0}
+    pooled: dict[tuple[int, int], int] = {}
+    for i, s in enumerate(program.stages):
+        now: dict[tuple[int, int], int] = {}
+        for v in live | {i + 1}:
+            key = allocation(v)
+            now[key] = now.get(key, 0) + count(v)
+        ins = inputs_of(s, i)
+        if isinstance(s, (Affine, Bilinear)):
+            top = max(levels[v] for v in ins)
+            for v in set(ins):
+                if levels[v] < top:
+                    now[(2, primes - top)] = now.get((2, primes - top), 0) + count(v)
+        else:
+            key = (3, primes - levels[ins[0]])  # the powers and terms of one slice
+            now[key] = now.get(key, 0) + 3 * min(s.size, _BatchBackend.poly_chunk)
+        for key, n in now.items():
+            pooled[key] = max(pooled.get(key, 0), n)
+        live = {v for v in live | {i + 1} if last.get(v, -1) > i}
+    return sum(n * parts * p * params.poly_modulus_degree * 8 for (parts, p), n in pooled.items())
+
+
 class _BatchBackend(Seal):
     """The evaluator's backend on lists of SEAL ciphertexts, one per vector element."""
+
+    poly_chunk = 32  # a polynomial runs on this many ciphertexts at a time (memory; see _poly_stage)
 
     def __init__(self, context: Any, split: int = 1) -> None:
         super().__init__(context)
@@ -177,6 +228,38 @@ class _BatchBackend(Seal):
             out.append(self._rescale(r, level))
         return out
 
+    def bilinear(self, a: list[Any], b: list[Any], pairs: np.ndarray, level: int) -> list[Any]:
+        """Per output, its products summed before one relinearisation and one rescale
+        (a sum of unrelinearised products is still a valid 3-part ciphertext)."""
+        out, tmp = [], self.new()
+        for terms in pairs:
+            acc = self.new()
+            self.evaluator.multiply(a[terms[0, 0]], b[terms[0, 1]], acc)
+            for i, j in terms[1:]:
+                self.evaluator.multiply(a[i], b[j], tmp)
+                self.evaluator.add_inplace(acc, tmp)
+            self.evaluator.relinearize_inplace(acc, self.relin)
+            out.append(self._rescale(acc, level))
+        return out
+
+    def join(self, parts: list[list[Any]]) -> list[Any]:
+        return [ct for part in parts for ct in part]
+
+    def lower(self, x: list[Any], level: int) -> list[Any]:
+        """``x`` at ``level``: copies of the ciphertexts above it mod-switched down
+        (value and scale unchanged); ``x`` itself is kept for its other readers."""
+        if all(self.level(ct) == level for ct in x):
+            return x
+        out = []
+        for ct in x:
+            if self.level(ct) == level:
+                out.append(ct)
+                continue
+            moved = self.new()
+            self.evaluator.mod_switch_to(ct, self.parms[level], moved)
+            out.append(moved)
+        return out
+
     def add(self, a: list[Any], b: list[Any]) -> list[Any]:
         out = []
         for p, q in zip(a, b):
@@ -224,16 +307,19 @@ def _one_batch(job: tuple[int, int]) -> tuple[int, np.ndarray, dict[str, float],
     program, context, x = _JOB["program"], _JOB["context"], _JOB["batches"][index]
     backend = _BatchBackend(context, split)
     t0 = time.perf_counter()
-    enc = backend.encrypt(x)
+    held = [backend.encrypt(x)]
     t1 = time.perf_counter()
-    out = _evaluate_from(program, backend, enc)
+    n_in = len(held[0])
+    one_in = len(backend.serialize(held[0][0])) if index == 0 else 0
+    # The only reference goes to the evaluator, which frees the input after its last reader.
+    out = _evaluate_from(program, backend, held.pop())
     t2 = time.perf_counter()
     logits = backend.decrypt(out.data, len(x)) / out.factor
     t3 = time.perf_counter()
     sizes = {}
     if index == 0:
-        one_in, one_out = len(backend.serialize(enc[0])), len(backend.serialize(out.data[0]))
-        sizes = {"input": one_in * len(enc), "output": one_out * len(out.data),
+        one_out = len(backend.serialize(out.data[0]))
+        sizes = {"input": one_in * n_in, "output": one_out * len(out.data),
                  "input_ciphertext": one_in, "output_ciphertext": one_out}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return index, logits, {"encrypt": t1 - t0, "evaluate": t2 - t1, "decrypt": t3 - t2}, sizes, rss

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import time
 from collections.abc import Callable
@@ -13,6 +14,7 @@ import numpy as np
 from ..errors import UserError
 from . import batch, latency
 from .evaluate import _evaluate_from
+from .limits import OutOfScopeError, ParameterError
 from .params import CKKSParameters, choose_parameters, depth_and_magnitudes, make_context
 from .program import _softmax, compile_model
 
@@ -89,67 +91,76 @@ MODES = ("batch", "latency")
 BATCH_ABOVE = 8  # the default mode: batch for more samples than this, latency otherwise
 
 
-def refuse_attention(model: Any) -> None:
-    """Refuse a model with attention in one line: with the multiplicative depth it
-    needs against the most any 128-bit-secure CKKS setting holds when it does not
-    fit, else naming what the evaluator does not compile (products of two
-    encrypted activations, residual branches across polynomials)."""
+# Memory a batch run needs beyond its ciphertexts' peak (batch.peak_bytes): SEAL's
+# temporaries and plaintext encodings. Measured on he_vit, 256 images: 10.6 GB
+# predicted, the process's peak RSS 13.4 GB, of which ~1.2 GB before any ciphertext.
+MEMORY_MARGIN = 1.15
+
+
+def refuse_not_polynomial(model: Any) -> None:
+    """Refuse, before compiling, a model with attention whose parts are not yet
+    polynomials: one line naming the first such op and the convert command."""
     from ..sites import is_graph_model
-    from .limits import MAX_MODULUS_BITS, MIN_SCALE_BITS, OutOfScopeError, ParameterError, max_depth
     from .readiness import he_report
 
     if not is_graph_model(model):
         return
     report = he_report(model)
-    if not report.parts:
-        return
-    first = report.parts[0]["path"]
-    if report.non_polynomial:
+    if report.parts and report.non_polynomial:
         item = report.non_polynomial[0]
         raise OutOfScopeError(
             f"'{item['path']}': {item['op']} is not a polynomial; convert the model first: "
             "`actswap convert MODEL --from all --to approx` (or `actswap recover ... --to approx --from all`)"
         )
-    d, available = report.depth, max_depth()
-    if d.total > available:
+
+
+def refuse_depth(program: Any, depth: int) -> None:
+    """Refuse a compiled program deeper than any 128-bit-secure CKKS setting holds,
+    in one line: the depth needed (and its ciphertext x ciphertext products) and
+    the most available."""
+    from .limits import MAX_MODULUS_BITS, MIN_SCALE_BITS, max_depth
+    from .stages import Bilinear
+
+    available = max_depth()
+    if depth > available:
+        products = sum(isinstance(s, Bilinear) for s in program.stages)
         raise ParameterError(
-            f"multiplicative depth {d.total} needed ({d.ct_ct} ciphertext x ciphertext, {d.ct_pt} ciphertext x "
-            f"plaintext), at most {available} available at 128-bit security (N={max(MAX_MODULUS_BITS)}, "
-            f"{max(MAX_MODULUS_BITS.values())}-bit modulus, 2^{MIN_SCALE_BITS} scale): use fewer blocks"
+            f"multiplicative depth {depth} needed ({products} stages of ciphertext x ciphertext products), at most "
+            f"{available} available at 128-bit security (N={max(MAX_MODULUS_BITS)}, "
+            f"{max(MAX_MODULUS_BITS.values())}-bit modulus, 2^{MIN_SCALE_BITS} scale): use fewer blocks or "
+            "lower-degree polynomials"
         )
-    n, width = _modulus_degree(d.total), _widest(model)
-    # Batch packing holds one ciphertext per value: 2 polynomials of n coefficients per data prime.
-    gigabytes = width * 2 * (d.total + 1) * n * 8 / 1e9
-    raise OutOfScopeError(
-        f"'{first}': attention multiplies two encrypted activations (QKᵀ, weights x V) and its block adds "
-        f"residual branches, which the encrypted evaluator does not compile yet (depth {d.total} would fit: "
-        f"at most {available} at 128-bit security, N={n}; batch mode would hold its widest activation, "
-        f"{width} values, as {width} ciphertexts, {gigabytes:.1f} GB)"
-    )
 
 
-def _modulus_degree(depth: int) -> int:
-    """The smallest N whose 128-bit budget holds ``depth`` levels (as :func:`refuse_attention` counts them)."""
-    from .limits import MARGIN_BITS, MAX_MODULUS_BITS, MIN_SCALE_BITS
+def _refuse_memory(program: Any, params: CKKSParameters, samples: int, batch_size: int | None,
+                   workers: int | None) -> None:
+    """Refuse a batch run whose ciphertexts (:func:`.batch.peak_bytes`, times the
+    batches evaluated at once) would not fit the memory available now."""
+    per_batch = batch.peak_bytes(program, params)
+    slots = params.poly_modulus_degree // 2
+    batches = -(-samples // min(batch_size or slots, slots))
+    at_once = max(1, min(batches, workers or os.cpu_count() or 1))
+    need, available = per_batch * at_once, _available_memory()
+    if available is not None and need * MEMORY_MARGIN > available:
+        raise ParameterError(
+            f"batch mode would hold {need / 1e9:.1f} GB of ciphertexts at its peak ({at_once} "
+            f"batch{'es' if at_once > 1 else ''} at once, N={params.poly_modulus_degree}, depth {params.depth}; {MEMORY_MARGIN:g}x that with SEAL's "
+            f"temporaries), more than the {available / 1e9:.1f} GB of memory available: "
+            + ("run fewer batches at once (--workers 1)" if at_once > 1 else
+               "a smaller model (fewer blocks or narrower layers) or a machine with more memory")
+        )
 
-    outer = MIN_SCALE_BITS + 1 + MARGIN_BITS
-    return min(n for n, bits in MAX_MODULUS_BITS.items() if 2 * outer + depth * MIN_SCALE_BITS <= bits)
 
-
-def _widest(model: Any) -> int:
-    """The most values one layer of ``model`` outputs per sample (its top-level graph)."""
-    import keras
-
-    widest = 0
-    for op in getattr(model, "operations", []):
-        try:
-            shapes = [t.shape for t in keras.tree.flatten(op.output)]
-        except (AttributeError, ValueError):  # a layer used several times has no single output
-            continue
-        for shape in shapes:
-            if all(dim is not None for dim in shape[1:]):
-                widest = max(widest, int(np.prod(shape[1:])))
-    return widest
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def run(
@@ -169,7 +180,9 @@ def run(
     compare with plaintext. ``mode`` "latency": one ciphertext per sample
     (:mod:`.latency`: products by generalized diagonals); "batch": one ciphertext
     per input element holding up to N/2 samples (:mod:`.batch`) on ``workers``
-    processes [default: batch for more than :data:`BATCH_ABOVE` samples].
+    processes [default: batch for more than :data:`BATCH_ABOVE` samples, and
+    always for a model that is not a chain (residual branches, attention), which
+    latency mode does not run].
     ``batch_size`` caps the samples per ciphertext.
 
     The plaintext reference is the model itself: top-1 agreement is against its
@@ -201,7 +214,7 @@ def run(
         y = None if y is None else np.asarray(y)[:limit]
     if len(x) == 0:
         raise UserError("no samples to run")
-    mode = mode or ("batch" if len(x) > BATCH_ABOVE else "latency")
+    chosen, mode = mode, mode or ("batch" if len(x) > BATCH_ABOVE else "latency")
     if mode == "latency" and (workers or 1) > 1:
         raise UserError(f"--workers {workers} is for batch mode; latency mode evaluates one sample at a time "
                         "on one core (SEAL's Python binding holds the GIL)")
@@ -211,13 +224,21 @@ def run(
             raise UserError(f"the samples have shape {tuple(x.shape[1:])}, the model takes {want}")
         x = x.reshape((len(x),) + want)  # e.g. MNIST without its channel axis
     x = x.astype("float32")
-    refuse_attention(model)
+    refuse_not_polynomial(model)
     program = compile_model(model, x[:16])
+    if not program.is_chain:
+        if chosen == "latency":
+            raise OutOfScopeError(
+                "latency mode runs chains of layers only; this model has residual branches or attention "
+                "(stages reading several values): use --mode batch"
+            )
+        mode = "batch"
     plain_logits = program.plain(x)
     model_out = np.asarray(model.predict(x, batch_size=256, verbose=0), "float64").reshape(len(x), -1)
     mine = _softmax(plain_logits) if program.final_softmax else plain_logits
     compile_check = float(np.abs(mine - model_out).max())
     depth, magnitude = depth_and_magnitudes(program, x)
+    refuse_depth(program, depth)
     slots = latency.slots_needed(program)
     if mode == "batch":
         # The smallest N that holds the depth (cheapest per batch); its slots hold the batch.
@@ -230,6 +251,8 @@ def run(
             f"the parameters given have depth {params.depth} and {params.poly_modulus_degree // 2} slots; "
             f"this model needs depth {depth} and {slots} slots"
         )
+    if mode == "batch":
+        _refuse_memory(program, params, len(x), batch_size, workers)
     if on_parameters is not None:
         on_parameters(params)
     t0 = time.perf_counter()

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .program import Affine, Poly, Program
+from .stages import Affine, Bilinear, Poly, Program, inputs_of, last_uses
 
 
 @dataclass
@@ -76,30 +76,91 @@ class _PlainBackend:
     def add(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return a + b
 
+    def bilinear(self, a: np.ndarray, b: np.ndarray, pairs: np.ndarray, level: int) -> np.ndarray:
+        terms = a[:, pairs[..., 0]] * b[:, pairs[..., 1]]
+        self.note(level, np.abs(terms).sum(axis=-1))  # the partial sums
+        return terms.sum(axis=-1)
+
+    def join(self, parts: list[np.ndarray]) -> np.ndarray:
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+    def lower(self, x: np.ndarray, level: int) -> np.ndarray:
+        return x
+
     def neg(self, a: np.ndarray) -> np.ndarray:
         return -a
 
 
-def _evaluate(program: Program, backend: Any, x: np.ndarray) -> tuple[Any, _Ct]:
+def _evaluate(program: Program, backend: Any, x: np.ndarray,
+              levels: dict[int, int] | None = None) -> tuple[Any, _Ct]:
     """Evaluate ``program`` on ``x`` (one flat sample, or a batch for the plain
     backend). Returns the encrypted input and the output; ``out.data / out.factor``
     is the logits. The level arithmetic here is the multiplicative depth:
     a matrix costs 1, a product 1, a scalar or vector coefficient 1 (folded
-    into the factor instead when it is 1 or -1 and the polynomial has one term)."""
+    into the factor instead when it is 1 or -1 and the polynomial has one term).
+    A stage reading several values brings them to the deepest one's level first
+    (a modulus switch: value and scale unchanged) and compensates each one's
+    factor in its own rows; a value is dropped after its last reader. ``levels``,
+    when given, receives each value's level."""
     enc = backend.encrypt(x)
-    h = _Ct(enc, 0, 1.0)
+    return enc, _evaluate_from(program, backend, enc, levels)
+
+
+def _evaluate_from(program: Program, backend: Any, enc: Any, levels: dict[int, int] | None = None) -> _Ct:
+    """:func:`_evaluate` on an already encrypted input (so encryption is timed apart).
+    Holds ``enc`` only until its last reader: a caller that passes its only
+    reference (``holder.pop()``) gets the input's ciphertexts freed there."""
+    values = {0: _Ct(enc, 0, 1.0)}
+    del enc
+    if levels is not None:
+        levels[0] = 0
+    last = last_uses(program.stages)
+    sizes = {0: program.input_size, **{k + 1: st.size for k, st in enumerate(program.stages)}}
     for i, s in enumerate(program.stages):
+        ins = [values[v] for v in inputs_of(s, i)]
         if isinstance(s, Affine):
-            # Compensate this input's factor and the drift of the coming rescale.
-            level = h.level + 1
-            m = s.matrix / (h.factor * backend.drift(level))
-            h = _Ct(backend.matmul(h.data, m, level), level, 1.0)
+            # Compensate each input's factor and the drift of the coming rescale.
+            top = max(h.level for h in ins)
+            level = top + 1
+            if len(ins) == 1:  # a chain's stage (all latency mode runs)
+                m, data = s.matrix / (ins[0].factor * backend.drift(level)), ins[0].data
+            else:
+                factors = np.concatenate([np.full(sizes[v], values[v].factor) for v in inputs_of(s, i)])
+                m = s.matrix / (factors[:, None] * backend.drift(level))
+                data = backend.join([backend.lower(h.data, top) for h in ins])
+            h = _Ct(backend.matmul(data, m, level), level, 1.0)
             if np.any(s.bias):
                 h.data = backend.add_vector(h.data, s.bias, (i, "bias"))
+        elif isinstance(s, Bilinear):
+            a, b = ins
+            top = max(a.level, b.level)
+            level = top + 1
+            data = backend.bilinear(backend.lower(a.data, top), backend.lower(b.data, top), s.pairs, level)
+            h = _Ct(data, level, a.factor * b.factor * backend.drift(level))
         else:
-            h = _polynomial(s, backend, h, i)
+            h = _poly_stage(s, backend, ins[0], i)
         backend.note(h.level, h.data)
-    return enc, h
+        values[i + 1] = h
+        if levels is not None:
+            levels[i + 1] = h.level
+        for v in inputs_of(s, i):
+            if last[v] == i:
+                values.pop(v, None)  # its ciphertexts are freed
+    return values[len(program.stages)]
+
+
+def _poly_stage(p: Poly, backend: Any, x: _Ct, index: int) -> _Ct:
+    """:func:`_polynomial`, in slices of ``backend.poly_chunk`` elements when the
+    backend has one and the coefficients are shared (every slice then takes the
+    same levels and factors): a slice's powers and terms are all that is held
+    beside the input and the output."""
+    size = getattr(backend, "poly_chunk", None)
+    if not size or p.size <= size or p.coefficients.ndim != 1:
+        return _polynomial(p, backend, x, index)
+    parts = [_polynomial(Poly(p.coefficients, p.layer, len(x.data[lo:lo + size])), backend,
+                         _Ct(x.data[lo:lo + size], x.level, x.factor), index)
+             for lo in range(0, p.size, size)]
+    return _Ct(backend.join([part.data for part in parts]), parts[0].level, parts[0].factor)
 
 
 def _polynomial(p: Poly, backend: Any, x: _Ct, index: int) -> _Ct:
@@ -148,16 +209,3 @@ def _polynomial(p: Poly, backend: Any, x: _Ct, index: int) -> _Ct:
     elif s0 != 0.0:
         result.data = backend.add_scalar(result.data, s0 * result.factor)
     return result
-
-
-def _evaluate_from(program: Program, backend: Any, enc: Any) -> _Ct:
-    """:func:`_evaluate` on an already encrypted input (so encryption is timed apart)."""
-
-    class _Given:
-        def __getattr__(self, name: str) -> Any:
-            return getattr(backend, name)
-
-        def encrypt(self, _: Any) -> Any:
-            return enc
-
-    return _evaluate(program, _Given(), None)[1]

@@ -95,7 +95,7 @@ def blend_model(
     sites become the same layers in blend mode (a softmax, LayerNormalization
     or attention moving to its polynomial form), weights copied."""
     target = registry.get_target(to, **target_options)
-    chosen = frozenset(sources)
+    chosen = registry.as_sources(sources)
     rule_layers = rule_layers or {}
     sites = find_sites(original)
     for s in sites:
