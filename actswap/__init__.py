@@ -54,16 +54,15 @@ def __getattr__(name: str) -> Any:
 
 
 def _register_with_keras(keras_module: Any) -> None:
-    # Never raise from an import hook: that would break `import keras` for a
-    # user on another backend. actswap's API reports the backend problem itself.
-    try:  # written with keras.ops: registered on every backend
-        importlib.import_module("actswap.transformer")
-        importlib.import_module("actswap.normalization")
-    except Exception:  # noqa: BLE001 - see above
-        pass
-    if keras_module.backend.backend() == "tensorflow":
-        importlib.import_module("actswap.activations")
-        importlib.import_module("actswap.recover.blend_layer")  # Blend: a recovery's model saves mid-way
+    # Every Keras object actswap writes is written with keras.ops: registered on
+    # every backend. Never raise from an import hook: that would break
+    # `import keras` for the user; actswap's API reports a real problem itself.
+    for module in ("actswap.activations", "actswap.transformer", "actswap.normalization",
+                   "actswap.recover.blend_layer"):  # Blend: a recovery's model saves mid-way
+        try:
+            importlib.import_module(module)
+        except Exception:  # noqa: BLE001 - see above
+            pass
 
 
 wrapt.register_post_import_hook(_register_with_keras, "keras")

@@ -1,6 +1,8 @@
-"""The square activation: x², with a gradient defined by ``tf.custom_gradient``.
+"""actswap's square and polynomials as Keras objects, written with ``keras.ops``
+so that they run, differentiate and train on every Keras 3 backend
+(TensorFlow, JAX, PyTorch); the gradient override is ``keras.ops.custom_gradient``.
 
-Three faces of one function, all registered with Keras under the ``actswap``
+Three faces of the square, all registered with Keras under the ``actswap``
 package so that a converted model reloads after ``import actswap`` with no
 ``custom_objects``:
 
@@ -11,8 +13,15 @@ package so that a converted model reloads after ``import actswap`` with no
 * :class:`Square` -- a layer carrying a gradient mode; what ``Activation('relu')``,
   ``ReLU()`` and ``keras.ops.relu(x)`` sites become.
 
-Invariants: the forward value is always ``x * x`` (so it exports to ONNX as
-``Mul(x, x)``, never ``Pow``); the gradient mode changes only the backward pass.
+And the polynomials: :class:`PolynomialActivation` (fixed coefficients) and
+:class:`Polynomial` (a layer; fixed or trainable coefficients).
+
+Invariants: the forward value is always ``x * x`` (``keras.ops.square``: the
+graph's ``Square``, exported to ONNX as ``Mul(x, x)``, never ``Pow``) or the
+polynomial in Horner form (multiplications and additions only); the gradient
+mode changes only the backward pass. A user gradient function ``grad(x, dy)``
+receives backend tensors: write it with ``keras.ops`` to keep it portable.
+TensorFlow graphs (SavedModels, GraphDefs, tf_keras) use :mod:`actswap.tf_ops`.
 """
 
 from __future__ import annotations
@@ -22,36 +31,29 @@ from typing import Any, Union
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
 from . import gradients
 
-GradFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+GradFn = Callable[[Any, Any], Any]
 Grad = Union[str, GradFn]
 
 PACKAGE = "actswap"
 
 
-# The local derivative (2x, clipped or not) is computed only once ``dy`` has
-# arrived, as TensorFlow's own gradient of Square does: without that control
-# dependency a graph computes it as soon as ``x`` exists, during the forward
-# pass, and keeps one more activation-sized tensor per site alive until the
-# backward pass reaches it (issue 8: the training step's overhead over
-# ``tf.square``). Eagerly the dependency is a no-op.
+# The backward passes multiply by the upstream gradient first where they can
+# ((dy * x) * 2, not dy * (x + x)): an op that reads only x may be scheduled in
+# a graph's forward pass and keep one more activation-sized tensor alive until
+# the backward pass reaches it (issue 8). (dy * x) * 2 equals dy * (2x) exactly.
 
 
-def _exact(x: tf.Tensor, dy: tf.Tensor) -> tf.Tensor:
-    with tf.control_dependencies([dy]):
-        slope = x + x
-    return dy * slope
+def _exact(x: Any, dy: Any) -> Any:
+    return ops.multiply(ops.multiply(dy, x), 2.0)
 
 
 def _clipped(bound: float) -> GradFn:
-    def grad(x: tf.Tensor, dy: tf.Tensor) -> tf.Tensor:
-        with tf.control_dependencies([dy]):
-            c = tf.cast(bound, x.dtype)
-            slope = tf.clip_by_value(x + x, -c, c)
-        return dy * slope
+    def grad(x: Any, dy: Any) -> Any:
+        return ops.multiply(dy, ops.clip(x + x, -bound, bound))
 
     return grad
 
@@ -65,52 +67,46 @@ def grad_function(grad: Grad) -> GradFn:
     return _exact if bound is None else _clipped(bound)
 
 
-def square_op(x: Any, grad: Grad = "exact") -> tf.Tensor:
+def _upstream(args: tuple, upstream: Any) -> Any:
+    # TensorFlow and JAX pass the upstream gradient positionally; PyTorch as upstream=.
+    return args[0] if upstream is None else upstream
+
+
+def square_op(x: Any, grad: Grad = "exact") -> Any:
     """x * x with the backward pass given by ``grad`` (a mode string or a function).
 
-    Always a ``tf.custom_gradient``, the exact mode included: the gradient is
-    actswap's to define (and a user's to override), in every mode. Issue 8's
-    profile shows what that costs: an ``IdentityN`` per site that changes how
-    grappler fuses the ops around it, and a gradient function per site that
-    a SavedModel traces and stores.
+    Always a ``keras.ops.custom_gradient``, the exact mode included: the
+    gradient is actswap's to define (and a user's to override), in every mode.
+    The forward returns its gradient function on every path (PyTorch's
+    ``custom_gradient`` silently gives a NaN gradient to a forward that does not).
     """
     backward = grad_function(grad)
 
-    @tf.custom_gradient
-    def _square(t: tf.Tensor) -> tuple[tf.Tensor, Callable[[tf.Tensor], tf.Tensor]]:
-        # The gradient closure must not rely on the op (it is not there after a
-        # SavedModel reload), only on the captured input.
-        def _grad(dy: tf.Tensor) -> tf.Tensor:
-            return backward(t, dy)
+    @ops.custom_gradient
+    def _square(t: Any) -> tuple[Any, Callable[..., Any]]:
+        def _grad(*args: Any, upstream: Any = None) -> Any:
+            return backward(t, _upstream(args, upstream))
 
-        return tf.math.square(t), _grad
+        return ops.square(t), _grad
 
-    return _square(tf.convert_to_tensor(x))
+    return _square(ops.convert_to_tensor(x))
 
 
-def square_op_without_custom_gradient(x: Any, grad: str = "exact") -> tf.Tensor:
-    """x * x with the same backward pass as :func:`square_op`, written with stop_gradient.
+def scaled_square(x: Any, backward: Any, scale: float) -> Any:
+    """``scale * x²``: the square (its gradient mode kept), then a constant.
 
-    For places where a ``tf.custom_gradient`` does not survive a SavedModel
-    reload (ops inside ``tf.cond`` branches in TF 2.21). The forward value is
-    ``x * x`` plus an exact zero (``a - a``), so it equals ``x * x`` for every
-    finite x. Only the mode strings are supported: a user gradient function
-    needs ``tf.custom_gradient``.
-    """
-    mode = gradients.normalize(grad)
-    x = tf.convert_to_tensor(x)
-    bound = gradients.clip_bound(mode)
-    if bound is None:
-        return tf.math.square(x)  # Square's own gradient: dy * 2x, the exact one
-    slope = tf.stop_gradient(tf.clip_by_value(x + x, -bound, bound))
-    linear = slope * x
-    return tf.stop_gradient(tf.math.square(x)) + (linear - tf.stop_gradient(linear))
+    ``scale`` is what accuracy recovery leaves at a site of a deep network
+    (:mod:`actswap.recover`): x² times a per-site constant, one ciphertext
+    multiplication plus one plaintext scalar under HE. 1 is the plain square."""
+    y = square_op(x, backward)
+    return y if scale == 1.0 else ops.multiply(y, ops.cast(scale, y.dtype))
 
 
 # --- polynomials -----------------------------------------------------------
 
 
-def _coefficients(coeffs: Any) -> tuple[float, ...]:
+def polynomial_coefficients(coeffs: Any) -> tuple[float, ...]:
+    """Ascending coefficients as floats, trailing zeros dropped; degree >= 1 (ValueError)."""
     c = tuple(float(v) for v in coeffs)
     while len(c) > 1 and c[-1] == 0.0:
         c = c[:-1]
@@ -119,74 +115,99 @@ def _coefficients(coeffs: Any) -> tuple[float, ...]:
     return c
 
 
-def horner(x: tf.Tensor, coeffs: tuple[float, ...]) -> tf.Tensor:
-    """sum(c_k x^k) in Horner form: degree-many multiplications by x, and only
-    the additions and coefficient multiplications that are not by 0 or 1, so
-    an exporter sees Mul/Add only (x² is exactly ``Mul(x, x)``)."""
-    y = x if coeffs[-1] == 1.0 else x * tf.cast(coeffs[-1], x.dtype)
-    for c in reversed(coeffs[1:-1]):
-        if c != 0.0:
-            y = y + tf.cast(c, x.dtype)
-        y = y * x
-    if coeffs[0] != 0.0:
-        y = y + tf.cast(coeffs[0], x.dtype)
-    return y
-
-
-def _derivative(coeffs: tuple[float, ...]) -> tuple[float, ...]:
+def derivative(coeffs: tuple[float, ...]) -> tuple[float, ...]:
+    """The derivative's ascending coefficients (at least two: a constant is (c, 0))."""
     d = tuple(k * c for k, c in enumerate(coeffs))[1:]
     return d if len(d) > 1 else d + (0.0,)
+
+
+def horner(x: Any, coeffs: Any) -> Any:
+    """sum(c_k x^k) in Horner form: degree-many multiplications by x, and only
+    the additions and coefficient multiplications that are not by 0 or 1, so
+    an exporter sees Mul/Add only (x² is exactly ``Mul(x, x)``). A single
+    coefficient (degree 0) is returned as it is, a constant for the caller to
+    broadcast."""
+    coeffs = tuple(float(c) for c in coeffs)
+    if len(coeffs) == 1:
+        return coeffs[0]
+    y = x if coeffs[-1] == 1.0 else x * coeffs[-1]
+    for c in reversed(coeffs[1:-1]):
+        if c != 0.0:
+            y = y + c
+        y = y * x
+    if coeffs[0] != 0.0:
+        y = y + coeffs[0]
+    return y
 
 
 def _poly_grad(coeffs: tuple[float, ...], grad: Grad) -> GradFn:
     if callable(grad):
         return grad
     bound = gradients.clip_bound(gradients.normalize(grad))
-    slope_coeffs = _derivative(coeffs)
+    slope_coeffs = derivative(coeffs)
 
-    def backward(x: tf.Tensor, dy: tf.Tensor) -> tf.Tensor:
-        with tf.control_dependencies([dy]):  # not during the forward pass (see _exact)
-            slope = _horner_any(x, slope_coeffs)
-            if bound is not None:
-                c = tf.cast(bound, x.dtype)
-                slope = tf.clip_by_value(slope, -c, c)
-        return dy * slope
+    def backward(x: Any, dy: Any) -> Any:
+        slope = horner(x, slope_coeffs) if slope_coeffs[1] != 0.0 else ops.zeros_like(x) + slope_coeffs[0]
+        if bound is not None:
+            slope = ops.clip(slope, -bound, bound)
+        return ops.multiply(dy, slope)
 
     return backward
 
 
-def _horner_any(x: tf.Tensor, coeffs: tuple[float, ...]) -> tf.Tensor:
-    # Derivatives may be constant (degree 0): broadcast that constant.
-    if len(coeffs) == 2 and coeffs[1] == 0.0:
-        return tf.zeros_like(x) + tf.cast(coeffs[0], x.dtype)
-    return horner(x, coeffs)
-
-
-def poly_op(x: Any, coeffs: Any, grad: Grad = "exact") -> tf.Tensor:
+def poly_op(x: Any, coeffs: Any, grad: Grad = "exact") -> Any:
     """p(x) = sum(coeffs[k] * x**k), Horner form, backward p'(x)*dy (or clipped, or ``grad``)."""
-    c = _coefficients(coeffs)
+    c = polynomial_coefficients(coeffs)
     backward = _poly_grad(c, grad)
 
-    @tf.custom_gradient
-    def _poly(t: tf.Tensor) -> tuple[tf.Tensor, Callable[[tf.Tensor], tf.Tensor]]:
-        def _grad(dy: tf.Tensor) -> tf.Tensor:
-            return backward(t, dy)
+    @ops.custom_gradient
+    def _poly(t: Any) -> tuple[Any, Callable[..., Any]]:
+        def _grad(*args: Any, upstream: Any = None) -> Any:
+            return backward(t, _upstream(args, upstream))
 
         return horner(t, c), _grad
 
-    return _poly(tf.convert_to_tensor(x))
+    return _poly(ops.convert_to_tensor(x))
 
 
-def poly_op_without_custom_gradient(x: Any, coeffs: Any, grad: str = "exact") -> tf.Tensor:
-    """:func:`poly_op` written with stop_gradient, for tf.cond/while bodies of SavedModels."""
-    c = _coefficients(coeffs)
-    x = tf.convert_to_tensor(x)
-    mode = gradients.normalize(grad)
-    if gradients.clip_bound(mode) is None:
-        return horner(x, c)
-    slope = tf.stop_gradient(_poly_grad(c, mode)(x, tf.ones_like(x)))
-    linear = slope * x
-    return tf.stop_gradient(horner(x, c)) + (linear - tf.stop_gradient(linear))
+def trainable_poly_op(x: Any, coeffs: Any, grad: Grad = "exact") -> Any:
+    """p(x) with coefficient *tensors* (ascending; shape (n,) or (n, channels)).
+
+    Backward: the gradient mode applies to x (p'(x), exact or clipped); the
+    coefficients get their exact gradient, sum(dy * x**k) over every axis they
+    are broadcast along.
+    """
+    clip = None if callable(grad) else gradients.clip_bound(gradients.normalize(grad))
+    n = int(coeffs.shape[0])
+
+    @ops.custom_gradient
+    def _poly(t: Any, c: Any) -> tuple[Any, Callable[..., Any]]:
+        y = t * c[n - 1]
+        for k in range(n - 2, 0, -1):
+            y = (y + c[k]) * t
+        y = y + c[0]
+
+        def _grad(*args: Any, upstream: Any = None) -> tuple[Any, Any]:
+            dy = _upstream(args, upstream)
+            if callable(grad):
+                dx = grad(t, dy)
+            else:
+                slope = ops.zeros_like(t) + c[n - 1] * (n - 1)
+                for k in range(n - 2, 0, -1):
+                    slope = slope * t + c[k] * k
+                if clip is not None:
+                    slope = ops.clip(slope, -clip, clip)
+                dx = dy * slope
+            axes = tuple(range(len(t.shape) - (len(c.shape) - 1)))
+            powers = [ops.ones_like(t)]
+            for _ in range(1, n):
+                powers.append(powers[-1] * t)
+            dc = ops.stack([ops.sum(dy * p, axis=axes) for p in powers])
+            return dx, dc
+
+        return y, _grad
+
+    return _poly(ops.convert_to_tensor(x), ops.convert_to_tensor(coeffs))
 
 
 def _with_grad(config: dict[str, Any]) -> dict[str, Any]:
@@ -199,11 +220,11 @@ class PolynomialActivation:
     """A fixed polynomial (ascending coefficients) as an ``activation=`` object."""
 
     def __init__(self, coefficients: Any, grad: Grad = "exact") -> None:
-        self.coefficients = _coefficients(coefficients)
+        self.coefficients = polynomial_coefficients(coefficients)
         self.grad = gradients.normalize(grad) if isinstance(grad, str) else grad
         self.__name__ = "polynomial"
 
-    def __call__(self, x: Any) -> tf.Tensor:
+    def __call__(self, x: Any) -> Any:
         return poly_op(x, self.coefficients, self.grad)
 
     def get_config(self) -> dict[str, Any]:
@@ -212,48 +233,6 @@ class PolynomialActivation:
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> PolynomialActivation:
         return cls(config["coefficients"], _deserialize_grad(config.get("grad", "exact")))
-
-
-def trainable_poly_op(x: tf.Tensor, coeffs: tf.Tensor, grad: Grad = "exact") -> tf.Tensor:
-    """p(x) with coefficient *tensors* (ascending; shape (n,) or (n, channels)).
-
-    Backward: the gradient mode applies to x (p'(x), exact or clipped); the
-    coefficients get their exact gradient, sum(dy * x**k) over every axis they
-    are broadcast along.
-    """
-    clip = None if callable(grad) else gradients.clip_bound(gradients.normalize(grad))
-    n = int(coeffs.shape[0])
-
-    @tf.custom_gradient
-    def _poly(t: tf.Tensor, c: tf.Tensor) -> tuple[tf.Tensor, Callable[..., Any]]:
-        def value(v: tf.Tensor) -> tf.Tensor:
-            y = v * c[n - 1]
-            for k in range(n - 2, 0, -1):
-                y = (y + c[k]) * v
-            return y + c[0]
-
-        def _grad(dy: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            with tf.control_dependencies([dy]):  # not during the forward pass (see _exact)
-                slope = tf.zeros_like(t) + c[n - 1] * (n - 1)
-                for k in range(n - 2, 0, -1):
-                    slope = slope * t + c[k] * k
-            if callable(grad):
-                dx = grad(t, dy)
-            else:
-                if clip is not None:
-                    bound = tf.cast(clip, t.dtype)
-                    slope = tf.clip_by_value(slope, -bound, bound)
-                dx = dy * slope
-            axes = list(range(len(t.shape) - (len(c.shape) - 1)))
-            powers = [tf.ones_like(t)]
-            for _ in range(1, n):
-                powers.append(powers[-1] * t)
-            dc = tf.stack([tf.reduce_sum(dy * p, axis=axes) for p in powers])
-            return dx, dc
-
-        return value(t), _grad
-
-    return _poly(tf.convert_to_tensor(x), tf.convert_to_tensor(coeffs))
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE, name="Polynomial")
@@ -282,7 +261,7 @@ class Polynomial(keras.layers.Layer):
     ) -> None:
         super().__init__(**kwargs)
         self.supports_masking = True
-        self.coefficients = _coefficients(coefficients)
+        self.coefficients = polynomial_coefficients(coefficients)
         self.grad = gradients.normalize(grad) if isinstance(grad, str) else grad
         self.cast_inputs = bool(cast_inputs)
         self._convert_input_args = self.cast_inputs
@@ -305,9 +284,9 @@ class Polynomial(keras.layers.Layer):
                 trainable=True,
             )
 
-    def call(self, inputs: Any, mask: Any = None) -> tf.Tensor:
+    def call(self, inputs: Any, mask: Any = None) -> Any:
         if self.coefficient_weights is not None:
-            c = tf.cast(self.coefficient_weights, inputs.dtype)
+            c = ops.cast(self.coefficient_weights, inputs.dtype)
             return trainable_poly_op(inputs, c, self.grad)
         return poly_op(inputs, self.coefficients, self.grad)
 
@@ -342,23 +321,13 @@ def _deserialize_grad(value: Any) -> Grad:
     return keras.saving.deserialize_keras_object(value)
 
 
-def scaled_square(x: Any, backward: Any, scale: float) -> tf.Tensor:
-    """``scale * x²``: the square (its gradient mode kept), then a constant.
-
-    ``scale`` is what accuracy recovery leaves at a site of a deep network
-    (:mod:`actswap.recover`): x² times a per-site constant, one ciphertext
-    multiplication plus one plaintext scalar under HE. 1 is the plain square."""
-    y = square_op(x, backward)
-    return y if scale == 1.0 else y * tf.cast(scale, y.dtype)
-
-
 def _scale_config(scale: float) -> dict[str, float]:
     # Written only when it is not 1, so plain squares keep the configs they always had.
     return {} if scale == 1.0 else {"scale": scale}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE, name="square")
-def square(x: Any) -> tf.Tensor:
+def square(x: Any) -> Any:
     """x², exact gradient. A Keras activation: ``Dense(4, activation=square)``."""
     return square_op(x, "exact")
 
@@ -377,7 +346,7 @@ class SquareActivation:
         self.scale = float(scale)
         self.__name__ = "square"  # Keras and repr look for a function-like name
 
-    def __call__(self, x: Any) -> tf.Tensor:
+    def __call__(self, x: Any) -> Any:
         return scaled_square(x, self._backward, self.scale)
 
     def get_config(self) -> dict[str, Any]:
@@ -410,7 +379,7 @@ class Square(keras.layers.Layer):
         self._backward = grad_function(self.grad)
         self.scale = float(scale)
 
-    def call(self, inputs: Any, mask: Any = None) -> tf.Tensor:
+    def call(self, inputs: Any, mask: Any = None) -> Any:
         return scaled_square(inputs, self._backward, self.scale)
 
     def compute_output_shape(self, input_shape: Any) -> Any:

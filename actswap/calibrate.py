@@ -188,7 +188,10 @@ def calibrate(model: Any, sites: list[Site], data: Any, *, batch_size: int = 64)
             value = tree
             for key in s.pointer:
                 value = value[key]
-            if not (isinstance(value, dict) and "class_name" in value and isinstance(value.get("config"), dict)
+            # A layer node (form "layer") is probed whole; an activation= value is kept,
+            # also when it is itself a layer (a trainable Polynomial as activation).
+            if s.form == "activation=" or not (
+                    isinstance(value, dict) and "class_name" in value and isinstance(value.get("config"), dict)
                     and "name" in value["config"]):
                 _original_values[s.path] = copy.deepcopy(value)
     try:

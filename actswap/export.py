@@ -306,6 +306,10 @@ def export_onnx(
     Raises ConversionError (exit 1), writing nothing, if the graph has
     non-standard ops, fails the checker, or differs from TF beyond ``tol``.
     """
+    if hasattr(obj, "get_config"):  # a Keras model: traced by tf2onnx, TensorFlow only
+        from .keras_setup import require_tensorflow
+
+        require_tensorflow("ONNX export")
     dest = check_output_onnx(out, overwrite=overwrite)
     if not (tol > 0):
         raise UserError(f"--tol must be positive, got {tol}")

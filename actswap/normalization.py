@@ -22,7 +22,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from .transformer import PACKAGE, Blendable, as_numpy, horner
+from .activations import horner
+from .transformer import PACKAGE, Blendable, as_numpy
 
 
 @contextmanager

@@ -146,12 +146,12 @@ def _square_activation(grad: Any, site: Any = None, **_: Any) -> Any:
 
 
 def _square_tensor(x: Any, grad: Any, custom_gradient_ok: bool, site: Any = None) -> Any:
-    from . import activations
+    from . import tf_ops
 
     if custom_gradient_ok:
-        return activations.square_op(x, grad)
+        return tf_ops.square_op(x, grad)
     _no_custom_gradient_function(grad)
-    return activations.square_op_without_custom_gradient(x, grad)
+    return tf_ops.square_op_without_custom_gradient(x, grad)
 
 
 register_target(
@@ -197,7 +197,7 @@ def polynomial_target(name: str, description: str, coefficients_for: Callable[[A
         )
 
     def tensor(x: Any, grad: Any, custom_gradient_ok: bool, site: Any = None) -> Any:
-        from . import activations
+        from . import tf_ops
 
         if trainable:
             raise UserError(
@@ -205,9 +205,9 @@ def polynomial_target(name: str, description: str, coefficients_for: Callable[[A
                 "place for new variables"
             )
         if custom_gradient_ok:
-            return activations.poly_op(x, coefficients_for(site), grad)
+            return tf_ops.poly_op(x, coefficients_for(site), grad)
         _no_custom_gradient_function(grad)
-        return activations.poly_op_without_custom_gradient(x, coefficients_for(site), grad)
+        return tf_ops.poly_op_without_custom_gradient(x, coefficients_for(site), grad)
 
     return Target(name, description, refuses, layer, activation, tensor, None, coefficients_for,
                   emits=catalog.OWN["poly"])

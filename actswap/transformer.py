@@ -5,7 +5,7 @@
 and the softmax inside ``MultiHeadAttention`` / ``Attention`` by functions a
 CKKS scheme evaluates; the normalisation layers are in
 :mod:`actswap.normalization`, on the helpers here (:class:`Blendable`,
-:func:`horner`, :func:`as_numpy`).
+:func:`as_numpy`; :func:`~actswap.activations.horner`).
 
 Invariants, relied on by conversion, recovery and encrypted inference:
 
@@ -43,15 +43,7 @@ import keras
 import numpy as np
 from keras import ops
 
-PACKAGE = "actswap"
-
-
-def horner(v: Any, coefficients: Sequence[float]) -> Any:
-    """``c0 + c1*v + ... + cn*v**n`` by Horner: n multiplications and n additions."""
-    acc: Any = coefficients[-1]
-    for c in reversed(coefficients[:-1]):
-        acc = acc * v + c
-    return acc
+from .activations import PACKAGE
 
 
 def shifted_square(x: Any, shift: float, scale: float) -> Any:
@@ -351,4 +343,4 @@ class PolyAttention(Blendable, keras.layers.Attention):
 
 
 __all__ = ["PolySoftmax", "PolySoftmaxActivation", "PolyMultiHeadAttention", "PolyAttention",
-           "horner", "shifted_square"]
+           "shifted_square"]

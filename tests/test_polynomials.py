@@ -345,6 +345,20 @@ def test_quad_coefficients_train_and_survive_reload(tmp_path, fixtures_dir, per_
         np.testing.assert_array_equal(np.asarray(r, "float32"), w.numpy())
 
 
+def test_quad_calibrated_starts_from_the_fit_on_the_measured_range(fixtures_dir):
+    """--to quad --calibrate: the activation= site holds a Polynomial *layer* (its
+    coefficients are weights); calibration probed it like any activation= value
+    (it raised KeyError before)."""
+    x = np.random.default_rng(0).uniform(0, 1, (16, 28, 28, 1)).astype("float32")
+    converted, report = actswap.convert(fixtures_dir / "mnist_cnn.keras", to="quad", calibrate=x)
+    site = {s.path: s for s in report.sites}["conv1"]
+    assert site.input_range is not None and site.input_range["count"] > 0
+    lo, hi = site.fit_interval
+    expected = np.asarray(registry.fit_coefficients("relu", "", 2, (lo, hi)), "float32")
+    coeffs = [w for w in converted.weights if w.path.endswith("coefficients")]
+    np.testing.assert_allclose(coeffs[0].numpy(), expected, rtol=1e-5)
+
+
 def test_quad_exports_to_onnx_as_mul_and_add(tmp_path, fixtures_dir):
     from actswap.export import export_onnx
 

@@ -67,6 +67,15 @@ def _import_tensorflow_quietly(debug: bool) -> None:
     raise normally once stderr is restored.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    backend = os.environ.get("KERAS_BACKEND", "").strip()
+    if backend and backend != "tensorflow" and "keras" not in sys.modules:
+        # The commands read and write TensorFlow formats and run TensorFlow's
+        # training, tf2onnx and the encrypted run; a .keras file they write
+        # still loads under the user's backend.
+        os.environ["KERAS_BACKEND"] = "tensorflow"
+        typer.echo(f"note: the actswap command line runs Keras on TensorFlow (KERAS_BACKEND={backend} applies "
+                   f"to your own code: the .keras files written here load, predict and train under {backend})",
+                   err=True)
     if debug or "tensorflow" in sys.modules:
         import tensorflow  # noqa: F401
         return

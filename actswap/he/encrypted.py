@@ -192,6 +192,11 @@ def run(
     mode: each batch); ``on_parameters`` once the parameters are chosen (before
     the slow part).
     """
+    from ..keras_setup import require_tensorflow
+
+    # The compiler runs the layers in float64 on TensorFlow tensors (JAX's default
+    # is float32, which would lose the matrices' precision).
+    require_tensorflow("the encrypted run")
     try:
         import tenseal  # noqa: F401
     except ImportError:

@@ -28,7 +28,7 @@ def objects() -> Any:
     """Define and register actswap's tf_keras classes (once, on first use)."""
     import tf_keras
 
-    from ..activations import grad_function, square_op
+    from ..tf_ops import grad_function, square_op
 
     register = tf_keras.saving.register_keras_serializable
 

@@ -1,7 +1,7 @@
 """The ``Blend`` layer: ``(1 - a)·source(x) + a·p(x)``, a site on its way from
 its source activation to a polynomial (:mod:`actswap.recover.blend`).
 
-Its own module, importing only Keras and TensorFlow, because it is registered
+Its own module, importing only Keras, because it is registered
 with Keras the moment Keras is imported (the hook in :mod:`actswap`): a model
 saved mid-recovery must load after ``import actswap`` alone, and the hook must
 not import the engine (:mod:`actswap.sites`, :mod:`actswap.rewrite`), which
@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 SQUARE = (0.0, 0.0, 1.0)
 
@@ -51,9 +51,9 @@ class Blend(keras.layers.Layer):
     def call(self, inputs: Any, training: Any = None, mask: Any = None) -> Any:
         from ..activations import poly_op
 
-        a = tf.cast(self.factor, inputs.dtype)
+        a = ops.cast(self.factor, inputs.dtype)
         if training:
-            self.peak.assign(tf.cast(tf.reduce_max(tf.abs(tf.stop_gradient(inputs))), tf.float32))
+            self.peak.assign(ops.cast(ops.max(ops.abs(ops.stop_gradient(inputs))), "float32"))
         if self.is_square:
             p = poly_op(inputs + self.shift if self.shift else inputs, SQUARE) * self.scale
         else:

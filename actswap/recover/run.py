@@ -83,6 +83,11 @@ def recover(
     import contextlib
 
     from ..errors import ConversionError
+    from ..keras_setup import require_tensorflow
+
+    # Its training loop is TensorFlow's: tf.data input, tf.distribute, the
+    # distillation step and the guard's reads of the blend weights.
+    require_tensorflow("recover")
 
     if lr_schedule not in LR_SCHEDULES:
         raise UserError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
