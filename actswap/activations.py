@@ -41,10 +41,13 @@ Grad = Union[str, GradFn]
 PACKAGE = "actswap"
 
 
-# The backward passes multiply by the upstream gradient first where they can
-# ((dy * x) * 2, not dy * (x + x)): an op that reads only x may be scheduled in
-# a graph's forward pass and keep one more activation-sized tensor alive until
-# the backward pass reaches it (issue 8). (dy * x) * 2 equals dy * (2x) exactly.
+# Every op of the square's backward pass reads dy: an op that read only x could
+# be scheduled in a graph's forward pass and keep one more activation-sized
+# tensor alive until the backward pass reached it (issue 8; TensorFlow graphs
+# use a control dependency for this, keras.ops has none). The values are those
+# of dy * 2x and dy * clip(2x, -c, c) bit for bit: scaling by 2 is exact, and
+# clip(dy·2x, -c|dy|, c|dy|) rounds the one product dy·c (or dy·2x) that the
+# other form rounds.
 
 
 def _exact(x: Any, dy: Any) -> Any:
@@ -53,7 +56,8 @@ def _exact(x: Any, dy: Any) -> Any:
 
 def _clipped(bound: float) -> GradFn:
     def grad(x: Any, dy: Any) -> Any:
-        return ops.multiply(dy, ops.clip(x + x, -bound, bound))
+        limit = ops.multiply(ops.abs(dy), bound)
+        return ops.minimum(ops.maximum(ops.multiply(ops.multiply(dy, x), 2.0), -limit), limit)
 
     return grad
 

@@ -25,7 +25,7 @@ from conftest import FIXTURES, weights_bytes
 from tf_cases import ControlFlowModule
 
 import actswap
-from actswap import activations, readback
+from actswap import activations, readback, tf_ops
 from actswap.formats import keras_file as io
 from actswap.formats import tf_graphs
 from actswap.errors import InvariantError
@@ -145,10 +145,32 @@ def test_exact_square_is_a_custom_gradient_with_tf_squares_gradient_bits():
 
 @pytest.mark.parametrize("grad", ["exact", "clip:1"])
 def test_the_local_derivative_waits_for_the_incoming_gradient(grad):
-    backward = activations.grad_function(grad)
+    # TensorFlow graphs (SavedModel, GraphDef): a control dependency on dy.
+    backward = tf_ops.grad_function(grad)
     spec = tf.TensorSpec([None], tf.float32)
     graph = tf.function(backward).get_concrete_function(spec, spec).graph
     doubled = [op for op in graph.get_operations() if op.type == "AddV2"]
     assert len(doubled) == 1 and doubled[0].inputs[0].name == doubled[0].inputs[1].name  # x + x
     # computed once dy exists (a control input), not as soon as x does
     assert [c.name for c in doubled[0].control_inputs] == [graph.inputs[1].op.name]
+    # Keras layers (keras.ops, every backend): every op that computes reads dy.
+    graph = tf.function(activations.grad_function(grad)).get_concrete_function(spec, spec).graph
+    x_op, dy_op = graph.inputs[0].op, graph.inputs[1].op
+    reads_dy = {dy_op.name}
+    for op in graph.get_operations():  # topological order
+        if any(t.op.name in reads_dy for t in op.inputs):
+            reads_dy.add(op.name)
+    computing = [op for op in graph.get_operations()
+                 if op not in (x_op, dy_op) and op.type not in ("Const", "Identity", "NoOp")]
+    assert computing and all(op.name in reads_dy for op in computing), [
+        op.type for op in computing if op.name not in reads_dy]
+
+
+@pytest.mark.parametrize("grad", ["exact", "clip:1"])
+def test_the_keras_backward_passes_equal_tensorflows_bit_for_bit(grad):
+    rng = np.random.default_rng(0)
+    x = tf.constant((rng.standard_normal(10_000) * 10.0 ** rng.integers(-18, 18, 10_000)).astype("float32"))
+    dy = tf.constant((rng.standard_normal(10_000) * 10.0 ** rng.integers(-18, 18, 10_000)).astype("float32"))
+    mine = activations.grad_function(grad)(x, dy).numpy()
+    theirs = tf_ops.grad_function(grad)(x, dy).numpy()
+    assert mine.tobytes() == theirs.tobytes()
