@@ -178,6 +178,14 @@ API_CHILD = textwrap.dedent("""
         print("recover refused:", e)
     else:
         raise AssertionError("recover ran under " + keras.backend.backend())
+    for what, call in (("ONNX export", lambda: actswap.export_onnx(converted, sys.argv[1] + ".onnx")),
+                       ("the encrypted run", lambda: actswap.he.run(converted, x))):
+        try:
+            call()
+        except actswap.ActswapError as e:
+            assert str(e).startswith(what + " needs the TensorFlow Keras backend"), str(e)
+        else:
+            raise AssertionError(what + " ran under " + keras.backend.backend())
     print("ok")
 """)
 
@@ -187,3 +195,18 @@ def test_api_converts_an_in_memory_model_built_under_the_backend(backend, tmp_pa
     r = run_child(API_CHILD, backend, str(tmp_path / "api.keras"))
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
     assert "recover refused: recover needs the TensorFlow Keras backend" in r.stdout
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_command_line_runs_on_tensorflow_and_says_so_in_one_note(backend, tmp_path):
+    out = tmp_path / "square.keras"
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    r = subprocess.run(["actswap", "convert", str(ROOT / "fixtures" / "mnist_cnn.keras"), "--to", "square",
+                        "-o", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    notes = [line for line in r.stderr.splitlines() if "runs Keras on TensorFlow" in line]
+    assert len(notes) == 1 and notes[0].startswith("note: ") and f"KERAS_BACKEND={backend}" in notes[0], r.stderr
+    check = ("import sys, keras, actswap; m = keras.saving.load_model(sys.argv[1]); "
+             "print(keras.backend.backend(), type(m.get_layer('relu3')).__name__)")
+    r = run_child(check, backend, str(out))
+    assert r.returncode == 0 and r.stdout.split() == [backend, "Square"], r.stderr[-2000:]
