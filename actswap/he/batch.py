@@ -8,7 +8,10 @@ products over the non-zero weights of its column (a convolution's column has
 at most kernel-size of them) plus a plain bias; a polynomial is the same
 element-wise operations as in latency mode, on every element's ciphertext. No
 rotations, hence no Galois keys: the public context is a fraction of latency
-mode's. Cores: batches run one per forked worker process (they inherit the
+mode's. A product of two encrypted vectors (attention's QKᵀ, weights x V) is,
+per output element, its ciphertext x ciphertext products summed before one
+relinearisation and one rescale; values read together are first brought to
+one level by modulus switching. Cores: batches run one per forked worker process (they inherit the
 keys); batches left over from whole rounds split their wide matrices' columns
 among forked processes instead (:func:`run_batches`).
 

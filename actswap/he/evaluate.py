@@ -7,6 +7,10 @@ The encrypted backends implement the same small protocol (``encrypt``,
 ``mul_vector``, ``neg``, ``drift``, ``note``): :mod:`.latency` (one sample per
 ciphertext), :mod:`.batch` (one sample per slot), and :mod:`.tenseal_mm`
 (TenSEAL's ``CKKSVector.mm``, the packing before them, kept as a reference).
+A program that is not a chain (:attr:`~.stages.Program.is_chain`) also needs
+``bilinear`` (sums of products of two encrypted vectors), ``join``
+(concatenate) and ``lower`` (modulus-switch to a level): the plaintext and
+batch backends have them; latency mode runs chains only.
 """
 
 from __future__ import annotations
