@@ -14,6 +14,8 @@ The Python API also accepts a callable ``grad(x, dy) -> dx`` (see
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 from .errors import UserError
 
@@ -44,3 +46,13 @@ def normalize(spec: str) -> str:
 def clip_bound(spec: str) -> float | None:
     """The clip bound of a normalized mode, or None for ``exact``."""
     return None if spec == "exact" else float(spec[5:])
+
+
+def resolve(grad: Any, exact: Callable[..., Any], clipped: Callable[[float], Callable[..., Any]]) -> Any:
+    """A gradient mode string, or a user ``grad(x, dy) -> dx`` (returned as it is),
+    to a backward function: ``exact``, or ``clipped(C)`` for ``clip:C``. Each
+    implementation (Keras ops, TensorFlow graphs) passes its own two."""
+    if callable(grad):
+        return grad
+    bound = clip_bound(normalize(grad))
+    return exact if bound is None else clipped(bound)

@@ -54,11 +54,7 @@ def _clipped(bound: float) -> GradFn:
 
 def grad_function(grad: Grad) -> GradFn:
     """Resolve a gradient mode string, or a user ``grad(x, dy) -> dx``, to a function."""
-    if callable(grad):
-        return grad
-    mode = gradients.normalize(grad)
-    bound = gradients.clip_bound(mode)
-    return _exact if bound is None else _clipped(bound)
+    return gradients.resolve(grad, _exact, _clipped)
 
 
 def square_op(x: Any, grad: Grad = "exact") -> tf.Tensor:
