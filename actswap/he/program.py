@@ -141,7 +141,7 @@ class _Compiler:
                                    for src in sources]
             merged = np.concatenate(blocks).reshape((-1,) + rows.shape[1:])
             out[id(original)] = _Val(len(self.segments) - 1, tf.constant(merged, tf.float64), v.probe,
-                              v.softmaxed, names=v.names)
+                                     v.softmaxed, names=v.names)
         return out
 
     def off_input(self, v: _Val) -> _Val:
