@@ -121,12 +121,16 @@ def _signature_callable(fn: Any) -> _Callable:
     return _Callable(tf.function(run, input_signature=specs, autograph=False), specs, out_names)
 
 
-def tf_callable(obj: Any, signature: str | None = None) -> tuple[_Callable, Any]:
+def tf_callable(obj: Any, signature: str | None = None, what: str = "ONNX export") -> tuple[_Callable, Any]:
     """A flat tf.function for a Keras model, a converted SavedModel module, or a
-    loaded SavedModel; also returns what must stay referenced while it is used."""
+    loaded SavedModel; also returns what must stay referenced while it is used.
+    A Keras model on another backend is refused, naming ``what`` needed it."""
     import keras
 
     if isinstance(obj, keras.Model):
+        from .keras_setup import require_tensorflow
+
+        require_tensorflow(what)  # a tf.function over the model: TensorFlow tensors only
         return _keras_callable(obj), obj
     from .formats.tf_graphs import signatures_of
 
@@ -306,10 +310,6 @@ def export_onnx(
     Raises ConversionError (exit 1), writing nothing, if the graph has
     non-standard ops, fails the checker, or differs from TF beyond ``tol``.
     """
-    if hasattr(obj, "get_config"):  # a Keras model: traced by tf2onnx, TensorFlow only
-        from .keras_setup import require_tensorflow
-
-        require_tensorflow("ONNX export")
     dest = check_output_onnx(out, overwrite=overwrite)
     if not (tol > 0):
         raise UserError(f"--tol must be positive, got {tol}")

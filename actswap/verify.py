@@ -131,8 +131,8 @@ def _check_outputs(
         lambda site, node: target.layer("exact", name=node["config"]["name"]),
         lambda site, owner: target.activation("exact"),
     )
-    call_ref, keep_ref = tf_callable(reference)
-    call_new, keep_new = tf_callable(converted)
+    call_ref, keep_ref = tf_callable(reference, what="verify")
+    call_new, keep_new = tf_callable(converted, what="verify")
     if [tuple(s.shape) for s in call_ref.specs] != [tuple(s.shape) for s in call_new.specs]:
         report.checks.append(Check("outputs", False, "input shapes differ between ORIGINAL and CONVERTED"))
         return
@@ -197,7 +197,7 @@ def _check_onnx(converted: Any, onnx_path: str | os.PathLike[str], sample: Any, 
     foreign = non_standard_ops(proto)
     if foreign:
         return Check("onnx", False, f"non-standard op {foreign[0]}")
-    call, keep = tf_callable(converted)
+    call, keep = tf_callable(converted, what="verify")
     parity = check_parity(call, proto, sample, tol)
     del keep
     return Check("onnx", parity.ok, parity.describe())
