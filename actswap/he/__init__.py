@@ -77,7 +77,18 @@ of the scale instead of losing a few percent.
 
 from __future__ import annotations
 
-from .encrypted import HERunReport, run
-from .readiness import Depth, HEReport, he_report
+import importlib
+from typing import Any
 
 __all__ = ["Depth", "HEReport", "HERunReport", "he_report", "run"]
+
+# Imported when first used: the encrypted run's worker process (:mod:`.worker`)
+# imports its submodules without Keras and TensorFlow (readiness needs Keras).
+_LAZY = {"run": ".encrypted", "HERunReport": ".encrypted", "he_report": ".readiness",
+         "HEReport": ".readiness", "Depth": ".readiness"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,43 +4,31 @@ Packing: every vector the program computes is held as one ciphertext *per
 element*; slot j of each ciphertext belongs to sample j. A ciphertext batch so
 holds up to N/2 samples (4,096 at N=8192); more samples make further batches.
 An affine stage is, per output element, a sum of ciphertext x plain scalar
-products over the non-zero weights of its column (a convolution's column has
-at most kernel-size of them) plus a plain bias; a polynomial is the same
-element-wise operations as in latency mode, on every element's ciphertext. No
-rotations, hence no Galois keys: the public context is a fraction of latency
-mode's. A product of two encrypted vectors (attention's QKᵀ, weights x V) is,
-per output element, its ciphertext x ciphertext products summed before one
-relinearisation and one rescale; values read together are first brought to
-one level by modulus switching. Cores: batches run one per forked worker process (they inherit the
-keys); batches left over from whole rounds split their wide matrices' columns
-among forked processes instead (:func:`run_batches`).
+products over the non-zero weights of its column plus a plain bias, rescaled
+once; a polynomial is the same element-wise operations as in latency mode, on
+every element's ciphertext. No rotations, hence no Galois keys: the public
+context is a fraction of latency mode's. A product of two encrypted vectors
+(attention's QKᵀ, weights x V) is, per output element, its ciphertext x
+ciphertext products summed before one rescale; values read together are first
+brought to one level by modulus switching.
 
-Invariants (what :class:`_BatchBackend` guarantees the shared evaluator,
-:func:`~.evaluate._evaluate_from`, so its level/factor bookkeeping and drift
-compensation carry over unchanged):
+Two backends compute this, with the same invariants (:mod:`.batch_seal`'s
+docstring), so the shared evaluator's level/factor bookkeeping and drift
+compensation hold for both:
 
-* every ciphertext the evaluator sees at level l has been rescaled l times (it is
-  at SEAL chain index ``depth - l``; checked after each rescale) and has scale
-  exactly 2^s;
-* a rescale into level l divides by the prime q dropped there and the scale is
-  then set back to 2^s, so the value is multiplied by ``drift(l) = 2^s / q`` --
-  the factor TenSEAL leaves too, here computed from the primes, not measured;
-* the products of one output element are added unrescaled (all at scale 2^2s)
-  and rescaled *once*: a rescale costs about four products (measured at N=8192,
-  one idle core: 0.34 ms product, 0.09 ms addition, 1.3 ms rescale); weights whose encoding
-  rounds to zero (|w| 2^s < 1/2) are skipped, they contribute nothing.
-
-TenSEAL's own vector API rescales after every product and has no explicit
-rescale, so this module drives SEAL through TenSEAL's bundled binding
-(``tenseal.sealapi``) on the keys of a TenSEAL context.
+* :mod:`.batch_rns` (the default): the linear maps as exact integer matrix
+  products on the ciphertexts' RNS data, SEAL for everything that needs a key,
+  randomness or an NTT; each operation's elements shared out among forked
+  processes, batches one after another.
+* :mod:`.batch_seal`: one ``multiply_plain`` call per product (issue 18), the
+  reference the first is tested against bit for bit, and the fallback where
+  :func:`~.seal.layout_ok` finds a ciphertext's data out of reach.
 """
 
 from __future__ import annotations
 
 import os
 import resource
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,246 +37,65 @@ from typing import Any
 import numpy as np
 
 from .evaluate import _evaluate, _evaluate_from, _PlainBackend
-from .stages import Affine, Bilinear, Program, inputs_of, last_uses
 from .seal import Seal
-
-
-# A matrix is shared out by columns among forked processes when its columns have at
-# least this many products on average: the output ciphertexts come back through
-# files (~10 ms each), next to ~0.4 ms per product.
-SPLIT_PRODUCTS_PER_OUTPUT = 200
+from .stages import Affine, Bilinear, Poly, Program, inputs_of, last_uses
 
 
 def packing(batch_size: int, inputs: int) -> str:
     """What the report says of this packing."""
     return (f"batch (CryptoNets): one ciphertext per input element, sample j in slot j of each; "
             f"{batch_size} samples per batch of {inputs} ciphertexts; ciphertext x plain scalar products "
-            "over non-zero weights, one rescale per output; no rotations (no Galois keys)")
+            "over non-zero weights as integer matrix products on the ciphertexts' RNS data, one rescale "
+            "per output; no rotations (no Galois keys)")
 
 
 def peak_bytes(program: Program, params: Any) -> int:
-    """The bytes of ciphertexts batch mode's process holds at its peak, counted from
-    the program (one ciphertext per value; a value, the input too, held until its
-    last reader; a stage adds its output, its inputs' copies moved down to a
-    common level, and a polynomial the powers and terms of one slice).
+    """The bytes of ciphertext data the main process of :mod:`.batch_rns` holds at its
+    peak, counted from the program: each value (the input too) held until its last
+    reader, as (elements x parts x primes of its level x N x 8) bytes, with 3 parts
+    for products until relinearised; a stage adds its output and its temporaries
+    (an affine stage: each process's unrescaled column chunk and the copy joining
+    several inputs; a product: its input relinearised, and a polynomial's powers)."""
+    from .batch_rns import COLUMN_CHUNK
 
-    SEAL allocates from a memory pool that keeps each allocation size it has
-    served at its peak and never shrinks: a ciphertext's size is its parts (2,
-    or 3 for a product before relinearisation) x N x 8 bytes per prime of the
-    level it was allocated at (before its rescale). So the figure is, summed
-    over those sizes, each one's largest count at any stage. (Measured on the
-    he_vit transformer, 256 images: 10.6 GB predicted, 13.4 GB peak RSS for the
-    whole process, ~1.2 GB of it there before any ciphertext; see
-    :data:`~.encrypted.MEMORY_MARGIN`.)"""
     levels: dict[int, int] = {}
     _evaluate(program, _PlainBackend(), np.zeros((1, program.input_size)), levels)
-    primes = len(params.coeff_mod_bit_sizes) - 1  # the special prime is in the keys only
-
-    def allocation(value: int) -> tuple[int, int]:  # (parts, primes) it was allocated with
-        if value == 0:
-            return 2, primes
-        parts = 3 if isinstance(program.stages[value - 1], Bilinear) else 2
-        return parts, primes - levels[value] + 1
+    n_primes = len(params.coeff_mod_bit_sizes) - 1  # the special prime is in the keys only
+    ring = params.poly_modulus_degree * 8
+    processes = max(1, os.cpu_count() or 1)
 
     def count(value: int) -> int:
         return program.input_size if value == 0 else program.stages[value - 1].size
 
-    last, live = last_uses(program.stages), {0}
-    pooled: dict[tuple[int, int], int] = {}
+    parts = {0: 2}
     for i, s in enumerate(program.stages):
-        now: dict[tuple[int, int], int] = {}
-        for v in live | {i + 1}:
-            key = allocation(v)
-            now[key] = now.get(key, 0) + count(v)
         ins = inputs_of(s, i)
-        if isinstance(s, (Affine, Bilinear)):
-            top = max(levels[v] for v in ins)
-            for v in set(ins):
-                if levels[v] < top:
-                    now[(2, primes - top)] = now.get((2, primes - top), 0) + count(v)
+        if isinstance(s, Bilinear) or (isinstance(s, Poly) and s.degree >= 2):
+            parts[i + 1] = 3
         else:
-            key = (3, primes - levels[ins[0]])  # the powers and terms of one slice
-            now[key] = now.get(key, 0) + 3 * min(s.size, _BatchBackend.poly_chunk)
-        for key, n in now.items():
-            pooled[key] = max(pooled.get(key, 0), n)
+            parts[i + 1] = max(parts[v] for v in ins)
+
+    def size(value: int, level: int | None = None) -> int:
+        level = levels[value] if level is None else level
+        return count(value) * parts[value] * (n_primes - level) * ring
+
+    last, live, peak = last_uses(program.stages), {0}, 0
+    for i, s in enumerate(program.stages):
+        ins = inputs_of(s, i)
+        now = sum(size(v) for v in live) + size(i + 1)
+        top = max(levels[v] for v in ins)
+        if isinstance(s, Affine):
+            width = max(parts[v] for v in ins)
+            now += processes * min(COLUMN_CHUNK, s.size) * width * (n_primes - top) * ring
+            if len(ins) > 1:
+                now += sum(count(v) * width * (n_primes - top) * ring for v in ins)
+        else:
+            now += sum(count(v) * 2 * (n_primes - top) * ring for v in set(ins) if parts[v] == 3)
+            if isinstance(s, Poly):
+                now += max(0, s.degree - 1) * size(i + 1)  # powers beside the output
+        peak = max(peak, now)
         live = {v for v in live | {i + 1} if last.get(v, -1) > i}
-    return sum(n * parts * p * params.poly_modulus_degree * 8 for (parts, p), n in pooled.items())
-
-
-class _BatchBackend(Seal):
-    """The evaluator's backend on lists of SEAL ciphertexts, one per vector element."""
-
-    poly_chunk = 32  # a polynomial runs on this many ciphertexts at a time (memory; see _poly_stage)
-
-    def __init__(self, context: Any, split: int = 1) -> None:
-        super().__init__(context)
-        self.split = split  # processes sharing a wide matrix's columns (see matmul)
-
-    def note(self, level: int, value: Any) -> None:
-        pass  # magnitudes are the plaintext backend's business
-
-    def _rescale(self, ct: Any, level: int) -> Any:
-        self.rescale(ct)
-        if self.level(ct) != level:
-            raise AssertionError(f"ciphertext at level {self.level(ct)}, the evaluator counts {level}")
-        return ct
-
-    def _plain(self, value: float, parms_id: Any) -> Any:
-        return self.plain(float(value), parms_id)
-
-    def _zero(self, level: int) -> Any:
-        ct = self.new()
-        self.encryptor.encrypt_zero(self.parms[level], ct)
-        ct.scale = self.scale
-        return ct
-
-    # client side
-    def encrypt(self, x: np.ndarray) -> list[Any]:
-        """``x`` (samples, n) -> n ciphertexts, ciphertext i holding column i."""
-        return [super(_BatchBackend, self).encrypt(column.tolist()) for column in np.asarray(x, "float64").T]
-
-    def decrypt(self, cts: list[Any], samples: int) -> np.ndarray:
-        out = np.empty((samples, len(cts)))
-        for i, ct in enumerate(cts):
-            out[:, i] = super().decrypt(ct)[:samples]
-        return out
-
-    # the evaluator's operations
-    def matmul(self, x: list[Any], m: np.ndarray, level: int) -> list[Any]:
-        keep = np.abs(m) * self.scale >= 0.5
-        columns = np.arange(m.shape[1])
-        if self.split < 2 or keep.sum() < SPLIT_PRODUCTS_PER_OUTPUT * len(columns) or len(columns) < self.split:
-            return self._columns(x, m, keep, columns, level)
-        # Wide sums (a dense layer): forked children take shares of the columns and hand
-        # their outputs back through files; cheap next to ~1,000 products per output.
-        parts = np.array_split(columns, self.split)
-        folder = tempfile.mkdtemp(prefix="actswap-he-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-        children: list[int] = []
-        try:
-            for part in parts[1:]:
-                pid = os.fork()
-                if pid == 0:  # the child: compute, save, leave without running any Python exit handler
-                    code = 1
-                    try:
-                        for j, ct in zip(part, self._columns(x, m, keep, part, level)):
-                            ct.save(os.path.join(folder, str(j)))
-                        code = 0
-                    finally:
-                        os._exit(code)
-                children.append(pid)
-            try:
-                out = self._columns(x, m, keep, parts[0], level)
-            finally:
-                failed = [pid for pid in children if os.waitpid(pid, 0)[1] != 0]
-            if failed:
-                raise RuntimeError(f"{len(failed)} of the processes computing a matrix's columns failed")
-            for j in np.concatenate(parts[1:]):
-                ct = self.new()
-                ct.load(self.seal, os.path.join(folder, str(j)))
-                out.append(ct)
-            return out
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-
-    def _columns(self, x: list[Any], m: np.ndarray, keep: np.ndarray, columns: np.ndarray, level: int) -> list[Any]:
-        parms_id, tmp, out = x[0].parms_id(), self.new(), []
-        for j in columns:
-            rows = np.flatnonzero(keep[:, j])
-            if rows.size == 0:
-                out.append(self._zero(level))
-                continue
-            acc = self.new()
-            self.evaluator.multiply_plain(x[rows[0]], self._plain(m[rows[0], j], parms_id), acc)
-            for i in rows[1:]:
-                self.evaluator.multiply_plain(x[i], self._plain(m[i, j], parms_id), tmp)
-                self.evaluator.add_inplace(acc, tmp)
-            out.append(self._rescale(acc, level))
-        return out
-
-    def mul_vector(self, x: list[Any], v: np.ndarray, key: Any, level: int) -> list[Any]:
-        out = []
-        for ct, c in zip(x, np.broadcast_to(v, (len(x),))):
-            if abs(c) * self.scale < 0.5:
-                out.append(self._zero(level))
-                continue
-            r = self.new()
-            self.evaluator.multiply_plain(ct, self._plain(c, ct.parms_id()), r)
-            out.append(self._rescale(r, level))
-        return out
-
-    def mul_scalar(self, x: list[Any], c: float, level: int) -> list[Any]:
-        return self.mul_vector(x, np.asarray(c), None, level)
-
-    def mul(self, a: list[Any], b: list[Any], level: int) -> list[Any]:
-        out = []
-        for p, q in zip(a, b):
-            r = self.new()
-            if a is b:
-                self.evaluator.square(p, r)
-            else:
-                self.evaluator.multiply(*self.aligned(p, q), r)
-            self.evaluator.relinearize_inplace(r, self.relin)
-            out.append(self._rescale(r, level))
-        return out
-
-    def bilinear(self, a: list[Any], b: list[Any], pairs: np.ndarray, level: int) -> list[Any]:
-        """Per output, its products summed before one relinearisation and one rescale
-        (a sum of unrelinearised products is still a valid 3-part ciphertext)."""
-        out, tmp = [], self.new()
-        for terms in pairs:
-            acc = self.new()
-            self.evaluator.multiply(a[terms[0, 0]], b[terms[0, 1]], acc)
-            for i, j in terms[1:]:
-                self.evaluator.multiply(a[i], b[j], tmp)
-                self.evaluator.add_inplace(acc, tmp)
-            self.evaluator.relinearize_inplace(acc, self.relin)
-            out.append(self._rescale(acc, level))
-        return out
-
-    def join(self, parts: list[list[Any]]) -> list[Any]:
-        return [ct for part in parts for ct in part]
-
-    def lower(self, x: list[Any], level: int) -> list[Any]:
-        """``x`` at ``level``: copies of the ciphertexts above it mod-switched down
-        (value and scale unchanged); ``x`` itself is kept for its other readers."""
-        if all(self.level(ct) == level for ct in x):
-            return x
-        out = []
-        for ct in x:
-            if self.level(ct) == level:
-                out.append(ct)
-                continue
-            moved = self.new()
-            self.evaluator.mod_switch_to(ct, self.parms[level], moved)
-            out.append(moved)
-        return out
-
-    def add(self, a: list[Any], b: list[Any]) -> list[Any]:
-        out = []
-        for p, q in zip(a, b):
-            r = self.new()
-            self.evaluator.add(*self.aligned(p, q), r)
-            out.append(r)
-        return out
-
-    def add_vector(self, x: list[Any], v: np.ndarray, key: Any) -> list[Any]:
-        out = []
-        for ct, c in zip(x, np.broadcast_to(v, (len(x),))):
-            r = self.new()
-            self.evaluator.add_plain(ct, self._plain(c, ct.parms_id()), r)
-            out.append(r)
-        return out
-
-    def add_scalar(self, x: list[Any], c: float) -> list[Any]:
-        return self.add_vector(x, np.asarray(c), None)
-
-    def neg(self, a: list[Any]) -> list[Any]:
-        out = []
-        for ct in a:
-            r = self.new()
-            self.evaluator.negate(ct, r)
-            out.append(r)
-        return out
+    return peak
 
 
 @dataclass
@@ -299,33 +106,11 @@ class BatchResult:
     workers: int
     wall_seconds: float
     sizes: dict[str, int] = field(default_factory=dict)  # per batch: input, output; one ciphertext: each
-    peak_rss: dict[str, int] = field(default_factory=dict)  # bytes: this process, largest pool worker (if any)
-
-
-_JOB: dict[str, Any] = {}  # set before forking: what every worker needs (inherited, not pickled)
-
-
-def _one_batch(job: tuple[int, int]) -> tuple[int, np.ndarray, dict[str, float], dict[str, int], int]:
-    index, split = job
-    program, context, x = _JOB["program"], _JOB["context"], _JOB["batches"][index]
-    backend = _BatchBackend(context, split)
-    t0 = time.perf_counter()
-    held = [backend.encrypt(x)]
-    t1 = time.perf_counter()
-    n_in = len(held[0])
-    one_in = len(backend.serialize(held[0][0])) if index == 0 else 0
-    # The only reference goes to the evaluator, which frees the input after its last reader.
-    out = _evaluate_from(program, backend, held.pop())
-    t2 = time.perf_counter()
-    logits = backend.decrypt(out.data, len(x)) / out.factor
-    t3 = time.perf_counter()
-    sizes = {}
-    if index == 0:
-        one_out = len(backend.serialize(out.data[0]))
-        sizes = {"input": one_in * n_in, "output": one_out * len(out.data),
-                 "input_ciphertext": one_in, "output_ciphertext": one_out}
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return index, logits, {"encrypt": t1 - t0, "evaluate": t2 - t1, "decrypt": t3 - t2}, sizes, rss
+    peak_rss: dict[str, int] = field(default_factory=dict)  # bytes: this process, largest forked process (if any)
+    stage_seconds: list[float] = field(default_factory=list)  # per program stage, summed over the batches
+    finish_seconds: float = 0.0  # settling the output (relinearised, as sent back), summed
+    backend: str = "rns"  # which backend ran: "rns" (batch_rns) or "seal" (batch_seal, the fallback)
+    setup_seconds: float = 0.0  # keys (set by the worker that makes them)
 
 
 def run_batches(
@@ -333,57 +118,56 @@ def run_batches(
     workers: int | None = None, progress: Callable[[int, int], None] | None = None,
 ) -> BatchResult:
     """Encrypt ``x`` (samples, ...) in batches of ``batch_size`` (default: all the
-    slots), evaluate ``program`` on each and decrypt, on ``workers`` processes
-    [default: one per core]: whole rounds of batches one per forked worker, then
-    the batches left over (fewer than the workers; all of them for a single
-    batch) with the workers shared out among them by splitting the columns of
-    their wide matrices. One worker: everything in this process."""
+    slots), evaluate ``program`` on each and decrypt, one batch after another,
+    each operation's elements shared out among ``workers`` processes [default:
+    one per core]. The output leaves the evaluation relinearised
+    (``backend.finish``), as a server would send it back."""
+    from .batch_rns import RnsBatchBackend, children_peak_rss
+    from .batch_seal import SealBatchBackend
+    from .seal import layout_ok
+
     flat = np.asarray(x, "float64").reshape(len(x), -1)
     slots = params.poly_modulus_degree // 2
     size = min(batch_size or slots, slots)
     batches = [flat[i:i + size] for i in range(0, len(flat), size)]
     workers = max(1, workers or os.cpu_count() or 1)
-    # Whole rounds of batches go one per worker process; the batches left over (fewer
-    # than the workers) share the workers out, splitting their wide matrices' columns.
-    whole = len(batches) - len(batches) % workers
-    left = len(batches) - whole
-    rounds = [([(i, 1) for i in range(whole)], workers)] if whole else []
-    if left:
-        rounds.append(([(i, workers // left) for i in range(whole, len(batches))], left))
-    _JOB.update(program=program, context=context, params=params, batches=batches)
-    results: dict[int, Any] = {}
-    done, worker_rss = 0, 0
-    start = time.perf_counter()
-    try:
-        for jobs, processes in rounds:
-            if processes == 1 or len(jobs) == 1:
-                outputs: Any = map(_one_batch, jobs)
-                pool = None
-            else:
-                import multiprocessing
+    fast = layout_ok(context)
+    backend: Any = RnsBatchBackend(context, workers) if fast else SealBatchBackend(context, workers)
+    stage_seconds = [0.0] * len(program.stages)
 
-                pool = multiprocessing.get_context("fork").Pool(processes)
-                outputs = pool.imap_unordered(_one_batch, jobs)
-            try:
-                for index, logits, times, sizes, rss in outputs:
-                    results[index] = (logits, times, sizes)
-                    worker_rss = max(worker_rss, rss) if pool is not None else worker_rss
-                    done += len(batches[index])
-                    if progress is not None:
-                        progress(done, len(flat))
-            finally:
-                if pool is not None:
-                    pool.terminate()
-                    pool.join()
-    finally:
-        _JOB.clear()
+    def on_stage(i: int, seconds: float) -> None:
+        stage_seconds[i] += seconds
+
+    logits, times, sizes, finish = [], [], {}, 0.0
+    start = time.perf_counter()
+    for index, xb in enumerate(batches):
+        t0 = time.perf_counter()
+        held = [backend.encrypt(xb)]
+        t1 = time.perf_counter()
+        if index == 0:
+            n_in, one_in = len(held[0]), len(Seal.serialize(backend.ciphertext(held[0][0])))
+        # The only reference goes to the evaluator, which frees the input after its last reader.
+        out = _evaluate_from(program, backend, held.pop(), on_stage=on_stage)
+        settling = time.perf_counter()
+        data = backend.finish(out.data)
+        t2 = time.perf_counter()
+        finish += t2 - settling
+        logits.append(backend.decrypt(data, len(xb)) / out.factor)
+        t3 = time.perf_counter()
+        if index == 0:
+            one_out = len(Seal.serialize(backend.ciphertext(data[0])))
+            sizes = {"input": one_in * n_in, "output": one_out * len(data),
+                     "input_ciphertext": one_in, "output_ciphertext": one_out}
+        times.append({"encrypt": t1 - t0, "evaluate": t2 - t1, "decrypt": t3 - t2})
+        del out, data
+        if progress is not None:
+            progress(sum(len(b) for b in batches[:index + 1]), len(flat))
     wall = time.perf_counter() - start
     rss = {"main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    if worker_rss:
-        rss["worker"] = worker_rss
-    order = range(len(batches))
+    if children_peak_rss():
+        rss["worker"] = children_peak_rss()
     return BatchResult(
-        logits=np.concatenate([results[i][0] for i in order]), times=[results[i][1] for i in order],
-        batch_sizes=[len(b) for b in batches], workers=workers, wall_seconds=wall,
-        sizes=results[0][2], peak_rss=rss,
+        logits=np.concatenate(logits), times=times, batch_sizes=[len(b) for b in batches], workers=workers,
+        wall_seconds=wall, sizes=sizes, peak_rss=rss, stage_seconds=stage_seconds, finish_seconds=finish,
+        backend="rns" if fast else "seal",
     )

@@ -16,6 +16,7 @@ from . import batch, latency
 from .evaluate import _evaluate_from
 from .limits import OutOfScopeError, ParameterError
 from .params import CKKSParameters, choose_parameters, depth_and_magnitudes, make_context
+from .worker import run_in_worker
 from .program import _softmax, compile_model
 
 
@@ -51,6 +52,8 @@ class HERunReport:
     batch_latency: dict[str, dict[str, float]] = field(default_factory=dict)  # phase -> mean, max per batch
     workers: int = 1
     peak_rss: dict[str, int] = field(default_factory=dict)  # bytes: main process (and largest worker)
+    # Batch mode: seconds per phase and per program stage, summed over the batches, in order.
+    stage_times: dict[str, float] = field(default_factory=dict)
     # Per sample (not in to_dict): decrypted logits and the plaintext program's.
     encrypted_logits: np.ndarray | None = None
     plaintext_logits: np.ndarray | None = None
@@ -81,7 +84,7 @@ class HERunReport:
             "notes": list(self.notes), "mode": self.mode, "packing": self.packing,
             "throughput_per_second": self.throughput, "wall_seconds": self.wall_seconds,
             "batches": self.batches, "batch_size": self.batch_size, "batch_latency_seconds": self.batch_latency,
-            "workers": self.workers, "peak_rss_bytes": dict(self.peak_rss),
+            "workers": self.workers, "peak_rss_bytes": dict(self.peak_rss), "stage_seconds": dict(self.stage_times),
         }
 
 
@@ -261,29 +264,35 @@ def run(
     if on_parameters is not None:
         on_parameters(params)
     t0 = time.perf_counter()
-    ctx = make_context(params, galois=mode == "latency")
+    notes, stage_times = [], {}
     if mode == "batch":
-        setup = time.perf_counter() - t0
-        out = batch.run_batches(program, ctx, params, x, batch_size=batch_size, workers=workers, progress=progress)
+        out = run_in_worker(program, params, x, batch_size=batch_size, workers=workers, progress=progress)
         enc_logits, sizes, times = out.logits, dict(out.sizes), out.times
+        setup = out.setup_seconds
         packing = batch.packing(out.batch_sizes[0], program.input_size)
         extra = dict(wall_seconds=out.wall_seconds, batches=len(out.batch_sizes), batch_size=out.batch_sizes[0],
-                     workers=out.workers, peak_rss=out.peak_rss)
+                     workers=out.workers, peak_rss=dict(out.peak_rss, caller=_peak_rss()))
+        stage_times = {"encrypt": sum(t["encrypt"] for t in times)}
+        stage_times.update({f"{k + 1}: {s.describe()}": out.stage_seconds[k] for k, s in enumerate(program.stages)})
+        stage_times["relinearise and send back"] = out.finish_seconds
+        stage_times["decrypt"] = sum(t["decrypt"] for t in times)
+        if out.backend != "rns":
+            notes.append("the affine stages ran as one SEAL call per product (slower): this TenSEAL's "
+                         "ciphertext memory layout is not the one actswap reads")
     else:
+        ctx = make_context(params, galois=True)
         backend = latency.LatencyBackend(ctx).prepare(program)  # plans every product once
         setup = time.perf_counter() - t0
         enc_logits, times, sizes, wall = _latency_mode(program, backend, x, progress)
         packing = f"{backend.packing}; per product: {'; '.join(backend.describe())}"
-        extra = dict(wall_seconds=wall, batches=len(x), batch_size=1, workers=1,
-                     peak_rss={"main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
-    notes = []
-    if _serialize_is_safe():
-        sizes["public_context"] = len(ctx.serialize(save_public_key=True, save_secret_key=False,
-                                                    save_galois_keys=mode == "latency", save_relin_keys=True))
-    else:
-        what = "public context size" if sizes else "ciphertext sizes"
-        notes.append(f"{what} not measured: TensorFlow was imported before TenSEAL, and then "
-                     "TenSEAL's serialize() crashes (their protobuf libraries clash); import tenseal first")
+        extra = dict(wall_seconds=wall, batches=len(x), batch_size=1, workers=1, peak_rss={"main": _peak_rss()})
+        if _serialize_is_safe():
+            sizes["public_context"] = len(ctx.serialize(save_public_key=True, save_secret_key=False,
+                                                        save_galois_keys=True, save_relin_keys=True))
+        else:
+            what = "public context size" if sizes else "ciphertext sizes"
+            notes.append(f"{what} not measured: TensorFlow was imported before TenSEAL, and then "
+                         "TenSEAL's serialize() crashes (their protobuf libraries clash); import tenseal first")
     err = np.abs(enc_logits - plain_logits)
     rel = err.max() / max(1e-12, float(np.abs(plain_logits).max()))
     model_top1 = model_out.argmax(axis=1)
@@ -299,8 +308,13 @@ def run(
         compile_check=compile_check, latency=per_batch, sizes=sizes, setup_seconds=setup,
         final_softmax=program.final_softmax, disagreements=[int(i) for i in np.flatnonzero(~agree)],
         notes=notes, encrypted_logits=enc_logits, plaintext_logits=plain_logits, mode=mode, packing=packing,
-        throughput=len(x) / max(extra["wall_seconds"], 1e-9), batch_latency=per_batch, **extra,
+        throughput=len(x) / max(extra["wall_seconds"], 1e-9), batch_latency=per_batch, stage_times=stage_times,
+        **extra,
     )
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _latency_mode(program: Any, backend: Any, x: np.ndarray, progress: Callable[[int, int], None] | None,

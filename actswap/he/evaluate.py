@@ -7,7 +7,9 @@ The encrypted backends implement the same small protocol (``encrypt``,
 ``mul_vector``, ``neg``, ``drift``, ``note``): :mod:`.latency` (one sample per
 ciphertext), :mod:`.batch` (one sample per slot), and :mod:`.tenseal_mm`
 (TenSEAL's ``CKKSVector.mm``, the packing before them, kept as a reference).
-A program that is not a chain (:attr:`~.stages.Program.is_chain`) also needs
+A backend may also offer ``matmul_bias(x, m, bias, level)`` (the matrix and the
+bias in one pass, no copy of the output to add the bias to). A program that is
+not a chain (:attr:`~.stages.Program.is_chain`) also needs
 ``bilinear`` (sums of products of two encrypted vectors), ``join``
 (concatenate) and ``lower`` (modulus-switch to a level): the plaintext and
 batch backends have them; latency mode runs chains only.
@@ -15,6 +17,8 @@ batch backends have them; latency mode runs chains only.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,10 +114,12 @@ def _evaluate(program: Program, backend: Any, x: np.ndarray,
     return enc, _evaluate_from(program, backend, enc, levels)
 
 
-def _evaluate_from(program: Program, backend: Any, enc: Any, levels: dict[int, int] | None = None) -> _Ct:
+def _evaluate_from(program: Program, backend: Any, enc: Any, levels: dict[int, int] | None = None,
+                   on_stage: Callable[[int, float], None] | None = None) -> _Ct:
     """:func:`_evaluate` on an already encrypted input (so encryption is timed apart).
     Holds ``enc`` only until its last reader: a caller that passes its only
-    reference (``holder.pop()``) gets the input's ciphertexts freed there."""
+    reference (``holder.pop()``) gets the input's ciphertexts freed there.
+    ``on_stage(index, seconds)`` is called after each stage."""
     values = {0: _Ct(enc, 0, 1.0)}
     del enc
     if levels is not None:
@@ -121,6 +127,7 @@ def _evaluate_from(program: Program, backend: Any, enc: Any, levels: dict[int, i
     last = last_uses(program.stages)
     sizes = {0: program.input_size, **{k + 1: st.size for k, st in enumerate(program.stages)}}
     for i, s in enumerate(program.stages):
+        started = time.perf_counter()
         ins = [values[v] for v in inputs_of(s, i)]
         if isinstance(s, Affine):
             # Compensate each input's factor and the drift of the coming rescale.
@@ -132,9 +139,12 @@ def _evaluate_from(program: Program, backend: Any, enc: Any, levels: dict[int, i
                 factors = np.concatenate([np.full(sizes[v], values[v].factor) for v in inputs_of(s, i)])
                 m = s.matrix / (factors[:, None] * backend.drift(level))
                 data = backend.join([backend.lower(h.data, top) for h in ins])
-            h = _Ct(backend.matmul(data, m, level), level, 1.0)
-            if np.any(s.bias):
-                h.data = backend.add_vector(h.data, s.bias, (i, "bias"))
+            if np.any(s.bias) and hasattr(backend, "matmul_bias"):  # the bias added as outputs are made
+                h = _Ct(backend.matmul_bias(data, m, s.bias, level), level, 1.0)
+            else:
+                h = _Ct(backend.matmul(data, m, level), level, 1.0)
+                if np.any(s.bias):
+                    h.data = backend.add_vector(h.data, s.bias, (i, "bias"))
         elif isinstance(s, Bilinear):
             a, b = ins
             top = max(a.level, b.level)
@@ -150,6 +160,8 @@ def _evaluate_from(program: Program, backend: Any, enc: Any, levels: dict[int, i
         for v in inputs_of(s, i):
             if last[v] == i:
                 values.pop(v, None)  # its ciphertexts are freed
+        if on_stage is not None:
+            on_stage(i, time.perf_counter() - started)
     return values[len(program.stages)]
 
 

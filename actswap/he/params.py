@@ -11,7 +11,7 @@ import numpy as np
 
 from .evaluate import _evaluate, _PlainBackend
 from .limits import MARGIN_BITS, MAX_MODULUS_BITS, MAX_PRIME_BITS, MAX_SCALE_BITS, MIN_SCALE_BITS, ParameterError
-from .program import Program
+from .stages import Program
 
 
 @dataclass

@@ -17,9 +17,12 @@ from the primes themselves (tests check it against TenSEAL's own vectors,
 
 from __future__ import annotations
 
+import ctypes
 import os
 import tempfile
 from typing import Any
+
+import numpy as np
 
 
 class Seal:
@@ -46,6 +49,9 @@ class Seal:
             primes.append(data.parms().coeff_modulus()[-1].value())
             data = data.next_context_data()
         self._drift = [self.scale / q for q in primes[:-1]]  # into level l: level l-1's last prime
+        # Per level: its primes, in SEAL's order (the level's ciphertexts hold one residue array each).
+        self.primes = [[m.value() for m in self.seal.get_context_data(p).parms().coeff_modulus()]
+                       for p in self.parms]
 
     def drift(self, level: int) -> float:
         """The factor a rescale into ``level`` leaves in the value (2^s / q)."""
@@ -116,3 +122,78 @@ class Seal:
                 return f.read()
         finally:
             os.unlink(path)
+
+
+# --- a ciphertext's data as a numpy array ------------------------------------------
+#
+# TenSEAL's binding exposes a ciphertext's data one coefficient at a time (``data(i)``
+# returns a value, ``dyn_array()[k]`` one element) and serializes it only compressed
+# (~4 ms per ciphertext at N=8192), so batch mode reads and writes it in place.
+# Where it lies is read from the objects: the binding's instance holds a pointer to
+# SEAL's ``Ciphertext``, whose fields are SEAL 4's (parms_id, is_ntt_form, size,
+# poly_modulus_degree, coeff_modulus_size, scale, correction_factor, then the
+# ``DynArray``: pool handle, capacity, size, data pointer). :func:`layout_ok` checks
+# every one of them against the binding's own accessors, in a forked process (a
+# wrong guess there cannot harm this one), before batch mode relies on it.
+
+_HOLDER = 16  # pybind11 instance: PyObject_HEAD, then the pointer to the C++ object
+_FIELDS = {"size": 40, "degree": 48, "primes": 56, "scale": 64, "count": 104, "data": 112}
+
+
+def _object(ct: Any) -> int:
+    return ctypes.c_void_p.from_address(id(ct) + _HOLDER).value or 0
+
+
+def ciphertext_data(ct: Any) -> np.ndarray:
+    """``ct``'s data in place, as a (parts, primes, N) uint64 array (no copy), valid
+    until ``ct`` is resized or freed. Raises ``RuntimeError`` if the element count
+    SEAL holds is not parts x primes x N (never read or write past it)."""
+    obj = _object(ct)
+    shape = (ct.size(), ct.coeff_modulus_size(), ct.poly_modulus_degree())
+    count = ctypes.c_size_t.from_address(obj + _FIELDS["count"]).value
+    if not obj or count != shape[0] * shape[1] * shape[2] or count == 0:
+        raise RuntimeError(f"ciphertext data of {count} elements, its shape says {shape}")
+    ptr = ctypes.c_void_p.from_address(obj + _FIELDS["data"]).value
+    return np.ctypeslib.as_array((ctypes.c_uint64 * count).from_address(ptr)).reshape(shape)
+
+
+def _probe(context: Any) -> bool:
+    """Whether :func:`ciphertext_data` reads and writes what the binding reads."""
+    seal = Seal(context)
+    ct = seal.encrypt([0.25] * seal.slots)
+    obj = _object(ct)
+    field = {k: ctypes.c_size_t.from_address(obj + o).value for k, o in _FIELDS.items()}
+    if (field["size"], field["degree"], field["primes"]) != (ct.size(), ct.poly_modulus_degree(),
+                                                           ct.coeff_modulus_size()):
+        return False
+    if ctypes.c_double.from_address(obj + _FIELDS["scale"]).value != ct.scale:
+        return False
+    if field["count"] != ct.size() * ct.coeff_modulus_size() * ct.poly_modulus_degree():
+        return False
+    data, flat = ciphertext_data(ct), ct.dyn_array()
+    n = data.size
+    if any(int(data.reshape(-1)[k]) != flat[k] for k in (0, 1, n // 2, n - 1)):
+        return False
+    if any(int(data[i, 0, 0]) != ct.data(i) for i in range(ct.size())):
+        return False
+    q = np.array(seal.primes[0], np.uint64)[None, :, None]
+    data[...] = np.where(data == 0, data, q - data)  # negated in place: SEAL must decrypt -0.25
+    return ct.data(0) == int(data[0, 0, 0]) and abs(seal.decrypt(ct)[0] + 0.25) < 1e-3
+
+
+_LAYOUT: dict[tuple[int, int], bool] = {}
+
+
+def layout_ok(context: Any) -> bool:
+    """:func:`_probe` in a forked child (a segfault there is a "no"); cached."""
+    key = (os.getpid(), id(context))
+    if key not in _LAYOUT:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = 0 if _probe(context) else 1
+            finally:
+                os._exit(code)
+        _LAYOUT[key] = os.waitpid(pid, 0)[1] == 0
+    return _LAYOUT[key]

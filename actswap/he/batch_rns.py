@@ -1,0 +1,490 @@
+"""Batch mode's backend on ciphertext data (issue 25): each value the program
+computes is one numpy array ``(elements, parts, primes, N)`` of uint64, element i
+the SEAL ciphertext of vector element i (slot j of it: sample j), in SEAL's own
+RNS/NTT layout.
+
+Who computes what:
+
+* **numpy** (:mod:`.rns`), the public linear maps: an affine stage's products
+  and sums (per prime one integer matrix product, BLAS on exact float64
+  digits), plain additions, negation, scalar products, modulus switching (in
+  NTT form, dropping a prime's residues). Bit for bit what SEAL's
+  ``multiply_plain``/``add``/``add_plain``/``negate``/``mod_switch_to`` give.
+* **SEAL** (``tenseal.sealapi``, on the TenSEAL context's keys), everything
+  that needs a key, randomness or an NTT: encryption, decryption, ciphertext x
+  ciphertext products, relinearisation, rescaling. Each element is copied into
+  a reused SEAL ciphertext, operated on, and copied out
+  (:func:`~.seal.ciphertext_data`).
+
+Products are deferred to their reader (:class:`Product`, :class:`Pending`):
+an affine stage or a plain scalar product that reads ciphertext x ciphertext
+products folds them, unrescaled and unrelinearised (3-part ciphertexts are
+linear in their parts), into its own sums, then relinearises and rescales each
+*output* twice. The fixture's 980 squares so cost 980 products and 100 key
+switches, not 980 of each plus 980 rescales, and a product is never rescaled
+as a 3-part ciphertext (whose rounding error meets s², 50x the usual noise).
+Any other reader settles them first: relinearised, then rescaled. Rescaling
+twice at scale 2^3s fits the modulus wherever the once-rescaled value does:
+the two primes it drops are the two the value would have used anyway.
+
+Invariants (those of :mod:`.batch_seal`, which the shared evaluator's level and
+factor bookkeeping rely on): a value at level l has been rescaled l times and
+has scale 2^s; a rescale into level l multiplies it by ``drift(l)``; an
+element whose weights all encode to zero is a fresh encryption of zero.
+
+Cores: SEAL's binding holds the GIL, so each operation's elements are shared
+out among forked processes (:func:`parallel`) that write their share of the
+result into shared memory; BLAS runs single-threaded inside them.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import resource
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import rns
+from .seal import Seal, ciphertext_data
+
+
+# Output columns of an affine stage computed at once per process (before their
+# rescale): bounds the unrescaled temporaries (64 x 2 x 6 x 8192 x 8 B = 50 MB).
+COLUMN_CHUNK = 64
+
+# Deferred products made at once per process before their rows are added into an
+# affine stage's sums (128 x 3 x 5 x 8192 x 8 B = 126 MB at the fixture's level).
+ROW_CHUNK = 256
+
+# Deferred products go into an affine stage's sums chunk by chunk (never stored
+# whole) when at least this share of its weights is non-zero (dense layers).
+DENSE = 0.5
+
+
+def shared(shape: tuple[int, ...]) -> np.ndarray:
+    """A uint64 array in anonymous shared memory: forked processes write into it
+    and this one sees it; unmapped when the last reference goes."""
+    size = int(np.prod(shape)) * 8
+    return np.frombuffer(mmap.mmap(-1, max(size, 8)), np.uint64, count=size // 8).reshape(shape)
+
+
+def parallel(n: int, work: Callable[[int, int], None], processes: int) -> None:
+    """``work(lo, hi)`` over [0, n) in ``processes`` contiguous shares, the first here,
+    the others in forked children (which must write their results into
+    :func:`shared` arrays). Raises ``RuntimeError`` if a child failed."""
+    processes = max(1, min(processes, n))
+    if processes == 1:
+        work(0, n)
+        return
+    bounds = np.linspace(0, n, processes + 1).astype(int)
+    children = []
+    for i in range(1, processes):
+        pid = os.fork()
+        if pid == 0:  # the child: its share, then leave without Python's exit handlers
+            code = 1
+            try:
+                work(int(bounds[i]), int(bounds[i + 1]))
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        children.append(pid)
+    try:
+        work(int(bounds[0]), int(bounds[1]))
+    finally:
+        failed = sum(os.waitpid(pid, 0)[1] != 0 for pid in children)
+    if failed:
+        raise RuntimeError(f"{failed} of the {processes} processes sharing a batch operation failed")
+
+
+def children_peak_rss() -> int:
+    """The largest peak RSS (bytes) of any finished child of this process."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+
+
+@dataclass
+class Product:
+    """Element-wise ciphertext x ciphertext products not computed yet: element i is
+    ``a[i] * b[i]`` (``b`` None: ``a[i]²``), ``a`` and ``b`` 2-part data of one level;
+    the evaluator counts the product at ``level`` (one rescale below them)."""
+
+    a: np.ndarray
+    b: np.ndarray | None
+    level: int
+
+    def __len__(self) -> int:
+        return len(self.a)
+
+
+@dataclass
+class Pending:
+    """Sums of products computed but neither relinearised nor rescaled: 3-part data
+    one level above ``level`` (where the evaluator counts them), scale 2^2s."""
+
+    data: np.ndarray
+    level: int
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+Deferred = Product | Pending
+
+
+class RnsBatchBackend(Seal):
+    """The evaluator's backend on ciphertext data arrays (see the module docstring)."""
+
+    poly_chunk = None  # polynomials stream element by element already
+
+    def __init__(self, context: Any, processes: int = 1) -> None:
+        super().__init__(context)
+        self.processes = processes
+        self._scratch: dict[tuple[str, int, int], Any] = {}
+
+    def note(self, level: int, value: Any) -> None:
+        pass
+
+    # --- SEAL on one element at a time ---------------------------------------
+    def _level(self, data: np.ndarray) -> int:
+        return len(self.primes[0]) - data.shape[2]
+
+    def _fresh(self, parts: int, level: int) -> Any:
+        """A new SEAL ciphertext (parts, level) in NTT form, its data to be overwritten."""
+        ct = self.new()
+        self.encryptor.encrypt_zero(self.parms[level], ct)
+        if parts == 3:
+            three = self.new()
+            self.evaluator.square(ct, three)
+            ct = three
+        return ct
+
+    def _ct(self, role: str, parts: int, level: int) -> Any:
+        """A reused SEAL ciphertext (parts, level): the evaluator's elements go in
+        and out through :func:`ciphertext_data`."""
+        key = (role, parts, level)
+        if key not in self._scratch:
+            self._scratch[key] = self._fresh(parts, level)
+        return self._scratch[key]
+
+    def _load(self, element: np.ndarray, role: str = "a", scale: float | None = None) -> Any:
+        ct = self._ct(role, element.shape[0], len(self.primes[0]) - element.shape[1])
+        ciphertext_data(ct)[...] = element
+        ct.scale = self.scale if scale is None else scale
+        return ct
+
+    def _zero(self, level: int) -> np.ndarray:
+        """A fresh encryption of zero at ``level`` (an output whose weights all encode to 0)."""
+        ct = self._fresh(2, level)
+        return ciphertext_data(ct).copy()
+
+    def _product(self, p: Product, i: int) -> Any:
+        """Element i of ``p`` as an unrelinearised SEAL product (scale 2^2s)."""
+        here = self._level(p.a)
+        prod = self._ct("product", 3, here)
+        if p.b is None:
+            self.evaluator.square(self._load(p.a[i]), prod)
+        else:
+            self.evaluator.multiply(self._load(p.a[i]), self._load(p.b[i], "b"), prod)
+        return prod
+
+    def _finish(self, ct: Any, level: int, out: np.ndarray) -> None:
+        """``ct`` (a 3-part sum of products: relinearised first) rescaled into
+        ``level`` (checked), its data written to ``out``."""
+        if ct.size() == 3:
+            two = self._ct("relin", 2, self.level(ct))
+            self.evaluator.relinearize(ct, self.relin, two)
+            ct = two
+        while self.level(ct) < level:
+            dest = self._ct("rescaled", 2, self.level(ct) + 1)
+            self.evaluator.rescale_to_next(ct, dest)
+            ct = dest
+        if self.level(ct) != level:
+            raise AssertionError(f"ciphertext at level {self.level(ct)}, the evaluator counts {level}")
+        out[...] = ciphertext_data(ct)
+
+    def settled(self, x: Any) -> np.ndarray:
+        """``x`` as 2-part data at its level: deferred products relinearised and rescaled."""
+        if not isinstance(x, (Product, Pending)):
+            return x
+        first = x.a if isinstance(x, Product) else x.data
+        out = shared((len(x), 2, first.shape[2] - 1, first.shape[3]))
+
+        def work(lo: int, hi: int) -> None:
+            for i in range(lo, hi):
+                ct = self._product(x, i) if isinstance(x, Product) else self._load(x.data[i], scale=self.scale**2)
+                ct.scale = self.scale**2
+                self._finish(ct, x.level, out[i])
+
+        parallel(len(x), work, self.processes)
+        return out
+
+    # --- client side -----------------------------------------------------------
+    def encrypt(self, x: np.ndarray) -> np.ndarray:
+        """``x`` (samples, n) -> data (n, 2, primes, N): element i encrypts column i."""
+        columns = np.asarray(x, "float64").T
+        out = shared((len(columns), 2, len(self.primes[0]), self.slots * 2))
+
+        def work(lo: int, hi: int) -> None:
+            for i in range(lo, hi):
+                out[i] = ciphertext_data(Seal.encrypt(self, columns[i].tolist()))
+
+        parallel(len(columns), work, self.processes)
+        return out
+
+    def finish(self, data: Any) -> np.ndarray:
+        """The output as the server sends it back: settled 2-part ciphertexts."""
+        return self.settled(data)
+
+    def ciphertext(self, element: np.ndarray) -> Any:
+        """One element as a SEAL ciphertext of its own (what a client receives)."""
+        ct = self._fresh(element.shape[0], len(self.primes[0]) - element.shape[1])
+        ciphertext_data(ct)[...] = element
+        ct.scale = self.scale
+        return ct
+
+    def decrypt(self, data: np.ndarray, samples: int) -> np.ndarray:
+        out = np.empty((samples, len(data)))
+        for i in range(len(data)):
+            out[:, i] = Seal.decrypt(self, self._load(data[i]))[:samples]
+        return out
+
+    # --- the evaluator's operations ----------------------------------------------
+    def matmul(self, x: Any, m: np.ndarray, level: int) -> np.ndarray:
+        return self.matmul_bias(x, m, None, level)
+
+    def _bias(self, bias: np.ndarray | None, n: int, level: int) -> Any:
+        """A function adding ``bias[j]`` (as ``add_plain`` of its encoding at 2^s) to
+        output j's data at ``level``, in place; None without a bias."""
+        if bias is None:
+            return None
+        q = np.array(self.primes[level], np.uint64)[:, None]
+        ints = rns.encode(np.broadcast_to(bias, (n,)), self.scale)
+        r = np.stack([rns.residues(ints, int(p)) for p in q[:, 0]], axis=1)[:, :, None]  # (n, L, 1)
+
+        def add(j: int, data: np.ndarray) -> None:
+            data[0] = rns.addmod(data[0], r[j], q)
+
+        return add
+
+    def matmul_bias(self, x: Any, m: np.ndarray, bias: np.ndarray | None, level: int) -> np.ndarray:
+        """Per output, its products over the non-zero weights summed and rescaled once
+        (over deferred products, at scale 2^2s: relinearised and rescaled twice),
+        then its bias added."""
+        dense = np.count_nonzero(m) >= DENSE * m.size
+        if isinstance(x, Product) and (self.processes * m.shape[1] > len(x) or not dense):
+            # Wide or sparse: each process's partial sums would outweigh the products.
+            x = self._pending(x)
+        add_bias = self._bias(bias, m.shape[1], level)
+        if isinstance(x, Product):
+            return self._matmul_rows(x, m, level, add_bias)
+        data, scale = (x.data, self.scale**3) if isinstance(x, Pending) else (x, self.scale**2)
+        primes = self.primes[self._level(data)]
+        mm = rns.ModularMatrix(m, self.scale, primes)
+        zero = set(mm.zero_columns.tolist())
+        out = shared((m.shape[1], 2, len(self.primes[level]), data.shape[3]))
+
+        def work(lo: int, hi: int) -> None:
+            buf = np.empty((COLUMN_CHUNK,) + data.shape[1:], np.uint64)
+            for c0 in range(lo, hi, COLUMN_CHUNK):
+                cols = np.arange(c0, min(hi, c0 + COLUMN_CHUNK))
+                mm.apply(data, buf[:len(cols)], cols)
+                for k, j in enumerate(cols):
+                    if j in zero:
+                        out[j] = self._zero(level)
+                    else:
+                        self._finish(self._load(buf[k], scale=scale), level, out[j])
+                    if add_bias is not None:
+                        add_bias(j, out[j])
+
+        with _single_threaded_blas(self.processes > 1):
+            parallel(m.shape[1], work, self.processes)
+        return out
+
+    def _pending(self, p: Product) -> Pending:
+        """``p`` computed: 3-part unrescaled data (for a reader that needs it whole)."""
+        out = shared((len(p), 3) + p.a.shape[2:])
+
+        def work(lo: int, hi: int) -> None:
+            for i in range(lo, hi):
+                out[i] = ciphertext_data(self._product(p, i))
+
+        parallel(len(p), work, self.processes)
+        return Pending(out, p.level)
+
+    def _matmul_rows(self, p: Product, m: np.ndarray, level: int, add_bias: Any) -> np.ndarray:
+        """An affine stage over deferred products, the products never stored: each
+        process computes its share of the rows' products, a chunk at a time, and adds
+        their part of every output into its own partial sums; the partial sums are
+        added, relinearised and rescaled twice."""
+        primes = self.primes[self._level(p.a)]
+        q = np.array(primes, np.uint64)[:, None]
+        n_out, shape = m.shape[1], (3,) + p.a.shape[2:]
+        bounds = np.linspace(0, len(p), max(1, min(self.processes, len(p))) + 1).astype(int)
+        partial = shared((len(bounds) - 1, n_out) + shape)
+
+        def rows(lo: int, hi: int) -> None:
+            sums = rns.RowSums(m, self.scale, primes, (3, p.a.shape[3]))
+            buf = np.empty((min(ROW_CHUNK, hi - lo),) + shape, np.uint64)
+            for r0 in range(lo, hi, ROW_CHUNK):
+                r1 = min(hi, r0 + ROW_CHUNK)
+                for k in range(r0, r1):
+                    buf[k - r0] = ciphertext_data(self._product(p, k))
+                sums.add(buf[:r1 - r0], r0)
+            sums.result(partial[int(np.searchsorted(bounds, lo))])
+
+        with _single_threaded_blas(self.processes > 1):
+            parallel(len(p), rows, len(bounds) - 1)
+        total = partial[0]
+        for other in partial[1:]:
+            for j in range(n_out):
+                total[j] = rns.addmod(total[j], other[j], q)
+        zero = set(np.flatnonzero(~(rns.encode(m, self.scale) != 0).any(axis=0)).tolist())
+        out = shared((n_out, 2, len(self.primes[level]), p.a.shape[3]))
+
+        def finish(lo: int, hi: int) -> None:
+            for j in range(lo, hi):
+                if j in zero:
+                    out[j] = self._zero(level)
+                else:
+                    self._finish(self._load(total[j], scale=self.scale**3), level, out[j])
+                if add_bias is not None:
+                    add_bias(j, out[j])
+
+        parallel(n_out, finish, self.processes)
+        return out
+
+    def mul_vector(self, x: Any, v: np.ndarray, key: Any, level: int) -> np.ndarray:
+        """Element i times the plain ``v[i]``, rescaled (deferred products: relinearised
+        and rescaled twice)."""
+        first = x.a if isinstance(x, Product) else x.data if isinstance(x, Pending) else x
+        primes = self.primes[self._level(first)]
+        ints = rns.encode(np.broadcast_to(v, (len(x),)), self.scale)
+        r = np.stack([rns.residues(ints, q) for q in primes], axis=1)  # (n, L)
+        r_shoup = np.stack([rns.shoup(r[:, l], q) for l, q in enumerate(primes)], axis=1)
+        out = shared((len(x), 2, len(self.primes[level]), first.shape[3]))
+        deferred = isinstance(x, (Product, Pending))
+
+        def work(lo: int, hi: int) -> None:
+            for i in range(lo, hi):
+                if ints[i] == 0:
+                    out[i] = self._zero(level)
+                    continue
+                if isinstance(x, Product):
+                    element = ciphertext_data(self._product(x, i)).copy()
+                else:
+                    element = x.data[i] if deferred else x[i]
+                y = np.stack([rns.mulmod(element[:, l], r[i, l], r_shoup[i, l], q)
+                              for l, q in enumerate(primes)], axis=1)
+                self._finish(self._load(y, scale=self.scale**(3 if deferred else 2)), level, out[i])
+
+        parallel(len(x), work, self.processes)
+        return out
+
+    def mul_scalar(self, x: Any, c: float, level: int) -> np.ndarray:
+        return self.mul_vector(x, np.asarray(c), None, level)
+
+    def _aligned(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        L = min(a.shape[2], b.shape[2])
+        return a[:, :, :L], b[:, :, :L]
+
+    def mul(self, a: Any, b: Any, level: int) -> Product:
+        """Deferred: the reader computes the products (see :class:`Product`)."""
+        if a is b:
+            return Product(self.settled(a), None, level)
+        a, b = self._aligned(self.settled(a), self.settled(b))
+        return Product(a, b, level)
+
+    def bilinear(self, a: Any, b: Any, pairs: np.ndarray, level: int) -> Pending:
+        """Per output, its products summed (3-part, unrescaled: :class:`Pending`)."""
+        a, b = self._aligned(self.settled(a), self.settled(b))
+        out = shared((len(pairs), 3) + a.shape[2:])
+        here = self._level(a)
+
+        def work(lo: int, hi: int) -> None:
+            acc, tmp = self._ct("acc", 3, here), self._ct("product", 3, here)
+            for k in range(lo, hi):
+                (i, j), rest = pairs[k][0], pairs[k][1:]
+                self.evaluator.multiply(self._load(a[i]), self._load(b[j], "b"), acc)
+                for i, j in rest:
+                    self.evaluator.multiply(self._load(a[i]), self._load(b[j], "b"), tmp)
+                    self.evaluator.add_inplace(acc, tmp)
+                out[k] = ciphertext_data(acc)
+
+        parallel(len(pairs), work, self.processes)
+        return Pending(out, level)
+
+    def join(self, parts: list[Any]) -> np.ndarray:
+        parts = [self.settled(p) for p in parts]
+        if len(parts) == 1:
+            return parts[0]
+        out = shared((sum(len(p) for p in parts),) + parts[0].shape[1:])
+        at = 0
+        for p in parts:
+            out[at:at + len(p)] = p
+            at += len(p)
+        return out
+
+    def lower(self, x: Any, level: int) -> np.ndarray:
+        """``x`` at ``level``: in NTT form a modulus switch (no rescale) drops the
+        residues of the primes above it (a view; ``x`` is kept for other readers)."""
+        return self.settled(x)[:, :, :len(self.primes[level])]
+
+    def _q(self, x: np.ndarray) -> np.ndarray:
+        return np.array(self.primes[self._level(x)], np.uint64)[:, None]
+
+    def add(self, a: Any, b: Any) -> np.ndarray:
+        a, b = self._aligned(self.settled(a), self.settled(b))
+        out, q = shared(a.shape), self._q(a)
+        for i in range(len(a)):  # element by element: temporaries of one ciphertext
+            out[i] = rns.addmod(a[i], b[i], q)
+        return out
+
+    def add_vector(self, x: Any, v: np.ndarray, key: Any) -> np.ndarray:
+        x = self.settled(x)
+        q = self._q(x)
+        ints = rns.encode(np.broadcast_to(v, (len(x),)), self.scale)
+        r = np.stack([rns.residues(ints, int(p)) for p in q[:, 0]], axis=1)  # (n, L)
+        out = shared(x.shape)
+        out[...] = x
+        for i in range(len(x)):
+            out[i, 0] = rns.addmod(x[i, 0], r[i][:, None], q)
+        return out
+
+    def add_scalar(self, x: Any, c: float) -> np.ndarray:
+        return self.add_vector(x, np.asarray(c), None)
+
+    def neg(self, a: Any) -> Any:
+        if isinstance(a, Product):  # -(a b) = (-a) b: still deferred
+            return Product(self.neg(a.a), a.a if a.b is None else a.b, a.level)
+        a = self.settled(a)
+        out, q = shared(a.shape), self._q(a)
+        for i in range(len(a)):
+            out[i] = rns.negmod(a[i], q)
+        return out
+
+
+class _single_threaded_blas:
+    """BLAS on one thread while forked processes share a product (each is one core's
+    work; more threads than cores would only contend). A no-op without
+    threadpoolctl."""
+
+    def __init__(self, active: bool) -> None:
+        self.active, self.limits = active, None
+
+    def __enter__(self) -> None:
+        if self.active:
+            try:
+                from threadpoolctl import threadpool_limits
+            except ImportError:
+                return
+            self.limits = threadpool_limits(1, user_api="blas")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.limits is not None:
+            self.limits.restore_original_limits()
