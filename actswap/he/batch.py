@@ -122,7 +122,8 @@ def run_batches(
     each operation's elements shared out among ``workers`` processes [default:
     one per core]. The output leaves the evaluation relinearised
     (``backend.finish``), as a server would send it back."""
-    from .batch_rns import RnsBatchBackend, children_peak_rss
+    from .batch_rns import RnsBatchBackend
+    from .forks import children_peak_rss, own_peak_rss
     from .batch_seal import SealBatchBackend
     from .seal import layout_ok
 
@@ -163,7 +164,7 @@ def run_batches(
         if progress is not None:
             progress(sum(len(b) for b in batches[:index + 1]), len(flat))
     wall = time.perf_counter() - start
-    rss = {"main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    rss = {"main": own_peak_rss()}
     if children_peak_rss():
         rss["worker"] = children_peak_rss()
     return BatchResult(

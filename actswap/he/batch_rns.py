@@ -39,17 +39,13 @@ result into shared memory; BLAS runs single-threaded inside them.
 
 from __future__ import annotations
 
-import mmap
-import os
-import resource
-import traceback
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from . import rns
+from .forks import Arena, parallel, shares
 from .seal import Seal, ciphertext_data
 
 
@@ -64,48 +60,6 @@ ROW_CHUNK = 256
 # Deferred products go into an affine stage's sums chunk by chunk (never stored
 # whole) when at least this share of its weights is non-zero (dense layers).
 DENSE = 0.5
-
-
-def shared(shape: tuple[int, ...]) -> np.ndarray:
-    """A uint64 array in anonymous shared memory: forked processes write into it
-    and this one sees it; unmapped when the last reference goes."""
-    size = int(np.prod(shape)) * 8
-    return np.frombuffer(mmap.mmap(-1, max(size, 8)), np.uint64, count=size // 8).reshape(shape)
-
-
-def parallel(n: int, work: Callable[[int, int], None], processes: int) -> None:
-    """``work(lo, hi)`` over [0, n) in ``processes`` contiguous shares, the first here,
-    the others in forked children (which must write their results into
-    :func:`shared` arrays). Raises ``RuntimeError`` if a child failed."""
-    processes = max(1, min(processes, n))
-    if processes == 1:
-        work(0, n)
-        return
-    bounds = np.linspace(0, n, processes + 1).astype(int)
-    children = []
-    for i in range(1, processes):
-        pid = os.fork()
-        if pid == 0:  # the child: its share, then leave without Python's exit handlers
-            code = 1
-            try:
-                work(int(bounds[i]), int(bounds[i + 1]))
-                code = 0
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                os._exit(code)
-        children.append(pid)
-    try:
-        work(int(bounds[0]), int(bounds[1]))
-    finally:
-        failed = sum(os.waitpid(pid, 0)[1] != 0 for pid in children)
-    if failed:
-        raise RuntimeError(f"{failed} of the {processes} processes sharing a batch operation failed")
-
-
-def children_peak_rss() -> int:
-    """The largest peak RSS (bytes) of any finished child of this process."""
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
 
 
 @dataclass
@@ -145,7 +99,13 @@ class RnsBatchBackend(Seal):
     def __init__(self, context: Any, processes: int = 1) -> None:
         super().__init__(context)
         self.processes = processes
+        self.arena = Arena()  # every array, reused batch after batch (see forks)
         self._scratch: dict[tuple[str, int, int], Any] = {}
+
+    def _buffers(self, shape: tuple[int, ...], dtype: Any = np.uint64) -> list[np.ndarray]:
+        """One scratch array per process slot, from the arena (so a forked process
+        writes into pages already there)."""
+        return [self.arena.empty(shape, dtype) for _ in range(self.processes)]
 
     def note(self, level: int, value: Any) -> None:
         pass
@@ -213,9 +173,9 @@ class RnsBatchBackend(Seal):
         if not isinstance(x, (Product, Pending)):
             return x
         first = x.a if isinstance(x, Product) else x.data
-        out = shared((len(x), 2, first.shape[2] - 1, first.shape[3]))
+        out = self.arena.empty((len(x), 2, first.shape[2] - 1, first.shape[3]))
 
-        def work(lo: int, hi: int) -> None:
+        def work(lo: int, hi: int, slot: int) -> None:
             for i in range(lo, hi):
                 ct = self._product(x, i) if isinstance(x, Product) else self._load(x.data[i], scale=self.scale**2)
                 ct.scale = self.scale**2
@@ -228,9 +188,9 @@ class RnsBatchBackend(Seal):
     def encrypt(self, x: np.ndarray) -> np.ndarray:
         """``x`` (samples, n) -> data (n, 2, primes, N): element i encrypts column i."""
         columns = np.asarray(x, "float64").T
-        out = shared((len(columns), 2, len(self.primes[0]), self.slots * 2))
+        out = self.arena.empty((len(columns), 2, len(self.primes[0]), self.slots * 2))
 
-        def work(lo: int, hi: int) -> None:
+        def work(lo: int, hi: int, slot: int) -> None:
             for i in range(lo, hi):
                 out[i] = ciphertext_data(Seal.encrypt(self, columns[i].tolist()))
 
@@ -287,10 +247,11 @@ class RnsBatchBackend(Seal):
         primes = self.primes[self._level(data)]
         mm = rns.ModularMatrix(m, self.scale, primes)
         zero = set(mm.zero_columns.tolist())
-        out = shared((m.shape[1], 2, len(self.primes[level]), data.shape[3]))
+        out = self.arena.empty((m.shape[1], 2, len(self.primes[level]), data.shape[3]))
+        bufs = self._buffers((COLUMN_CHUNK,) + data.shape[1:])
 
-        def work(lo: int, hi: int) -> None:
-            buf = np.empty((COLUMN_CHUNK,) + data.shape[1:], np.uint64)
+        def work(lo: int, hi: int, slot: int) -> None:
+            buf = bufs[slot]
             for c0 in range(lo, hi, COLUMN_CHUNK):
                 cols = np.arange(c0, min(hi, c0 + COLUMN_CHUNK))
                 mm.apply(data, buf[:len(cols)], cols)
@@ -308,9 +269,9 @@ class RnsBatchBackend(Seal):
 
     def _pending(self, p: Product) -> Pending:
         """``p`` computed: 3-part unrescaled data (for a reader that needs it whole)."""
-        out = shared((len(p), 3) + p.a.shape[2:])
+        out = self.arena.empty((len(p), 3) + p.a.shape[2:])
 
-        def work(lo: int, hi: int) -> None:
+        def work(lo: int, hi: int, slot: int) -> None:
             for i in range(lo, hi):
                 out[i] = ciphertext_data(self._product(p, i))
 
@@ -325,29 +286,32 @@ class RnsBatchBackend(Seal):
         primes = self.primes[self._level(p.a)]
         q = np.array(primes, np.uint64)[:, None]
         n_out, shape = m.shape[1], (3,) + p.a.shape[2:]
-        bounds = np.linspace(0, len(p), max(1, min(self.processes, len(p))) + 1).astype(int)
-        partial = shared((len(bounds) - 1, n_out) + shape)
+        slots = len(shares(len(p), self.processes)) - 1
+        partial = self.arena.empty((slots, n_out) + shape)
+        sums = [[self.arena.empty(s, "float64") for s in rns.RowSums.sums_shapes(m, primes, shape)]
+                for _ in range(slots)]
+        bufs = self._buffers((min(ROW_CHUNK, len(p)),) + shape)
 
-        def rows(lo: int, hi: int) -> None:
-            sums = rns.RowSums(m, self.scale, primes, (3, p.a.shape[3]))
-            buf = np.empty((min(ROW_CHUNK, hi - lo),) + shape, np.uint64)
+        def rows(lo: int, hi: int, slot: int) -> None:
+            acc = rns.RowSums(m, self.scale, primes, shape[::2], sums[slot])
+            buf = bufs[slot]
             for r0 in range(lo, hi, ROW_CHUNK):
                 r1 = min(hi, r0 + ROW_CHUNK)
                 for k in range(r0, r1):
                     buf[k - r0] = ciphertext_data(self._product(p, k))
-                sums.add(buf[:r1 - r0], r0)
-            sums.result(partial[int(np.searchsorted(bounds, lo))])
+                acc.add(buf[:r1 - r0], r0)
+            acc.result(partial[slot])
 
         with _single_threaded_blas(self.processes > 1):
-            parallel(len(p), rows, len(bounds) - 1)
+            parallel(len(p), rows, slots)
         total = partial[0]
         for other in partial[1:]:
             for j in range(n_out):
                 total[j] = rns.addmod(total[j], other[j], q)
         zero = set(np.flatnonzero(~(rns.encode(m, self.scale) != 0).any(axis=0)).tolist())
-        out = shared((n_out, 2, len(self.primes[level]), p.a.shape[3]))
+        out = self.arena.empty((n_out, 2, len(self.primes[level]), p.a.shape[3]))
 
-        def finish(lo: int, hi: int) -> None:
+        def finish(lo: int, hi: int, slot: int) -> None:
             for j in range(lo, hi):
                 if j in zero:
                     out[j] = self._zero(level)
@@ -367,10 +331,10 @@ class RnsBatchBackend(Seal):
         ints = rns.encode(np.broadcast_to(v, (len(x),)), self.scale)
         r = np.stack([rns.residues(ints, q) for q in primes], axis=1)  # (n, L)
         r_shoup = np.stack([rns.shoup(r[:, l], q) for l, q in enumerate(primes)], axis=1)
-        out = shared((len(x), 2, len(self.primes[level]), first.shape[3]))
+        out = self.arena.empty((len(x), 2, len(self.primes[level]), first.shape[3]))
         deferred = isinstance(x, (Product, Pending))
 
-        def work(lo: int, hi: int) -> None:
+        def work(lo: int, hi: int, slot: int) -> None:
             for i in range(lo, hi):
                 if ints[i] == 0:
                     out[i] = self._zero(level)
@@ -403,10 +367,10 @@ class RnsBatchBackend(Seal):
     def bilinear(self, a: Any, b: Any, pairs: np.ndarray, level: int) -> Pending:
         """Per output, its products summed (3-part, unrescaled: :class:`Pending`)."""
         a, b = self._aligned(self.settled(a), self.settled(b))
-        out = shared((len(pairs), 3) + a.shape[2:])
+        out = self.arena.empty((len(pairs), 3) + a.shape[2:])
         here = self._level(a)
 
-        def work(lo: int, hi: int) -> None:
+        def work(lo: int, hi: int, slot: int) -> None:
             acc, tmp = self._ct("acc", 3, here), self._ct("product", 3, here)
             for k in range(lo, hi):
                 (i, j), rest = pairs[k][0], pairs[k][1:]
@@ -423,7 +387,7 @@ class RnsBatchBackend(Seal):
         parts = [self.settled(p) for p in parts]
         if len(parts) == 1:
             return parts[0]
-        out = shared((sum(len(p) for p in parts),) + parts[0].shape[1:])
+        out = self.arena.empty((sum(len(p) for p in parts),) + parts[0].shape[1:])
         at = 0
         for p in parts:
             out[at:at + len(p)] = p
@@ -440,7 +404,7 @@ class RnsBatchBackend(Seal):
 
     def add(self, a: Any, b: Any) -> np.ndarray:
         a, b = self._aligned(self.settled(a), self.settled(b))
-        out, q = shared(a.shape), self._q(a)
+        out, q = self.arena.empty(a.shape), self._q(a)
         for i in range(len(a)):  # element by element: temporaries of one ciphertext
             out[i] = rns.addmod(a[i], b[i], q)
         return out
@@ -450,7 +414,7 @@ class RnsBatchBackend(Seal):
         q = self._q(x)
         ints = rns.encode(np.broadcast_to(v, (len(x),)), self.scale)
         r = np.stack([rns.residues(ints, int(p)) for p in q[:, 0]], axis=1)  # (n, L)
-        out = shared(x.shape)
+        out = self.arena.empty(x.shape)
         out[...] = x
         for i in range(len(x)):
             out[i, 0] = rns.addmod(x[i, 0], r[i][:, None], q)
@@ -463,7 +427,7 @@ class RnsBatchBackend(Seal):
         if isinstance(a, Product):  # -(a b) = (-a) b: still deferred
             return Product(self.neg(a.a), a.a if a.b is None else a.b, a.level)
         a = self.settled(a)
-        out, q = shared(a.shape), self._q(a)
+        out, q = self.arena.empty(a.shape), self._q(a)
         for i in range(len(a)):
             out[i] = rns.negmod(a[i], q)
         return out

@@ -218,6 +218,9 @@ def _polynomial(p: Poly, backend: Any, x: _Ct, index: int) -> _Ct:
             result = term if result is None else _Ct(backend.add(result.data, term.data),
                                                       max(result.level, level), 1.0)
     assert result is not None  # a Poly has degree >= 1
+    # power() refers to itself, so its closure is a reference cycle holding `powers`:
+    # emptied here, the stage's input and powers are freed now, not at the next GC.
+    powers.clear()
     c0 = c[0]
     s0 = scalar(c0)
     if s0 is None:

@@ -296,9 +296,10 @@ def _data_digits(x: np.ndarray, q: int, d: Digits) -> np.ndarray:
 
 
 def _loose(v: np.ndarray, q: int) -> np.ndarray:
-    """Integer-valued float64 ``v`` (|v| < 2^52) minus its nearest multiple of ``q``
-    (< 2^51), in place: in (-q, q) (the float quotient's error is below 2^-26 of a
-    unit, so the nearest multiple is missed only by one, next to a half)."""
+    """Integer-valued float64 ``v`` (|v| < 2^53 - q) minus its nearest multiple of
+    ``q`` (< 2^51), in place: in (-q, q) (the float quotient ``v / q`` is off by
+    less than 2^-24 of a unit, so the nearest multiple is missed only by one, next
+    to a half; ``q * round(v / q)`` and the difference are exact below 2^53)."""
     t = v * (1.0 / q)
     np.rint(t, out=t)
     t *= q
@@ -307,24 +308,27 @@ def _loose(v: np.ndarray, q: int) -> np.ndarray:
 
 
 def _combine(sums: np.ndarray, q: int, d: Digits) -> np.ndarray:
-    """``sum_c sums[c] 2^(c bw) mod q`` as uint64 in [0, q), for exact integer sums."""
+    """``sum_c sums[c] 2^(c bw) mod q`` as uint64 in [0, q), for exact integer sums
+    (|sums| < 2^52). Below 2^51, Horner's rule in floats: each step multiplies a
+    residue by at most 2^(51 - b), so with a sum below 2^52 added the value stays
+    below 2^53 - q, where :func:`_loose` is exact."""
     b = q.bit_length()
-    if b + d.bw <= 51:  # Horner in floats: |acc 2^bw + r| < 2^52
+    if b <= 50:
+        shift = 51 - b
         acc = _loose(sums[-1], q)
         for c in range(d.nw - 2, -1, -1):
-            acc *= 2.0**d.bw
-            acc += _loose(sums[c], q)
-            _loose(acc, q)
+            for k in range(0, d.bw, shift):
+                acc *= 2.0 ** min(shift, d.bw - k)
+                if k + shift >= d.bw:
+                    acc += sums[c]
+                _loose(acc, q)
         acc += (acc < 0) * float(q)
         return acc.astype(np.int64).view(np.uint64)
     acc = sums[-1].astype(np.int64) % np.int64(q)
     t = pow(2, d.bw, q)
     for c in range(d.nw - 2, -1, -1):
         r = sums[c].astype(np.int64) % np.int64(q)
-        if b + d.bw <= 62:
-            acc = ((acc << np.int64(d.bw)) + r) % np.int64(q)
-        else:
-            acc = addmod(mulmod(acc.astype(np.uint64), t, shoup(t, q), q), r.astype(np.uint64), q).astype(np.int64)
+        acc = addmod(mulmod(acc.astype(np.uint64), t, shoup(t, q), q), r.astype(np.uint64), q).astype(np.int64)
     return acc.astype(np.uint64)
 
 
@@ -336,7 +340,10 @@ class RowSums:
     Dense in the columns: for a layer whose every output reads most inputs.
     Holds ``primes x nw x n_out x parts x N`` float64."""
 
-    def __init__(self, m: np.ndarray, scale: float, primes: list[int], shape: tuple[int, int]) -> None:
+    def __init__(self, m: np.ndarray, scale: float, primes: list[int], shape: tuple[int, int],
+                 sums: list[np.ndarray] | None = None) -> None:
+        """``shape`` is (parts, N); ``sums``, arrays of :meth:`sums_shapes` to keep the
+        sums in (zeroed here), else new ones."""
         ints = encode(m, scale)
         self.primes, self.shape = list(primes), shape  # shape: (parts, N)
         self.plans = [plan(q, ints.shape[0]) for q in self.primes]
@@ -346,8 +353,15 @@ class RowSums:
             per_shift = [digits(centered(mulmod(r, pow(2, a * d.bx, q), shoup(pow(2, a * d.bx, q), q), q), q),
                                 d.bw, d.nw) for a in range(d.nx)]  # each (nw, rows, n_out)
             self._weights.append(np.ascontiguousarray(np.stack(per_shift, axis=1).transpose(0, 3, 1, 2)))
-        parts, n = shape
-        self.sums = [np.zeros((d.nw, ints.shape[1], parts * n)) for d in self.plans]
+        self.sums = sums if sums is not None else [np.empty(s) for s in self.sums_shapes(m, primes, shape)]
+        for s in self.sums:
+            s[...] = 0.0
+
+    @staticmethod
+    def sums_shapes(m: np.ndarray, primes: list[int], shape: tuple[int, ...]) -> list[tuple[int, int, int]]:
+        """The float64 arrays the sums take, per prime: (nw, n_out, parts x N)."""
+        parts, n = shape[0], shape[-1]
+        return [(plan(q, m.shape[0]).nw, m.shape[1], parts * n) for q in primes]
 
     def add(self, x: np.ndarray, start: int) -> None:
         """Add rows ``start .. start + len(x)`` of the product: ``x`` (rows, parts, L, N)."""
