@@ -159,6 +159,12 @@ def test_cli_batch_mode_reports_mode_and_throughput(tmp_path):
     assert r["throughput_per_second"] > 0 and r["top1_agreement"] == 1.0
     assert r["batch_latency_seconds"]["evaluate"]["mean"] > 0 and r["peak_rss_bytes"]["main"] > 0
     assert r["ciphertext_bytes"]["input"] > 0 and r["plaintext_accuracy"] is not None
+    # The time per stage: encryption, each program stage in order, the output's settling, decryption.
+    times = r["stage_seconds"]
+    assert list(times)[0] == "encrypt" and list(times)[-1] == "decrypt"
+    assert [k.split(": ", 1)[1] for k in list(times)[1:1 + len(r["stages"])]] == r["stages"]
+    assert all(v >= 0 for v in times.values()) and times["encrypt"] > 0
+    assert r["peak_rss_bytes"]["caller"] > 0 and r["peak_rss_bytes"]["shared"] > 0
 
 
 def test_cli_default_mode_and_table(tmp_path):
@@ -167,6 +173,7 @@ def test_cli_default_mode_and_table(tmp_path):
     assert result.exit_code == 0, (result.stdout, result.stderr)
     assert re.search(r"batch\s+mode", result.stdout) and "throughput" in result.stdout
     assert "packing: batch" in result.stdout
+    assert re.search(r"stage 1: affine .* \([0-9.e-]+ s\)", result.stdout)  # each stage's time
 
 
 def test_cli_refuses_an_unknown_mode(tmp_path):

@@ -134,7 +134,7 @@ def test_he_run_refuses_when_the_ciphertexts_would_not_fit_in_memory(monkeypatch
     pytest.importorskip("tenseal")
     converted = polynomial_vit()
     monkeypatch.setattr(encrypted, "_available_memory", lambda: 10**8)  # 0.1 GB
-    with pytest.raises(ParameterError, match=r"GB of ciphertexts at its peak.*more than the 0\.1 GB") as info:
+    with pytest.raises(ParameterError, match=r"GB at its peak.*one batch of ciphertexts at a time.*more than the 0\.1 GB") as info:
         encrypted.run(converted, images(16), workers=1)
     assert "\n" not in str(info.value)
 

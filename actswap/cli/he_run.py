@@ -84,6 +84,7 @@ def he_run(
             typer.echo(json.dumps(r))
             return _failed(r)
         lat, size, per = r["latency_seconds"], r["ciphertext_bytes"], "batch" if r["mode"] == "batch" else "sample"
+        times = r.get("stage_seconds") or {}
         table = Table(title=f"he-run {model} ({r['samples']} samples, {r['mode']} mode)")
         table.add_column("figure")
         table.add_column("value")
@@ -102,14 +103,22 @@ def he_run(
         if "public_context" in size:
             keys = "public, relinearisation" + (" and Galois" if r["mode"] == "latency" else "")
             table.add_row(f"public context ({keys} keys)", f"{size['public_context']:,} bytes")
-        rss = r["peak_rss_bytes"]
-        table.add_row("peak memory (RSS)", " / ".join(f"{k} {v / 1e6:,.0f} MB" for k, v in rss.items()))
+        rss = dict(r["peak_rss_bytes"])
+        shared = rss.pop("shared", None)
+        names = {"main": "encrypted run", "worker": "largest helper", "caller": "this process"}
+        table.add_row("peak memory (RSS)", " / ".join(f"{names.get(k, k)} {v / 1e6:,.0f} MB" for k, v in rss.items()))
+        if shared is not None:
+            table.add_row("shared memory (ciphertext data, mapped by all of them)", f"{shared / 1e6:,.0f} MB")
+        if times:
+            table.add_row("time, all batches: encrypt / decrypt",
+                          f"{times.get('encrypt', 0):.3g} s / {times.get('decrypt', 0):.3g} s")
         table.add_row("setup: keys" + (" and planning the products" if r["mode"] == "latency" else ""),
                       f"{r['setup_seconds']:.2g} s")
         console.print(table)
         console.print(f"packing: {r['packing']}")
         for i, stage in enumerate(r["stages"]):
-            console.print(f"stage {i + 1}: {stage}")
+            took = times.get(f"{i + 1}: {stage}")
+            console.print(f"stage {i + 1}: {stage}" + (f" ({took:.3g} s)" if took is not None else ""))
         for note in r["notes"]:
             console.print(f"note: {note}")
         return _failed(r)

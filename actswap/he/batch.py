@@ -49,50 +49,74 @@ def packing(batch_size: int, inputs: int) -> str:
             "per output; no rotations (no Galois keys)")
 
 
-def peak_bytes(program: Program, params: Any) -> int:
-    """The bytes of ciphertext data the main process of :mod:`.batch_rns` holds at its
-    peak, counted from the program: each value (the input too) held until its last
-    reader, as (elements x parts x primes of its level x N x 8) bytes, with 3 parts
-    for products until relinearised; a stage adds its output and its temporaries
-    (an affine stage: each process's unrescaled column chunk and the copy joining
-    several inputs; a product: its input relinearised, and a polynomial's powers)."""
-    from .batch_rns import COLUMN_CHUNK
+def peak_bytes(program: Program, params: Any, processes: int | None = None) -> int:
+    """The shared memory :mod:`.batch_rns` holds at its peak for one batch (what its
+    arena grows to), counted from the program. Each value is held until its last
+    reader as (elements x parts x primes of its level x N x 8) bytes: 2 parts once
+    settled; a lone ciphertext x ciphertext product (x²) holds nothing of its own
+    (it is computed by its reader), sums of products (attention) 3 parts one
+    level up. A stage adds its output and its scratch: an affine stage each
+    process's unrescaled column chunk (or, reading deferred products of a dense
+    layer, each process's chunk of products, its float64 sums and its partial
+    result), the copy joining several inputs; a polynomial its powers."""
+    from .batch_rns import COLUMN_CHUNK, DENSE, ROW_CHUNK
+    from .rns import plan
 
     levels: dict[int, int] = {}
     _evaluate(program, _PlainBackend(), np.zeros((1, program.input_size)), levels)
     n_primes = len(params.coeff_mod_bit_sizes) - 1  # the special prime is in the keys only
     ring = params.poly_modulus_degree * 8
-    processes = max(1, os.cpu_count() or 1)
+    processes = max(1, processes or os.cpu_count() or 1)
 
     def count(value: int) -> int:
         return program.input_size if value == 0 else program.stages[value - 1].size
 
-    parts = {0: 2}
-    for i, s in enumerate(program.stages):
-        ins = inputs_of(s, i)
-        if isinstance(s, Bilinear) or (isinstance(s, Poly) and s.degree >= 2):
-            parts[i + 1] = 3
-        else:
-            parts[i + 1] = max(parts[v] for v in ins)
+    def primes(level: int) -> int:
+        return n_primes - level
 
-    def size(value: int, level: int | None = None) -> int:
-        level = levels[value] if level is None else level
-        return count(value) * parts[value] * (n_primes - level) * ring
+    def lone_product(s: Any) -> bool:  # a Poly the backend leaves deferred: ±x^2
+        if not isinstance(s, Poly):
+            return False
+        c = s.coefficients
+        return c.ndim == 1 and c.shape[0] == 3 and c[0] == 0 and c[1] == 0 and abs(c[2]) == 1
+
+    held: dict[int, int] = {0: count(0) * 2 * primes(0) * ring}  # bytes each value holds
+    for i, s in enumerate(program.stages):
+        level = levels[i + 1]
+        if isinstance(s, Bilinear):
+            held[i + 1] = s.size * 3 * primes(level - 1) * ring
+        elif lone_product(s):
+            held[i + 1] = 0
+        else:
+            held[i + 1] = s.size * 2 * primes(level) * ring
 
     last, live, peak = last_uses(program.stages), {0}, 0
+    for k, s in enumerate(program.stages):  # a deferred product keeps its input until it is read
+        if lone_product(s):
+            (v,) = inputs_of(s, k)
+            last[v] = max(last[v], last.get(k + 1, k))
     for i, s in enumerate(program.stages):
         ins = inputs_of(s, i)
-        now = sum(size(v) for v in live) + size(i + 1)
+        now = sum(held[v] for v in live) + held[i + 1]
         top = max(levels[v] for v in ins)
         if isinstance(s, Affine):
-            width = max(parts[v] for v in ins)
-            now += processes * min(COLUMN_CHUNK, s.size) * width * (n_primes - top) * ring
+            deferred = [v for v in ins if v and lone_product(program.stages[v - 1])]
+            if deferred:
+                L = primes(top - 1)  # the products' own level, one above where they are counted
+                n_in = s.matrix.shape[0]
+                dense = np.count_nonzero(s.matrix) >= DENSE * s.matrix.size
+                if dense and processes * s.size <= n_in and len(ins) == 1:
+                    nw = plan(2 ** params.scale_bits - 1, n_in).nw  # float64 sums: nw per output
+                    now += processes * (min(ROW_CHUNK, n_in) * 3 * L * ring + (nw + 1) * s.size * 3 * L * ring)
+                else:
+                    now += n_in * 3 * L * ring  # computed whole before the products
+            else:
+                width = 3 if any(isinstance(program.stages[v - 1], Bilinear) for v in ins if v) else 2
+                now += processes * min(COLUMN_CHUNK, s.size) * width * primes(top) * ring
             if len(ins) > 1:
-                now += sum(count(v) * width * (n_primes - top) * ring for v in ins)
-        else:
-            now += sum(count(v) * 2 * (n_primes - top) * ring for v in set(ins) if parts[v] == 3)
-            if isinstance(s, Poly):
-                now += max(0, s.degree - 1) * size(i + 1)  # powers beside the output
+                now += sum(count(v) * 2 * primes(top) * ring for v in ins)
+        elif isinstance(s, Poly) and not lone_product(s):
+            now += max(1, s.degree - 1) * s.size * 3 * primes(top) * ring  # powers and terms
         peak = max(peak, now)
         live = {v for v in live | {i + 1} if last.get(v, -1) > i}
     return peak
@@ -106,7 +130,10 @@ class BatchResult:
     workers: int
     wall_seconds: float
     sizes: dict[str, int] = field(default_factory=dict)  # per batch: input, output; one ciphertext: each
-    peak_rss: dict[str, int] = field(default_factory=dict)  # bytes: this process, largest forked process (if any)
+    # Bytes: "main" this process's peak RSS, "worker" the largest forked helper's, "shared"
+    # the shared memory their arrays live in (the arena; pages of it count in the RSS
+    # of whichever process maps them).
+    peak_rss: dict[str, int] = field(default_factory=dict)
     stage_seconds: list[float] = field(default_factory=list)  # per program stage, summed over the batches
     finish_seconds: float = 0.0  # settling the output (relinearised, as sent back), summed
     backend: str = "rns"  # which backend ran: "rns" (batch_rns) or "seal" (batch_seal, the fallback)
@@ -167,6 +194,8 @@ def run_batches(
     rss = {"main": own_peak_rss()}
     if children_peak_rss():
         rss["worker"] = children_peak_rss()
+    if fast:
+        rss["shared"] = backend.arena.nbytes  # not RSS of one process: the arena all of them map
     return BatchResult(
         logits=np.concatenate(logits), times=times, batch_sizes=[len(b) for b in batches], workers=workers,
         wall_seconds=wall, sizes=sizes, peak_rss=rss, stage_seconds=stage_seconds, finish_seconds=finish,

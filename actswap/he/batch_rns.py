@@ -55,7 +55,7 @@ COLUMN_CHUNK = 64
 
 # Deferred products made at once per process before their rows are added into an
 # affine stage's sums (128 x 3 x 5 x 8192 x 8 B = 126 MB at the fixture's level).
-ROW_CHUNK = 256
+ROW_CHUNK = 128
 
 # Deferred products go into an affine stage's sums chunk by chunk (never stored
 # whole) when at least this share of its weights is non-zero (dense layers).

@@ -26,46 +26,57 @@ from typing import Any
 import numpy as np
 
 
+# Arrays start on page boundaries: processes writing neighbouring arrays never share a page.
+PAGE = 4096
+
+
 class Arena:
-    """Arrays in anonymous shared memory, reused: a mapping goes back to the arena
-    when the last array or view on it is gone (its reference count falls back to
-    the arena's own), and the next request it can hold takes it (the smallest
-    free one that fits). Invariant: a mapping some array still uses is never
-    handed out again."""
+    """Arrays in anonymous shared memory, reused. Arrays are cut one after another
+    from mappings; a mapping is free again when the last array or view on it is
+    gone (its reference count falls back to the arena's own), and then its pages
+    leave this process's page tables (``MADV_DONTNEED``: on a shared mapping the
+    data stays in memory, to be mapped again cheaply). A request goes to the
+    mapping with the least room that holds it, else to a new one. Invariant: no
+    byte some live array uses is ever handed out again."""
 
     def __init__(self) -> None:
         self._maps: list[mmap.mmap] = [mmap.mmap(-1, 8)]  # held by the list alone, as a free one is
         self._free_refs = _refs_in_loop(self._maps)  # what a free mapping's count reads as
         self._maps.clear()
+        self._used: list[int] = []
 
     def empty(self, shape: tuple[int, ...], dtype: Any = np.uint64) -> np.ndarray:
         """An array of ``shape`` (contents undefined) in shared memory."""
         dtype = np.dtype(dtype)
         count = int(np.prod(shape))
-        size = max(8, count * dtype.itemsize)
+        size = -(-max(8, count * dtype.itemsize) // PAGE) * PAGE
         best = None
-        for m in self._maps:
-            if len(m) >= size and sys.getrefcount(m) <= self._free_refs and (best is None or len(m) < len(best)):
-                best = m
+        for i, m in enumerate(self._maps):
+            if self._used[i] and sys.getrefcount(m) <= self._free_refs:
+                m.madvise(mmap.MADV_DONTNEED)
+                self._used[i] = 0
+            room = len(m) - self._used[i]
+            if room >= size and (best is None or room < len(self._maps[best]) - self._used[best]):
+                best = i
         if best is None:
-            best = mmap.mmap(-1, size)
-            self._maps.append(best)
-        return np.frombuffer(best, dtype, count=count).reshape(shape)
-
-    def zeros(self, shape: tuple[int, ...], dtype: Any = np.uint64) -> np.ndarray:
-        out = self.empty(shape, dtype)
-        out[...] = 0
-        return out
+            self._maps.append(mmap.mmap(-1, size))
+            self._used.append(0)
+            best = len(self._maps) - 1
+        offset = self._used[best]
+        self._used[best] += size
+        return np.frombuffer(self._maps[best], dtype, count=count, offset=offset).reshape(shape)
 
     @property
     def nbytes(self) -> int:
+        """The shared memory the arena holds (its mappings' sizes)."""
         return sum(len(m) for m in self._maps)
 
 
 def _refs_in_loop(maps: list[mmap.mmap]) -> int:
     """The reference count a mapping held only by ``maps`` shows inside
-    :meth:`Arena.empty`'s loop (the list, the loop variable, the call's argument)."""
-    for m in maps:
+    :meth:`Arena.empty`'s loop (the same loop: the list, enumerate's tuple, the
+    loop variable, the call's argument)."""
+    for _, m in enumerate(maps):
         return sys.getrefcount(m)
     raise AssertionError("no mapping")
 
