@@ -8,7 +8,7 @@ Every step is a whole `actswap` process, as a user runs it:
   2. he_vit: `actswap recover --to approx --from all --lr-schedule cosine` on the 60,000
      training images; vit: `actswap convert --from all --to approx --calibrate` (its
      encrypted run is refused for memory, which the structure decides, not the weights);
-  3. `actswap he-run POLY --data test.npz --workers 1 --json` on the first --samples MNIST
+  3. `actswap he-run POLY --data test.npz --json` on the first --samples MNIST
      test images: top-1 agreement with plaintext, logit error, parameters, time and peak
      memory, beside what `actswap.he.batch.peak_bytes` predicted; or the refusal line.
 
@@ -97,7 +97,7 @@ def run(name: str, work: Path, args) -> dict:
     except Exception as e:  # noqa: BLE001 - recorded: the he-run below says the same in its line
         gb, depth = float("nan"), -1
         print(f"estimate: {e}")
-    r = sh("actswap", "he-run", str(poly), "--data", str(work / "he.npz"), "--workers", "1", "--json")
+    r = sh("actswap", "he-run", str(poly), "--data", str(work / "he.npz"), "--json")
     row = {"model": name, "recovery": recovered, "prep_seconds": round(time.perf_counter() - t0, 1),
            "predicted_peak_gb": round(gb, 2), "compiled_depth": depth, "exit_code": r.returncode}
     if r.returncode == 0:
@@ -120,7 +120,7 @@ def write_doc(rows: list[dict], args) -> None:
         "## Transformers under CKKS (`benchmarks/he_transformer.py`)",
         "",
         f"`python benchmarks/he_transformer.py --samples {args.samples}`: each step a whole `actswap` process; "
-        f"`actswap he-run POLY --data test.npz --workers 1 --json` on the first {args.samples} MNIST test "
+        f"`actswap he-run POLY --data test.npz --json` on the first {args.samples} MNIST test "
         "images (batch mode: one batch, the images in the slots).",
         "",
         "| model | polynomial model | depth, N | top-1 agreement | max logit error | accuracy plain / encrypted "
@@ -135,16 +135,19 @@ def write_doc(rows: list[dict], args) -> None:
                 f"| {r['top1_agreement']:.4f} | {r['max_abs_logit_error']:.2e} "
                 f"| {r['plaintext_accuracy']:.4f} / {r['encrypted_accuracy']:.4f} "
                 f"| {r['wall_seconds']:.0f} s ({lat['encrypt']['mean']:.0f} / {lat['evaluate']['mean']:.0f} s) "
-                f"| {r['peak_rss_bytes']['main'] / 1e9:.1f} GB | {r['predicted_peak_gb']:.1f} GB |")
+                f"| {r['peak_rss_bytes']['main'] / 1e9:.1f} GB"
+                + (f" (shared {r['peak_rss_bytes']['shared'] / 1e9:.1f} GB)" if "shared" in r["peak_rss_bytes"] else "")
+                + f" | {r['predicted_peak_gb']:.1f} GB |")
         else:
             lines.append(f"| {r['model']} | {r['recovery']} | {r['compiled_depth']} | refused (exit "
                          f"{r['exit_code']}) | | | | | {r['predicted_peak_gb']:.1f} GB |")
     lines += [
         "",
-        "predicted: `actswap.he.batch.peak_bytes`, the ciphertexts' peak per allocation size, summed (SEAL's "
-        "memory pool keeps each size it has served at its peak); `he-run` refuses, before making keys, when "
-        "1.15x it exceeds the memory available. Peak RSS is the whole process's (TensorFlow, the model, the "
-        "keys included).",
+        "predicted: `actswap.he.batch.peak_bytes`, the peak of the ciphertext data (each value held until its "
+        "last reader, each stage's scratch beside it); `he-run` refuses, before making keys, when 1.15x it plus "
+        "0.5 GB exceeds the memory available. Peak RSS is the encrypted run's process (issue 25: a process of "
+        "its own, without TensorFlow); shared: the shared memory holding the ciphertext data, which that "
+        "process and its forked helpers map.",
         "",
     ]
     for r in rows:

@@ -7,9 +7,11 @@ Keras layers; activations come from :mod:`actswap.catalog`), :mod:`.program`
 (compile a model into affine stages and polynomials), :mod:`.params` (CKKS
 parameters and context), :mod:`.evaluate` (the level/factor bookkeeping all
 backends share, and the plaintext backend), :mod:`.seal` (SEAL on a TenSEAL
-context's keys, what the two encrypted backends share), :mod:`.latency` with
-:mod:`.diagonals` (latency mode: one sample per ciphertext), :mod:`.batch`
-(batch mode: one sample per slot), :mod:`.tenseal_mm` (TenSEAL's
+context's keys, what the encrypted backends share, and a ciphertext's data as
+an array), :mod:`.latency` with :mod:`.diagonals` (latency mode: one sample
+per ciphertext), :mod:`.batch` (batch mode: one sample per slot; its backends
+:mod:`.batch_rns` with :mod:`.rns` and :mod:`.forks`, and :mod:`.batch_seal`,
+run by :mod:`.worker`), :mod:`.tenseal_mm` (TenSEAL's
 ``CKKSVector.mm``, the packing before them, kept as a test reference),
 :mod:`.encrypted` (``run``, its report), :mod:`.limits` (security limits,
 the refusals).
@@ -42,8 +44,12 @@ Three steps, each with one job:
    * *batch* (:mod:`.batch`, CryptoNets' packing): one ciphertext per vector
      element, sample j in slot j of each, up to N/2 samples per batch; a
      matrix is ciphertext x scalar products over its non-zero weights, summed
-     and rescaled once per output; no rotations, so no Galois keys. For many
-     samples: ~10 ms per MNIST image amortised on the CryptoNets fixture.
+     and rescaled once per output; no rotations, so no Galois keys. The
+     products run as exact integer matrix products on the ciphertexts' RNS
+     data (:mod:`.rns`, :mod:`.batch_rns`), in a process without TensorFlow
+     (:mod:`.worker`) whose operations are shared among forked processes
+     (:mod:`.forks`); ~2 ms per MNIST image amortised on the CryptoNets
+     fixture.
    * *latency* (:mod:`.latency`): one sample per ciphertext; a matrix is its
      non-zero generalized diagonals (one plain product each), rotated with
      baby-step giant-step (:mod:`.diagonals`): ~85 key switches per MNIST

@@ -90,6 +90,11 @@ def peak_bytes(program: Program, params: Any, processes: int | None = None) -> i
         else:
             held[i + 1] = s.size * 2 * primes(level) * ring
 
+    def settled_copy(v: int) -> int:  # what settling a deferred value makes (a product or sums of them)
+        if v and (lone_product(program.stages[v - 1]) or isinstance(program.stages[v - 1], Bilinear)):
+            return count(v) * 2 * primes(levels[v]) * ring
+        return 0
+
     last, live, peak = last_uses(program.stages), {0}, 0
     for k, s in enumerate(program.stages):  # a deferred product keeps its input until it is read
         if lone_product(s):
@@ -101,22 +106,25 @@ def peak_bytes(program: Program, params: Any, processes: int | None = None) -> i
         top = max(levels[v] for v in ins)
         if isinstance(s, Affine):
             deferred = [v for v in ins if v and lone_product(program.stages[v - 1])]
-            if deferred:
+            if deferred and len(ins) == 1:
                 L = primes(top - 1)  # the products' own level, one above where they are counted
                 n_in = s.matrix.shape[0]
                 dense = np.count_nonzero(s.matrix) >= DENSE * s.matrix.size
-                if dense and processes * s.size <= n_in and len(ins) == 1:
+                if dense and processes * s.size <= n_in:
                     nw = plan(2 ** params.scale_bits - 1, n_in).nw  # float64 sums: nw per output
                     now += processes * (min(ROW_CHUNK, n_in) * 3 * L * ring + (nw + 1) * s.size * 3 * L * ring)
                 else:
                     now += n_in * 3 * L * ring  # computed whole before the products
             else:
-                width = 3 if any(isinstance(program.stages[v - 1], Bilinear) for v in ins if v) else 2
+                width = 3 if len(ins) == 1 and settled_copy(ins[0]) else 2
                 now += processes * min(COLUMN_CHUNK, s.size) * width * primes(top) * ring
-            if len(ins) > 1:
-                now += sum(count(v) * 2 * primes(top) * ring for v in ins)
+            if len(ins) > 1:  # each deferred input settled, then all of them joined in one copy
+                now += sum(settled_copy(v) + count(v) * 2 * primes(top) * ring for v in ins)
         elif isinstance(s, Poly) and not lone_product(s):
-            now += max(1, s.degree - 1) * s.size * 3 * primes(top) * ring  # powers and terms
+            # the input settled (if deferred); then at most the running sum, a term and their sum
+            now += settled_copy(ins[0]) + 3 * s.size * 2 * primes(top) * ring
+        elif isinstance(s, Bilinear):
+            now += sum(settled_copy(v) for v in set(ins))
         peak = max(peak, now)
         live = {v for v in live | {i + 1} if last.get(v, -1) > i}
     return peak
