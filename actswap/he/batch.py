@@ -28,7 +28,6 @@ compensation hold for both:
 from __future__ import annotations
 
 import os
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,7 +58,8 @@ def peak_bytes(program: Program, params: Any, processes: int | None = None) -> i
     process's unrescaled column chunk (or, reading deferred products of a dense
     layer, each process's chunk of products, its float64 sums and its partial
     result), the copy joining several inputs; a polynomial its powers."""
-    from .batch_rns import COLUMN_CHUNK, DENSE, ROW_CHUNK
+    from .batch_rns import COLUMN_CHUNK
+    from .deferred import DENSE, ROW_CHUNK
     from .rns import plan
 
     levels: dict[int, int] = {}

@@ -16,16 +16,7 @@ Who computes what:
   a reused SEAL ciphertext, operated on, and copied out
   (:func:`~.seal.ciphertext_data`).
 
-Products are deferred to their reader (:class:`Product`, :class:`Pending`):
-an affine stage or a plain scalar product that reads ciphertext x ciphertext
-products folds them, unrescaled and unrelinearised (3-part ciphertexts are
-linear in their parts), into its own sums, then relinearises and rescales each
-*output* twice. The fixture's 980 squares so cost 980 products and 100 key
-switches, not 980 of each plus 980 rescales, and a product is never rescaled
-as a 3-part ciphertext (whose rounding error meets s², 50x the usual noise).
-Any other reader settles them first: relinearised, then rescaled. Rescaling
-twice at scale 2^3s fits the modulus wherever the once-rescaled value does:
-the two primes it drops are the two the value would have used anyway.
+Products are deferred to their reader (:mod:`.deferred`).
 
 Invariants (those of :mod:`.batch_seal`, which the shared evaluator's level and
 factor bookkeeping rely on): a value at level l has been rescaled l times and
@@ -39,13 +30,13 @@ result into shared memory; BLAS runs single-threaded inside them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from . import rns
-from .forks import Arena, parallel, shares
+from .deferred import DENSE, DeferredProducts, Pending, Product
+from .forks import Arena, parallel, single_threaded_blas
 from .seal import Seal, ciphertext_data
 
 
@@ -53,45 +44,7 @@ from .seal import Seal, ciphertext_data
 # rescale): bounds the unrescaled temporaries (64 x 2 x 6 x 8192 x 8 B = 50 MB).
 COLUMN_CHUNK = 64
 
-# Deferred products made at once per process before their rows are added into an
-# affine stage's sums (128 x 3 x 5 x 8192 x 8 B = 126 MB at the fixture's level).
-ROW_CHUNK = 128
-
-# Deferred products go into an affine stage's sums chunk by chunk (never stored
-# whole) when at least this share of its weights is non-zero (dense layers).
-DENSE = 0.5
-
-
-@dataclass
-class Product:
-    """Element-wise ciphertext x ciphertext products not computed yet: element i is
-    ``a[i] * b[i]`` (``b`` None: ``a[i]²``), ``a`` and ``b`` 2-part data of one level;
-    the evaluator counts the product at ``level`` (one rescale below them)."""
-
-    a: np.ndarray
-    b: np.ndarray | None
-    level: int
-
-    def __len__(self) -> int:
-        return len(self.a)
-
-
-@dataclass
-class Pending:
-    """Sums of products computed but neither relinearised nor rescaled: 3-part data
-    one level above ``level`` (where the evaluator counts them), scale 2^2s."""
-
-    data: np.ndarray
-    level: int
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-
-Deferred = Product | Pending
-
-
-class RnsBatchBackend(Seal):
+class RnsBatchBackend(DeferredProducts, Seal):
     """The evaluator's backend on ciphertext data arrays (see the module docstring)."""
 
     poly_chunk = None  # polynomials stream element by element already
@@ -143,16 +96,6 @@ class RnsBatchBackend(Seal):
         ct = self._fresh(2, level)
         return ciphertext_data(ct).copy()
 
-    def _product(self, p: Product, i: int) -> Any:
-        """Element i of ``p`` as an unrelinearised SEAL product (scale 2^2s)."""
-        here = self._level(p.a)
-        prod = self._ct("product", 3, here)
-        if p.b is None:
-            self.evaluator.square(self._load(p.a[i]), prod)
-        else:
-            self.evaluator.multiply(self._load(p.a[i]), self._load(p.b[i], "b"), prod)
-        return prod
-
     def _finish(self, ct: Any, level: int, out: np.ndarray) -> None:
         """``ct`` (a 3-part sum of products: relinearised first) rescaled into
         ``level`` (checked), its data written to ``out``."""
@@ -167,22 +110,6 @@ class RnsBatchBackend(Seal):
         if self.level(ct) != level:
             raise AssertionError(f"ciphertext at level {self.level(ct)}, the evaluator counts {level}")
         out[...] = ciphertext_data(ct)
-
-    def settled(self, x: Any) -> np.ndarray:
-        """``x`` as 2-part data at its level: deferred products relinearised and rescaled."""
-        if not isinstance(x, (Product, Pending)):
-            return x
-        first = x.a if isinstance(x, Product) else x.data
-        out = self.arena.empty((len(x), 2, first.shape[2] - 1, first.shape[3]))
-
-        def work(lo: int, hi: int, slot: int) -> None:
-            for i in range(lo, hi):
-                ct = self._product(x, i) if isinstance(x, Product) else self._load(x.data[i], scale=self.scale**2)
-                ct.scale = self.scale**2
-                self._finish(ct, x.level, out[i])
-
-        parallel(len(x), work, self.processes)
-        return out
 
     # --- client side -----------------------------------------------------------
     def encrypt(self, x: np.ndarray) -> np.ndarray:
@@ -268,64 +195,8 @@ class RnsBatchBackend(Seal):
                     if add_bias is not None:
                         add_bias(j, out[j])
 
-        with _single_threaded_blas(self.processes > 1):
+        with single_threaded_blas(self.processes > 1):
             parallel(m.shape[1], work, self.processes)
-        return out
-
-    def _pending(self, p: Product) -> Pending:
-        """``p`` computed: 3-part unrescaled data (for a reader that needs it whole)."""
-        out = self.arena.empty((len(p), 3) + p.a.shape[2:])
-
-        def work(lo: int, hi: int, slot: int) -> None:
-            for i in range(lo, hi):
-                out[i] = ciphertext_data(self._product(p, i))
-
-        parallel(len(p), work, self.processes)
-        return Pending(out, p.level)
-
-    def _matmul_rows(self, p: Product, m: np.ndarray, level: int, add_bias: Any) -> np.ndarray:
-        """An affine stage over deferred products, the products never stored: each
-        process computes its share of the rows' products, a chunk at a time, and adds
-        their part of every output into its own partial sums; the partial sums are
-        added, relinearised and rescaled twice."""
-        primes = self.primes[self._level(p.a)]
-        q = np.array(primes, np.uint64)[:, None]
-        n_out, shape = m.shape[1], (3,) + p.a.shape[2:]
-        slots = len(shares(len(p), self.processes)) - 1
-        partial = self.arena.empty((slots, n_out) + shape)
-        sums = [[self.arena.empty(s, "float64") for s in rns.RowSums.sums_shapes(m, primes, shape)]
-                for _ in range(slots)]
-        bufs = self._buffers((min(ROW_CHUNK, len(p)),) + shape)
-
-        def rows(lo: int, hi: int, slot: int) -> None:
-            acc = rns.RowSums(m, self.scale, primes, shape[::2], sums[slot])
-            buf = bufs[slot]
-            for r0 in range(lo, hi, ROW_CHUNK):
-                r1 = min(hi, r0 + ROW_CHUNK)
-                for k in range(r0, r1):
-                    buf[k - r0] = ciphertext_data(self._product(p, k))
-                acc.add(buf[:r1 - r0], r0)
-            acc.result(partial[slot])
-
-        with _single_threaded_blas(self.processes > 1):
-            parallel(len(p), rows, slots)
-        total = partial[0]
-        for other in partial[1:]:
-            for j in range(n_out):
-                total[j] = rns.addmod(total[j], other[j], q)
-        zero = set(np.flatnonzero(~(rns.encode(m, self.scale) != 0).any(axis=0)).tolist())
-        out = self.arena.empty((n_out, 2, len(self.primes[level]), p.a.shape[3]))
-
-        def finish(lo: int, hi: int, slot: int) -> None:
-            for j in range(lo, hi):
-                if j in zero:
-                    out[j] = self._zero(level)
-                else:
-                    self._finish(self._load(total[j], scale=self.scale**3), level, out[j])
-                if add_bias is not None:
-                    add_bias(j, out[j])
-
-        parallel(n_out, finish, self.processes)
         return out
 
     def mul_vector(self, x: Any, v: np.ndarray, key: Any, level: int) -> np.ndarray:
@@ -436,24 +307,3 @@ class RnsBatchBackend(Seal):
         for i in range(len(a)):
             out[i] = rns.negmod(a[i], q)
         return out
-
-
-class _single_threaded_blas:
-    """BLAS on one thread while forked processes share a product (each is one core's
-    work; more threads than cores would only contend). A no-op without
-    threadpoolctl."""
-
-    def __init__(self, active: bool) -> None:
-        self.active, self.limits = active, None
-
-    def __enter__(self) -> None:
-        if self.active:
-            try:
-                from threadpoolctl import threadpool_limits
-            except ImportError:
-                return
-            self.limits = threadpool_limits(1, user_api="blas")
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.limits is not None:
-            self.limits.restore_original_limits()

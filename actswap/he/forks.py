@@ -132,3 +132,24 @@ def own_peak_rss() -> int:
 def children_peak_rss() -> int:
     """The largest peak RSS (bytes) of any finished forked child of this process."""
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+
+
+class single_threaded_blas:
+    """BLAS on one thread while forked processes share a product (each is one core's
+    work; more threads than cores would only contend). A no-op without
+    threadpoolctl."""
+
+    def __init__(self, active: bool) -> None:
+        self.active, self.limits = active, None
+
+    def __enter__(self) -> None:
+        if self.active:
+            try:
+                from threadpoolctl import threadpool_limits
+            except ImportError:
+                return
+            self.limits = threadpool_limits(1, user_api="blas")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.limits is not None:
+            self.limits.restore_original_limits()
