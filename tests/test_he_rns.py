@@ -241,3 +241,12 @@ def test_layout_probe_and_the_seal_fallback(monkeypatch):
     for out in (fast, slow):
         assert np.abs(out.logits - reference).max() < 1e-3 * max(1.0, np.abs(reference).max())
     assert len(fast.stage_seconds) == len(program.stages) and all(t >= 0 for t in fast.stage_seconds)
+
+
+def test_a_failing_worker_process_is_an_error_naming_its_cause():
+    """The encrypted run's own process (actswap.he.worker) failing is an error
+    carrying its last line, not a silent result."""
+    from actswap.he.worker import run_in_worker
+
+    with pytest.raises(RuntimeError, match=r"encrypted batch run failed \(exit 1\): AttributeError"):
+        run_in_worker(None, None, np.zeros((2, 3)), batch_size=None, workers=1)

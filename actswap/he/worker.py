@@ -44,12 +44,17 @@ def run_in_worker(program: Any, params: Any, x: np.ndarray, *, batch_size: int |
         with open(err, "wb") as stderr:
             proc = subprocess.Popen([sys.executable, "-m", "actswap.he.worker", str(job)], env=env,
                                     stdout=subprocess.PIPE, stderr=stderr, text=True)
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                words = line.split()
-                if len(words) == 3 and words[0] == "progress" and progress is not None:
-                    progress(int(words[1]), int(words[2]))
-            code = proc.wait()
+            try:
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    words = line.split()
+                    if len(words) == 3 and words[0] == "progress" and progress is not None:
+                        progress(int(words[1]), int(words[2]))
+                code = proc.wait()
+            finally:  # interrupted (Ctrl-C, an error in the callback): the worker goes too
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
         if code != 0:
             lines = [s for s in err.read_text(errors="replace").splitlines() if s.strip()]
             raise RuntimeError(f"the encrypted batch run failed (exit {code}): "
