@@ -150,14 +150,9 @@ def _refuse_memory(program: Any, params: CKKSParameters, workers: int | None) ->
 
 def _available_memory() -> int | None:
     """Bytes of memory available to a new allocation (Linux MemAvailable), or None."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    from .forks import proc_bytes
+
+    return proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def run(

@@ -116,17 +116,23 @@ def shares(n: int, processes: int) -> np.ndarray:
     return np.linspace(0, n, max(1, min(processes, n)) + 1).astype(int)
 
 
-def own_peak_rss() -> int:
-    """This process's peak RSS in bytes since it started (VmHWM: unlike ru_maxrss,
-    not carried over from the process that started it)."""
+def proc_bytes(path: str, key: str) -> int | None:
+    """A "key: N kB" figure of a Linux /proc file, in bytes; None where there is none."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return None
+
+
+def own_peak_rss() -> int:
+    """This process's peak RSS in bytes since it started (VmHWM: unlike ru_maxrss,
+    not carried over from the process that started it)."""
+    peak = proc_bytes("/proc/self/status", "VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def children_peak_rss() -> int:
