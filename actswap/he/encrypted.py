@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,8 +14,8 @@ from . import batch, latency
 from .evaluate import _evaluate_from
 from .limits import OutOfScopeError, ParameterError
 from .params import CKKSParameters, choose_parameters, depth_and_magnitudes, make_context
-from .worker import run_in_worker
 from .program import _softmax, compile_model
+from .worker import run_in_worker
 
 
 # The decrypted logits may differ from the plaintext program's by this much, relative to
@@ -50,7 +49,10 @@ class HERunReport:
     batch_size: int = 1  # samples per ciphertext batch
     batch_latency: dict[str, dict[str, float]] = field(default_factory=dict)  # phase -> mean, max per batch
     workers: int = 1
-    peak_rss: dict[str, int] = field(default_factory=dict)  # bytes: main process (and largest worker)
+    # Bytes: "main" the process that encrypted and evaluated (batch mode: its own worker
+    # process), "worker" its largest forked helper, "shared" batch mode's shared memory
+    # (the ciphertext data, mapped by those processes), "caller" this process.
+    peak_rss: dict[str, int] = field(default_factory=dict)
     # Batch mode: seconds per phase and per program stage, summed over the batches, in order.
     stage_times: dict[str, float] = field(default_factory=dict)
     # Per sample (not in to_dict): decrypted logits and the plaintext program's.
@@ -303,7 +305,9 @@ def run(
 
 
 def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from .forks import own_peak_rss
+
+    return own_peak_rss()
 
 
 def _latency_mode(program: Any, backend: Any, x: np.ndarray, progress: Callable[[int, int], None] | None,
