@@ -27,64 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from .evaluate import _evaluate, _PlainBackend
 from .seal import Seal
-from .stages import Affine, Bilinear, Program, inputs_of, last_uses
 
 
 # A matrix is shared out by columns among forked processes when its columns have at
 # least this many products on average: the output ciphertexts come back through
 # files (~10 ms each), next to ~0.4 ms per product.
 SPLIT_PRODUCTS_PER_OUTPUT = 200
-
-
-def peak_bytes(program: Program, params: Any) -> int:
-    """The bytes of ciphertexts the SEAL backend's process holds at its peak, counted from
-    the program (one ciphertext per value; a value, the input too, held until its
-    last reader; a stage adds its output, its inputs' copies moved down to a
-    common level, and a polynomial the powers and terms of one slice).
-
-    SEAL allocates from a memory pool that keeps each allocation size it has
-    served at its peak and never shrinks: a ciphertext's size is its parts (2,
-    or 3 for a product before relinearisation) x N x 8 bytes per prime of the
-    level it was allocated at (before its rescale). So the figure is, summed
-    over those sizes, each one's largest count at any stage. (Measured on the
-    he_vit transformer, 256 images: 10.6 GB predicted, 13.4 GB peak RSS for the
-    whole process, ~1.2 GB of it there before any ciphertext; see
-    :data:`~.encrypted.MEMORY_MARGIN`.)"""
-    levels: dict[int, int] = {}
-    _evaluate(program, _PlainBackend(), np.zeros((1, program.input_size)), levels)
-    primes = len(params.coeff_mod_bit_sizes) - 1  # the special prime is in the keys only
-
-    def allocation(value: int) -> tuple[int, int]:  # (parts, primes) it was allocated with
-        if value == 0:
-            return 2, primes
-        parts = 3 if isinstance(program.stages[value - 1], Bilinear) else 2
-        return parts, primes - levels[value] + 1
-
-    def count(value: int) -> int:
-        return program.input_size if value == 0 else program.stages[value - 1].size
-
-    last, live = last_uses(program.stages), {0}
-    pooled: dict[tuple[int, int], int] = {}
-    for i, s in enumerate(program.stages):
-        now: dict[tuple[int, int], int] = {}
-        for v in live | {i + 1}:
-            key = allocation(v)
-            now[key] = now.get(key, 0) + count(v)
-        ins = inputs_of(s, i)
-        if isinstance(s, (Affine, Bilinear)):
-            top = max(levels[v] for v in ins)
-            for v in set(ins):
-                if levels[v] < top:
-                    now[(2, primes - top)] = now.get((2, primes - top), 0) + count(v)
-        else:
-            key = (3, primes - levels[ins[0]])  # the powers and terms of one slice
-            now[key] = now.get(key, 0) + 3 * min(s.size, SealBatchBackend.poly_chunk)
-        for key, n in now.items():
-            pooled[key] = max(pooled.get(key, 0), n)
-        live = {v for v in live | {i + 1} if last.get(v, -1) > i}
-    return sum(n * parts * p * params.poly_modulus_degree * 8 for (parts, p), n in pooled.items())
 
 
 class SealBatchBackend(Seal):
