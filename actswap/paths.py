@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,25 @@ def disk_full(dest: Path, e: BaseException) -> DiskSpaceError:
     return err
 
 
+# A test hook, not an option (issue 26): tests that interrupt a write need the writer
+# at a known point, not a race with a polled file. When this variable names a file,
+# a writer whose temporary output is complete (and read back) writes that file, then
+# waits for a signal, for at most HOLD_SECONDS, before moving its output into place.
+HOLD_ENV = "ACTSWAP_TEST_HOLD_BEFORE_RENAME"
+HOLD_SECONDS = 120.0
+
+
+def hold_before_rename(tmp: Path) -> None:
+    """The test hook above; a no-op unless ``ACTSWAP_TEST_HOLD_BEFORE_RENAME`` is set."""
+    marker = os.environ.get(HOLD_ENV)
+    if not marker:
+        return
+    Path(marker).write_text(str(tmp))
+    deadline = time.monotonic() + HOLD_SECONDS
+    while time.monotonic() < deadline and Path(marker).exists():
+        time.sleep(0.01)
+
+
 def write_atomically(dest: Path, data: bytes, check: Callable[[Path], None] | None = None) -> Path:
     """Write ``data`` to ``dest`` via a flushed temporary sibling and ``os.replace``:
     an interrupted write leaves no partial file and never damages an existing one.
@@ -196,6 +216,7 @@ def write_atomically(dest: Path, data: bytes, check: Callable[[Path], None] | No
             os.fsync(f.fileno())
         if check is not None:
             check(Path(tmp))
+        hold_before_rename(Path(tmp))
         os.replace(tmp, dest)
     except OSError as e:
         if is_disk_full(e):

@@ -5,8 +5,9 @@ SIGKILL (no chance to clean up): the pre-existing output is intact, and what
 is left is only clearly named temporaries (``.<out>.actswap-<pid>-...tmp...``)
 that the next write to that output removes.
 
-The signal is sent as soon as the temporary file appears (polled, not timed),
-so the test holds on a slow or loaded machine.
+The writer is held at a known point, its temporary output complete and read
+back, just before the rename (``actswap.paths.HOLD_ENV``, a test hook): the
+signal arrives there whatever the machine's load, so neither outcome is a race.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pathlib import Path
 import keras
 import pytest
 from conftest import cli_command, cli_env
+
+from actswap.paths import HOLD_ENV
 
 PRECIOUS = b"the previous output, which must survive"
 
@@ -49,24 +52,27 @@ def temp_pattern(out: Path) -> re.Pattern[str]:
 
 
 def start_and_signal(src: Path, out: Path, sig: int) -> tuple[subprocess.Popen, list[str]]:
-    """Start a conversion, wait for its temporary output to appear, send ``sig``."""
+    """Start a conversion, wait until it holds before moving its complete temporary
+    output into place, send ``sig``."""
+    held = out.parent.parent / f"{out.parent.name}.held"  # outside the output's folder
+    env = dict(cli_env(), **{HOLD_ENV: str(held)})
     proc = subprocess.Popen(
         cli_command("convert", src, "--to", "square", "-o", out, "--force"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
-    pattern = temp_pattern(out)
     deadline = time.monotonic() + 240
-    seen: list[str] = []
-    while not seen:
-        seen = [p.name for p in out.parent.iterdir() if pattern.match(p.name)]
+    while not held.exists():
         if proc.poll() is not None:
-            pytest.fail(f"convert finished before its temporary file was seen: {proc.stderr.read()[-2000:]}")
+            pytest.fail(f"convert finished without holding before its rename: {proc.stderr.read()[-2000:]}")
         if time.monotonic() > deadline:
             proc.kill()
-            pytest.fail("no temporary file appeared")
-        time.sleep(0.005)
+            pytest.fail("the writer never reached its rename")
+        time.sleep(0.01)
+    seen = [p.name for p in out.parent.iterdir() if temp_pattern(out).match(p.name)]
+    assert Path(held.read_text()).name in seen  # held with its temporary file in place
     proc.send_signal(sig)
     proc.wait(timeout=120)
+    held.unlink()
     return proc, seen
 
 

@@ -28,7 +28,9 @@ from collections.abc import Callable
 from ..containers import Format
 from ..errors import InvariantError, LoadError, first_line
 from ..report import warnings_as_notes
-from ..paths import check_output_path, disk_full, ensure_space, is_disk_full, remove_stale_temps, temp_prefix
+from ..paths import (
+    check_output_path, disk_full, ensure_space, hold_before_rename, is_disk_full, remove_stale_temps, temp_prefix,
+)
 
 
 def load_keras(
@@ -146,6 +148,7 @@ def save_keras(
                 written = find_sites(reloaded)
             if check is not None:
                 check(written)
+        hold_before_rename(tmp)
         os.replace(tmp, dest)
     except Exception as e:
         if is_disk_full(e):

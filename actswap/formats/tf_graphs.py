@@ -29,7 +29,7 @@ from .. import graph, registry
 from ..containers import Format
 from ..errors import InvariantError, LoadError, UserError, first_line
 from ..paths import (
-    check_output_dir, disk_full, ensure_space, is_disk_full, remove_stale_temps,
+    check_output_dir, disk_full, ensure_space, hold_before_rename, is_disk_full, remove_stale_temps,
     temp_prefix,
 )
 from ..policy import decide
@@ -326,6 +326,7 @@ def save_savedmodel(
         )
         if check is not None:
             check(tmp / "model")
+        hold_before_rename(tmp / "model")
         if dest.exists():
             old = dest.with_name(f"{temp_prefix(dest)}x.old")
             os.replace(dest, old)
