@@ -30,6 +30,7 @@ result into shared memory; BLAS runs single-threaded inside them.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,15 @@ class RnsBatchBackend(DeferredProducts, Seal):
         self.processes = processes
         self.arena = Arena()  # every array, reused batch after batch (see forks)
         self._scratch: dict[tuple[str, int, int], Any] = {}
+        self._kept: dict[tuple[Any, ...], Any] = {}
+
+    def _prepared(self, kind: str, m: np.ndarray, primes: list[int], make: Any) -> Any:
+        """``make()``'s result for these weights and primes, kept: every batch compiles
+        the same matrices (the weights' encodings and digits are made once)."""
+        key = (kind, m.shape, hashlib.blake2b(m.tobytes(), digest_size=16).digest(), tuple(primes))
+        if key not in self._kept:
+            self._kept[key] = make()
+        return self._kept[key]
 
     def _buffers(self, shape: tuple[int, ...], dtype: Any = np.uint64) -> list[np.ndarray]:
         """One scratch array per process slot, from the arena (so a forked process
@@ -177,7 +187,7 @@ class RnsBatchBackend(DeferredProducts, Seal):
             return self._matmul_rows(x, m, level, add_bias)
         data, scale = (x.data, self.scale**3) if isinstance(x, Pending) else (x, self.scale**2)
         primes = self.primes[self._level(data)]
-        mm = rns.ModularMatrix(m, self.scale, primes)
+        mm = self._prepared("columns", m, primes, lambda: rns.ModularMatrix(m, self.scale, primes))
         zero = set(mm.zero_columns.tolist())
         out = self.arena.empty((m.shape[1], 2, len(self.primes[level]), data.shape[3]))
         bufs = self._buffers((COLUMN_CHUNK,) + data.shape[1:])

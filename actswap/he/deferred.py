@@ -17,7 +17,8 @@ so the parameters chosen for the program (its levels and magnitudes) hold.
 
 :class:`DeferredProducts` is a part of :class:`~.batch_rns.RnsBatchBackend`;
 it uses the backend's ``_load``, ``_ct``, ``_finish``, ``_zero``,
-``_buffers``, ``_level``, ``arena``, ``primes``, ``scale`` and ``processes``.
+``_buffers``, ``_level``, ``_prepared``, ``arena``, ``primes``, ``scale`` and
+``processes``.
 """
 
 from __future__ import annotations
@@ -123,8 +124,10 @@ class DeferredProducts:
                 for _ in range(slots)]
         bufs = self._buffers((min(ROW_CHUNK, len(p)),) + shape)
 
+        weights = self._prepared("rows", m, primes, lambda: rns.RowSums.weights(m, self.scale, primes))
+
         def rows(lo: int, hi: int, slot: int) -> None:
-            acc = rns.RowSums(m, self.scale, primes, shape[::2], sums[slot])
+            acc = rns.RowSums(m, self.scale, primes, shape[::2], sums[slot], weights)
             buf = bufs[slot]
             for r0 in range(lo, hi, ROW_CHUNK):
                 r1 = min(hi, r0 + ROW_CHUNK)
@@ -135,10 +138,6 @@ class DeferredProducts:
 
         with single_threaded_blas(self.processes > 1):
             parallel(len(p), rows, slots)
-        total = partial[0]
-        for other in partial[1:]:
-            for j in range(n_out):
-                total[j] = rns.addmod(total[j], other[j], q)
         zero = set(np.flatnonzero(~(rns.encode(m, self.scale) != 0).any(axis=0)).tolist())
         out = self.arena.empty((n_out, 2, len(self.primes[level]), p.a.shape[3]))
 
@@ -146,8 +145,11 @@ class DeferredProducts:
             for j in range(lo, hi):
                 if j in zero:
                     out[j] = self._zero(level)
-                else:
-                    self._finish(self._load(total[j], scale=self.scale**3), level, out[j])
+                else:  # the processes' partial sums added here, in parallel too
+                    total = partial[0][j]
+                    for other in partial[1:]:
+                        total = rns.addmod(total, other[j], q)
+                    self._finish(self._load(total, scale=self.scale**3), level, out[j])
                 if add_bias is not None:
                     add_bias(j, out[j])
 

@@ -341,21 +341,29 @@ class RowSums:
     Holds ``primes x nw x n_out x parts x N`` float64."""
 
     def __init__(self, m: np.ndarray, scale: float, primes: list[int], shape: tuple[int, int],
-                 sums: list[np.ndarray] | None = None) -> None:
+                 sums: list[np.ndarray] | None = None, weights: Any = None) -> None:
         """``shape`` is (parts, N); ``sums``, arrays of :meth:`sums_shapes` to keep the
-        sums in (zeroed here), else new ones."""
-        ints = encode(m, scale)
+        sums in (zeroed here), else new ones; ``weights``, :meth:`weights` of the same
+        ``m``, ``scale`` and ``primes`` (else computed here)."""
         self.primes, self.shape = list(primes), shape  # shape: (parts, N)
-        self.plans = [plan(q, ints.shape[0]) for q in self.primes]
-        self._weights = []  # per prime: (nw, n_out, nx, rows)
-        for q, d in zip(self.primes, self.plans):
-            r = residues(ints, q)
-            per_shift = [digits(centered(mulmod(r, pow(2, a * d.bx, q), shoup(pow(2, a * d.bx, q), q), q), q),
-                                d.bw, d.nw) for a in range(d.nx)]  # each (nw, rows, n_out)
-            self._weights.append(np.ascontiguousarray(np.stack(per_shift, axis=1).transpose(0, 3, 1, 2)))
+        self.plans, self._weights = weights if weights is not None else self.weights(m, scale, primes)
         self.sums = sums if sums is not None else [np.empty(s) for s in self.sums_shapes(m, primes, shape)]
         for s in self.sums:
             s[...] = 0.0
+
+    @staticmethod
+    def weights(m: np.ndarray, scale: float, primes: list[int]) -> tuple[list[Digits], list[np.ndarray]]:
+        """Per prime, the digit plan and the weights' digits with the data's digit
+        shifts folded in, as (nw, n_out, nx, rows)."""
+        ints = encode(m, scale)
+        plans = [plan(q, ints.shape[0]) for q in primes]
+        out = []
+        for q, d in zip(primes, plans):
+            r = residues(ints, q)
+            per_shift = [digits(centered(mulmod(r, pow(2, a * d.bx, q), shoup(pow(2, a * d.bx, q), q), q), q),
+                                d.bw, d.nw) for a in range(d.nx)]  # each (nw, rows, n_out)
+            out.append(np.ascontiguousarray(np.stack(per_shift, axis=1).transpose(0, 3, 1, 2)))
+        return plans, out
 
     @staticmethod
     def sums_shapes(m: np.ndarray, primes: list[int], shape: tuple[int, ...]) -> list[tuple[int, int, int]]:
