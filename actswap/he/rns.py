@@ -213,12 +213,7 @@ class ModularMatrix:
             sub = ints[np.ix_(rows, cols)]
             per_prime = []
             for q, d in zip(self.primes, self.plans):
-                r = residues(sub, q)
-                parts = []
-                for a in range(d.nx):
-                    t = pow(2, a * d.bx, q)
-                    parts.append(digits(centered(mulmod(r, t, shoup(t, q), q), q), d.bw, d.nw))
-                w = np.concatenate(parts, axis=1)  # (nw, nx * rows, cols)
+                w = np.concatenate(_folded_digits(sub, q, d), axis=1)  # (nw, nx * rows, cols)
                 per_prime.append(np.ascontiguousarray(w.transpose(0, 2, 1)))
             self._weights.append(per_prime)
 
@@ -273,6 +268,18 @@ class ModularMatrix:
                         for c in range(d.nw):
                             np.matmul(w[c], xb, out=sums[c, span].reshape(w.shape[1], w.shape[2], n1 - n0))
                     out[order, p, l, n0:n1] = _combine(sums, q, d)
+
+
+def _folded_digits(ints: np.ndarray, q: int, d: Digits) -> list[np.ndarray]:
+    """Integer weights ``ints`` (rows, cols) modulo ``q`` with each data digit's shift
+    folded in (``W 2^(a bx) mod q``, a < nx), each cut into ``nw`` centred digits:
+    ``nx`` arrays (nw, rows, cols)."""
+    r = residues(ints, q)
+    out = []
+    for a in range(d.nx):
+        t = pow(2, a * d.bx, q)
+        out.append(digits(centered(mulmod(r, t, shoup(t, q), q), q), d.bw, d.nw))
+    return out
 
 
 def _data_digits(x: np.ndarray, q: int, d: Digits) -> np.ndarray:
@@ -359,9 +366,7 @@ class RowSums:
         plans = [plan(q, ints.shape[0]) for q in primes]
         out = []
         for q, d in zip(primes, plans):
-            r = residues(ints, q)
-            per_shift = [digits(centered(mulmod(r, pow(2, a * d.bx, q), shoup(pow(2, a * d.bx, q), q), q), q),
-                                d.bw, d.nw) for a in range(d.nx)]  # each (nw, rows, n_out)
+            per_shift = _folded_digits(ints, q, d)  # each (nw, rows, n_out)
             out.append(np.ascontiguousarray(np.stack(per_shift, axis=1).transpose(0, 3, 1, 2)))
         return plans, out
 
