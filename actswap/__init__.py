@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-import wrapt
+from .importhook import after_import
 
 __version__ = "0.1.0"
 __all__ = [
@@ -65,4 +65,4 @@ def _register_with_keras(keras_module: Any) -> None:
             pass
 
 
-wrapt.register_post_import_hook(_register_with_keras, "keras")
+after_import("keras", _register_with_keras)

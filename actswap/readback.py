@@ -22,8 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .errors import InvariantError
 from .registry import POOL_SOURCE
 from .report import REPLACED, Report
@@ -34,6 +32,8 @@ WEIGHTS_MEMBER = "model.weights.h5"
 
 
 def _digest(array: Any) -> tuple[Any, ...]:
+    import numpy as np  # here: readback is on the CLI's import path, numpy is not needed for --help
+
     a = np.ascontiguousarray(array)
     return a.shape, a.dtype.str, zlib.crc32(a.reshape(-1).view(np.uint8))
 
@@ -81,7 +81,7 @@ def read_back(model: Any, path: str | os.PathLike[str], verify: bool = True) -> 
             stored = _stored_digests(Path(path), z.getinfo(WEIGHTS_MEMBER))
         if stored is None:
             return None
-        needed = Counter(_digest(np.asarray(v.numpy())) for v in model.weights)
+        needed = Counter(_digest(v.numpy()) for v in model.weights)
     except Exception:  # noqa: BLE001 - anything unexpected: the reload decides
         return None
     return sites if not needed - stored else None

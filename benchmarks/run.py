@@ -227,7 +227,7 @@ def bench_help(cfg: Config) -> list[Row]:
     )
     return [Row(
         "`actswap --help` wall time", "`python -c pass`", "s", s, f,
-        "≤ +0.35 s; TF not imported", "diff", 0.35, load, extra_ok=not tf_imported,
+        "≤ +0.2 s; TF not imported", "diff", 0.2, load, extra_ok=not tf_imported,
         note=f"TensorFlow imported by --help: {'YES' if tf_imported else 'no'}",
     )]
 

@@ -15,15 +15,17 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from .. import __version__
-from .. import scan as scanning
 from ..errors import ActswapError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..scan import ScanReport
 
 app = typer.Typer(
     name="actswap",
@@ -153,20 +155,23 @@ def _warn_trust_code() -> None:
     )
 
 
-def _warn_code_findings(report: scanning.ScanReport) -> None:
+def _warn_code_findings(report: ScanReport) -> None:
     """With --trust-code: say, loudly and one line each, which code will run."""
-    code = [f for f in report.errors if f.kind == scanning.CODE]
+    from ..scan import CODE
+
+    code = [f for f in report.errors if f.kind == CODE]
     for f in code[:5]:
         typer.echo(f"WARNING: --trust-code: '{report.path}': {f.message}; this WILL RUN", err=True)
     if len(code) > 5:
         typer.echo(f"WARNING: --trust-code: '{report.path}': and {len(code) - 5} more (actswap scan lists them)", err=True)
 
 
-def _scan_first(path: Path, trust_code: bool = False, needs: str | None = None) -> scanning.ScanReport:
+def _scan_first(path: Path, trust_code: bool = False, needs: str | None = None) -> ScanReport:
     """Scan before anything loads ``path`` (and before TensorFlow is imported);
     refuse (exit 2) unless --trust-code lets code findings through. ``needs``:
     a feature the command requires of the file's format (e.g. a Keras 3 model),
     refused first, with the formats that offer it."""
+    from .. import scan as scanning
     from ..formats import backend_for
     from ..formats.base import require
 

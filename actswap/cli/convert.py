@@ -9,7 +9,6 @@ from typing import Optional
 import typer
 
 from .. import registry
-from ..pipeline import plan_convert, run_convert
 from ..policy import PARITY_TOL as DEFAULT_TOL
 from .base import (
     AsJson, Debug, TrustCode, _console, _import_tensorflow_quietly, _run, _sites_table, _state,
@@ -67,6 +66,8 @@ def convert(
     """Replace every plain ReLU in MODEL and write a model that loads and trains."""
 
     def body() -> int:
+        from ..pipeline import plan_convert, run_convert  # not on --help's path
+
         plan = plan_convert(
             model, to=to, output=output, grad=grad, signature=signature, force=force, onnx_out=onnx_out,
             sources=sources, degree=degree, interval=fit_range, calibrate=calibrate, margin=margin,

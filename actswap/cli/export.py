@@ -8,9 +8,6 @@ from typing import Any, Optional
 
 import typer
 
-from ..formats import backend_for
-from ..formats.base import ONNX
-from ..paths import check_output_onnx
 from ..policy import PARITY_TOL as DEFAULT_TOL
 from .base import (
     AsJson, Debug, TrustCode, _console, _import_tensorflow_quietly, _run, _scan_first, _state,
@@ -44,6 +41,10 @@ def export(
     onnxruntime parity with TensorFlow) and written only if every check passes."""
 
     def body() -> int:
+        from ..formats import backend_for
+        from ..formats.base import ONNX
+        from ..paths import check_output_onnx
+
         check_output_onnx(out, overwrite=force)
         if trust_code:
             _warn_trust_code()

@@ -10,7 +10,6 @@ import typer
 
 from .. import registry
 from ..errors import UserError
-from ..formats.base import KERAS_MODEL
 from .base import (
     Debug, _import_tensorflow_quietly, _run, _scan_first, _state, app,
 )
@@ -32,6 +31,8 @@ def fit(
     """Fit SOURCE with a polynomial (what --to approx puts in) and show how good it is."""
 
     def body() -> int:
+        from ..formats.base import KERAS_MODEL  # the formats package: not on --help's path
+
         from ..fitplot import fit_summary, plot_fit
         from ..pipeline import parse_interval
 

@@ -11,8 +11,6 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import UserError
-from ..formats import backend_for
-from ..formats.base import KERAS_MODEL, require
 from .base import (
     AsJson, Debug, _console, _import_tensorflow_quietly, _run, _state, app,
 )
@@ -36,6 +34,8 @@ def he_run(
     """Run MODEL on CKKS-encrypted samples (TenSEAL) and compare with plaintext."""
 
     def body() -> int:
+        from ..formats import backend_for
+        from ..formats.base import KERAS_MODEL, require
         from ..paths import read_arrays
 
         if mode is not None and mode not in MODES:

@@ -8,7 +8,6 @@ from pathlib import Path
 import typer
 
 from .. import registry
-from ..formats.base import HE
 from .base import (
     AsJson, Debug, TrustCode, _console, _import_tensorflow_quietly, _run, _scan_first, _sites_table,
     _state, _warn_trust_code, app,
@@ -30,6 +29,8 @@ def inspect(
     """List every activation site in MODEL and whether it can be replaced. Writes nothing."""
 
     def body() -> int:
+        from ..formats.base import HE  # the formats package: not on --help's path
+
         target = registry.get_target(to)
         chosen = registry.resolve_sources(sources)
         if trust_code:

@@ -12,7 +12,6 @@ from rich.table import Table
 
 from .. import registry
 from ..errors import UserError
-from ..formats.base import KERAS_MODEL
 from .base import (
     AsJson, Debug, _console, _import_tensorflow_quietly, _run, _scan_first, _state, app,
 )
@@ -89,6 +88,8 @@ def recover(
     """Fine-tune ORIGINAL into polynomials gradually (blend, distil, guard); fail if it does not recover."""
 
     def body() -> int:
+        from ..formats.base import KERAS_MODEL  # the formats package: not on --help's path
+
         from ..paths import check_output_path
         from ..recover.files import default_output
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import typer
 
-from .. import scan as scanning
 from .base import (
     Debug, _run, app,
 )
@@ -25,6 +24,8 @@ def scan_command(
     hostile container, low precision. Exit 2 if convert/inspect/export would refuse it."""
 
     def body() -> int:
+        from .. import scan as scanning
+
         report = scanning.scan(model)
         if as_json:
             typer.echo(json.dumps(report.to_dict()))

@@ -10,13 +10,12 @@ with plain ``tf_keras.models.load_model`` and no ``custom_objects``.
 from __future__ import annotations
 
 import functools
-import sys
 import warnings
 from typing import Any
 
-import wrapt
 
 from .. import gradients
+from ..importhook import after_import
 from ..classify import LEGACY_PACKAGE as PACKAGE
 
 # The classes' public home: converted files name it, so it must not move.
@@ -106,8 +105,5 @@ def _register_on_import(_module: Any) -> None:
         warnings.warn(f"actswap could not register its tf_keras objects: {e}", stacklevel=2)
 
 
-if "tf_keras" in sys.modules:
-    _register_on_import(sys.modules["tf_keras"])
-else:
-    wrapt.register_post_import_hook(_register_on_import, "tf_keras")
+after_import("tf_keras", _register_on_import)
 
