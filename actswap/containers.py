@@ -182,14 +182,12 @@ def _validate_keras_zip(p: Path) -> None:
 
 
 def _validate_h5(p: Path) -> None:
-    import h5py  # light: no TensorFlow
+    from .safety.hdf5 import read_h5  # HDF5 read in a bounded child (it can hang on a corrupt file)
 
-    try:
-        with h5py.File(p, "r") as f:
-            has_config = "model_config" in f.attrs
-    except OSError as e:
-        raise UnrecognisedFormatError(f"'{p}' is a damaged HDF5 file ({e})") from None
-    if not has_config:
+    contents = read_h5(p, p.name)
+    if contents.corrupt is not None:
+        raise UnrecognisedFormatError(f"'{p}' is a damaged HDF5 file ({contents.corrupt})")
+    if "model_config" not in contents.attrs:
         raise UnrecognisedFormatError(
             f"'{p}' is an HDF5 file without a Keras model config (a weights-only file?); "
             "pass a file written by model.save('x.h5')"

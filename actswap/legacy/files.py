@@ -99,25 +99,24 @@ def _json_object(raw: Any, path: Path, what: str) -> dict[str, Any]:
 
 def h5_attrs(path: Path) -> dict[str, Any]:
     """``model_config`` (required) and ``training_config`` (optional) of an HDF5 model."""
-    import h5py
+    from ..safety.hdf5 import read_h5  # in a bounded child: HDF5 can hang on a corrupt file
 
+    contents = read_h5(path, Path(path).name)
+    if contents.corrupt is not None:
+        raise LoadError(f"'{path}': cannot read the HDF5 file ({contents.corrupt})")
+    attrs = contents.attrs
+    if "model_config" not in attrs:
+        raise LoadError(
+            f"'{path}' holds no model config (a weights-only HDF5 file?); "
+            "pass a file saved with model.save()"
+        )
     try:
-        with h5py.File(path, "r") as f:
-            if "model_config" not in f.attrs:
-                raise LoadError(
-                    f"'{path}' holds no model config (a weights-only HDF5 file?); "
-                    "pass a file saved with model.save()"
-                )
-            out = {"model_config": _json_object(f.attrs["model_config"], path, "model config")}
-            if "training_config" in f.attrs:
-                out["training_config"] = _json_object(
-                    f.attrs["training_config"], path, "training config"
-                )
-            return out
+        out = {"model_config": _json_object(attrs["model_config"], path, "model config")}
+        if "training_config" in attrs:
+            out["training_config"] = _json_object(attrs["training_config"], path, "training config")
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LoadError(f"'{path}': the model config is not valid JSON ({e})") from None
-    except OSError as e:
-        raise LoadError(f"'{path}': cannot read the HDF5 file ({first_line(e)})") from None
+    return out
 
 
 def metadata_nodes(path: Path) -> list[tuple[str, dict[str, Any]]]:
