@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import DiskSpaceError, UserError
+from .errors import DiskSpaceError, UserError, first_line
 
 TEMP_TAG = "actswap"
 # Headroom above the estimated output size: archive headers, metadata, and
@@ -94,14 +94,23 @@ def read_arrays(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
     """The arrays of an .npz (by name) or an .npy (as ``x``); UserError naming ``what``."""
     import numpy as np
 
+    import zipfile
+    import zlib
+
     p = Path(path)
+    # Every array is read here, inside the try: an .npz reads its members lazily,
+    # and a corrupt member (bad CRC, bad .npy header, short data) fails only then
+    # (what the fuzzer found, issue 29). allow_pickle stays off: no object arrays.
     try:
         data = np.load(p)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {what} '{p}': {e}") from None
-    if isinstance(data, np.ndarray):
-        return {"x": data}
-    return {k: data[k] for k in data.files}
+        if isinstance(data, np.ndarray):
+            return {"x": data}
+        with data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError, KeyError, NotImplementedError, zipfile.BadZipFile, zlib.error) as e:
+        raise UserError(f"cannot read {what} '{p}': {first_line(e) or type(e).__name__}") from None
+    except MemoryError:
+        raise UserError(f"cannot read {what} '{p}': its arrays do not fit in memory") from None
 
 
 def temp_prefix(dest: Path) -> str:

@@ -26,6 +26,8 @@ import contextlib
 import glob
 import io
 import os
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,6 +114,36 @@ def check_spec(spec: str, what: str) -> str:
     return found
 
 
+@contextlib.contextmanager
+def read_errors(*named: tuple[str, str]) -> Iterator[None]:
+    """TensorFlow's errors from reading the data ``named`` ((what, spec) pairs),
+    raised inside the block, as one UserError (exit 2) naming it: a corrupt or
+    truncated TFRecord, an image its decoder refuses, a record without the
+    named features. Only errors of the input pipeline are translated (a
+    DataLossError, or an InvalidArgumentError raised while a dataset iterator
+    produced the next element); any other error goes through unchanged."""
+    import tensorflow as tf
+
+    try:
+        yield
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+        message = str(getattr(e, "message", e))
+        if not isinstance(e, tf.errors.DataLossError) and not any(op in message for op in _PIPELINE_OPS):
+            raise
+        detail = _FUNCTION_NODE.sub("", message).strip().splitlines()
+        which = " or ".join(f"{what} '{spec}'" for what, spec in named)
+        raise UserError(
+            f"{which} could not be read: {detail[0] if detail else type(e).__name__} "
+            "(a corrupt image or record); remove or repair it"
+        ) from None
+
+
+# Where TensorFlow reports an error of the input pipeline: the iterator's
+# next element, a dataset reduced or counted, a tf.data op inside a function.
+_PIPELINE_OPS = ("IteratorGetNext", "ReduceDataset", "DatasetCardinality", "ParseExample", "DecodeImage", "decode_image")
+_FUNCTION_NODE = re.compile(r"\{\{function_node [^}]*\}\}")
+
+
 def tfrecord_files(spec: str) -> list[str]:
     return sorted(glob.glob(spec)) if any(c in spec for c in "*?[") else ([spec] if os.path.isfile(spec) else [])
 
@@ -149,7 +181,8 @@ def open_data(
     elif found == "images":
         ds = _images(spec, what, options, size, channels, split, shuffle)
     else:
-        ds = _tfrecords(spec, what, options, size, channels, split, shuffle)
+        with read_errors((what, spec)):  # the records are counted here
+            ds = _tfrecords(spec, what, options, size, channels, split, shuffle)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 

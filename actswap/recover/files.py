@@ -74,7 +74,7 @@ def run(
     from .. import recover as R
     from ..errors import RecoveryFailedError
 
-    from .data import DataOptions, kind, open_data
+    from .data import DataOptions, kind, open_data, read_errors
 
     import contextlib
 
@@ -106,7 +106,10 @@ def run(
                 from ..errors import UserError
 
                 raise UserError(f"nothing to replace in '{original}' for this conversion; nothing to recover")
-    before = {"original": R.accuracy(teacher, check), "converted": R.accuracy(target, check)}
+    # A corrupt image or record surfaces only when the pipeline reaches it.
+    named = [("training data", str(data))] + ([("validation data", str(val))] if val is not None else [])
+    with read_errors(*named):
+        before = {"original": R.accuracy(teacher, check), "converted": R.accuracy(target, check)}
     result: dict[str, Any] = {"original_accuracy": before["original"], "converted_accuracy": before["converted"],
                               "replicas": replicas(strategy)}
     per_epoch: list[dict[str, Any]] = []
@@ -128,10 +131,11 @@ def run(
     failure: RecoveryFailedError | None = None
     try:
         scalars = [SiteScalars(str(logdir))] if logdir is not None else []
-        model, history = R.recover(
-            teacher, target, train, val=check, callbacks=[*callbacks, speed, Record(), *scalars],
-            checkpoint_dir=checkpoint_dir, resume=resume, **recover_options,
-        )
+        with read_errors(*named):
+            model, history = R.recover(
+                teacher, target, train, val=check, callbacks=[*callbacks, speed, Record(), *scalars],
+                checkpoint_dir=checkpoint_dir, resume=resume, **recover_options,
+            )
         result["resumed_from"] = history.resumed_from
         figures = history.check
         result.update(nan_restores=history.nan_restores, explosions=history.explosions)
