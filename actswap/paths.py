@@ -94,6 +94,7 @@ def read_arrays(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
     """The arrays of an .npz (by name) or an .npy (as ``x``); UserError naming ``what``."""
     import numpy as np
 
+    import tokenize
     import zipfile
     import zlib
 
@@ -107,8 +108,9 @@ def read_arrays(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
             return {"x": data}
         with data:
             return {k: data[k] for k in data.files}
-    except (OSError, ValueError, EOFError, KeyError, NotImplementedError, zipfile.BadZipFile, zlib.error) as e:
-        raise UserError(f"cannot read {what} '{p}': {first_line(e) or type(e).__name__}") from None
+    except (OSError, ValueError, EOFError, KeyError, NotImplementedError, SyntaxError, tokenize.TokenError,
+            zipfile.BadZipFile, zlib.error) as e:  # what np.load and zipfile raise on corrupt bytes
+        raise UserError(f"cannot read {what} '{p}': a damaged .npz/.npy file ({first_line(e)})") from None
     except MemoryError:
         raise UserError(f"cannot read {what} '{p}': its arrays do not fit in memory") from None
 

@@ -125,53 +125,82 @@ def _rss(pid: int) -> int | None:
 
 def run(
     *, inputs: int | None = None, minutes: float | None = None, targets: tuple[str, ...] = TARGETS,
-    seed: int = 0, deep_cap: int | None = None, seconds: float = 60.0, memory_mb: int = 6000,
-    keep: Path | None = None, progress: bool = False,
+    seed: int = 0, deep_cap: int | None = None, deep_every: int = 1, seconds: float = 60.0,
+    memory_mb: int = 6000, workers: int = 1, keep: Path | None = None, progress: bool = False,
 ) -> dict[str, Tally]:
     """Fuzz ``targets`` round-robin: ``inputs`` per target, or until ``minutes``
-    have passed. ``deep_cap``: at most this many scan-accepted inputs per
-    target go on to load and convert (None: all). Findings' inputs are copied
-    to ``keep``."""
+    have passed, on ``workers`` worker processes. An input the scan accepts
+    goes on to load and convert if its index is a multiple of ``deep_every``
+    and its target has had fewer than ``deep_cap`` such inputs (None: no cap).
+    Findings' inputs are copied to ``keep``. With one worker the run is the
+    same, input for input, every time."""
+    import threading
+
     root = Path(tempfile.mkdtemp(prefix="actswap-fuzz-"))
-    worker = Worker(root, seconds, memory_mb)
+    pool = [Worker(root, seconds, memory_mb) for _ in range(max(1, workers))]
     tallies = {t: Tally() for t in targets}
     stop = time.monotonic() + minutes * 60 if minutes is not None else None
+    lock = threading.Lock()
+    counter = iter(range(10**12))
+    failure: list[BaseException] = []
+
+    def next_index() -> int | None:
+        with lock:
+            index = next(counter)
+        if (inputs is not None and index >= inputs) or (stop is not None and time.monotonic() > stop) or failure:
+            return None
+        return index
+
+    def one(worker: Worker, target: str, index: int) -> None:
+        tally = tallies[target]
+        with lock:
+            deep = index % deep_every == 0 and (deep_cap is None or tally.deep < deep_cap)
+        reply = worker.ask({"op": "fuzz", "target": target, "seed": seed, "index": index, "deep": deep})
+        outcome = reply.get("outcome")
+        if outcome == "harness-error":
+            raise RuntimeError(f"{target} #{index}: {reply['detail']}")
+        with lock:
+            tally.inputs += 1
+            if outcome == "ok":
+                tally.ok += 1
+            elif outcome == "refused":
+                tally.refused += 1
+            else:
+                reply.update(target=target, seed=seed, index=index)
+                tally.findings.append(reply)
+                if keep is not None:  # a lost worker's input is still in its folder
+                    _keep(Path(reply.get("input") or root / "work" / f"{target}-{index}"),
+                          keep / f"{target}-{seed}-{index}")
+            if reply.get("deep"):
+                tally.deep += 1
+
+    def loop(worker: Worker) -> None:
+        try:
+            while (index := next_index()) is not None:
+                for target in targets:
+                    one(worker, target, index)
+                if progress and index % 100 == 0:
+                    with lock:
+                        total = sum(t.inputs for t in tallies.values())
+                        found = sum(len(t.findings) for t in tallies.values())
+                    print(f"{total} inputs, {found} finding(s)", file=sys.stderr, flush=True)
+        except BaseException as e:  # noqa: BLE001 - re-raised by the caller
+            failure.append(e)
+
     try:
-        setup = worker.ask({"op": "seeds"})
+        setup = pool[0].ask({"op": "seeds"})  # built once, shared by the workers
         if setup.get("outcome") != "ok":
             raise RuntimeError(f"building the seed corpus failed: {setup}")
-        index = 0
-        while True:
-            if inputs is not None and index >= inputs:
-                break
-            if stop is not None and time.monotonic() > stop:
-                break
-            for target in targets:
-                tally = tallies[target]
-                deep = deep_cap is None or tally.deep < deep_cap
-                reply = worker.ask({"op": "fuzz", "target": target, "seed": seed, "index": index, "deep": deep})
-                tally.inputs += 1
-                outcome = reply.get("outcome")
-                if outcome == "harness-error":
-                    raise RuntimeError(f"{target} #{index}: {reply['detail']}")
-                if outcome == "ok":
-                    tally.ok += 1
-                elif outcome == "refused":
-                    tally.refused += 1
-                else:
-                    reply.update(target=target, seed=seed, index=index)
-                    tally.findings.append(reply)
-                    if keep is not None and reply.get("input"):
-                        _keep(Path(reply["input"]), keep / f"{target}-{seed}-{index}")
-                if reply.get("deep"):
-                    tally.deep += 1
-            index += 1
-            if progress and index % 50 == 0:
-                total = sum(t.inputs for t in tallies.values())
-                found = sum(len(t.findings) for t in tallies.values())
-                print(f"{total} inputs, {found} finding(s)", file=sys.stderr, flush=True)
+        threads = [threading.Thread(target=loop, args=(w,)) for w in pool]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if failure:
+            raise failure[0]
     finally:
-        worker.close()
+        for worker in pool:
+            worker.close()
         shutil.rmtree(root, ignore_errors=True)
     return tallies
 
@@ -211,7 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated, of {', '.join(TARGETS)}")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--seconds", type=float, default=60.0, help="time bound per input")
-    ap.add_argument("--memory-mb", type=int, default=6000, help="the worker's RSS bound")
+    ap.add_argument("--memory-mb", type=int, default=6000, help="each worker's RSS bound")
+    ap.add_argument("--workers", type=int, default=1, help="worker processes (one per core)")
+    ap.add_argument("--deep-every", type=int, default=1,
+                    help="load and convert every k-th input the scan accepts (loading is the slow stage)")
     ap.add_argument("--keep", type=Path, default=ROOT / "build" / "fuzz-findings", help="where findings' inputs go")
     args = ap.parse_args(argv)
     targets = tuple(t for t in args.targets.split(",") if t)
@@ -221,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     inputs = args.inputs if args.inputs is not None or args.minutes is not None else 100
     start = time.monotonic()
     tallies = run(inputs=inputs, minutes=args.minutes, targets=targets, seed=args.seed, seconds=args.seconds,
-                  memory_mb=args.memory_mb, keep=args.keep, progress=True)
+                  memory_mb=args.memory_mb, workers=args.workers, deep_every=args.deep_every, keep=args.keep,
+                  progress=True)
     print(table(tallies, time.monotonic() - start))
     for name, t in tallies.items():
         for f in t.findings[:20]:

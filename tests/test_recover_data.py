@@ -294,3 +294,71 @@ def test_multiworker_needs_a_cluster_in_tf_config(setup, tmp_path, monkeypatch):
         r = _recover(str(setup / "model.keras"), "--data", str(setup / "images"), "--distribute", "multiworker",
                      "-o", str(tmp_path / "r.keras"))
         assert_user_error(r, fragment)
+
+def _corrupt_png_folder(setup: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / "images"
+    import shutil
+
+    shutil.copytree(setup / "images", folder)
+    victim = sorted((folder / "left").glob("*.png"))[3]
+    data = bytearray(victim.read_bytes())
+    data[40:60] = b"\xff" * 20  # inside the first data chunk: PNG's CRC no longer matches
+    victim.write_bytes(bytes(data))
+    return folder
+
+
+def _truncated_tfrecord(setup: Path, tmp_path: Path) -> Path:
+    shard = tmp_path / "cut.tfrecord"
+    data = (setup / "train-0.tfrecord").read_bytes()
+    shard.write_bytes(data[: len(data) * 2 // 3])  # a record cut in the middle
+    return shard
+
+
+def _tfrecord_missing_a_feature_later(setup: Path, tmp_path: Path) -> Path:
+    shard = tmp_path / "partial.tfrecord"
+    records = [bytes(r.numpy()) for r in tf.data.TFRecordDataset(str(setup / "train-0.tfrecord"))]
+    with tf.io.TFRecordWriter(str(shard)) as w:
+        for i, raw in enumerate(records):
+            if i == 5:  # the first record, which actswap checks up front, is intact
+                ex = tf.train.Example.FromString(raw)
+                del ex.features.feature["image"]
+                raw = ex.SerializeToString()
+            w.write(raw)
+    return shard
+
+
+def _npz_with_a_bad_member(setup: Path, tmp_path: Path) -> Path:
+    bad = tmp_path / "bad.npz"
+    data = bytearray((setup / "arrays.npz").read_bytes())
+    at = data.index(b"NUMPY") + 200  # inside x.npy's data: its CRC-32 no longer matches
+    data[at] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    return bad
+
+
+def _npz_with_an_unparseable_header(setup: Path, tmp_path: Path) -> Path:
+    """x.npy's header dict cut short: numpy's tokenizer raised TokenError."""
+    import zipfile
+
+    header = b"{'descr': '<f4', 'fortran_order': False, 'shape': (3,"
+    header += b" " * (-(10 + len(header) + 1) % 64) + b"\n"
+    npy = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + bytes(12)
+    bad = tmp_path / "header.npz"
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("x.npy", npy)
+        z.writestr("y.npy", npy)
+    return bad
+
+
+@pytest.mark.parametrize("make", [_corrupt_png_folder, _truncated_tfrecord, _tfrecord_missing_a_feature_later,
+                                  _npz_with_a_bad_member, _npz_with_an_unparseable_header])
+def test_corrupt_data_is_refused_in_one_line(setup, tmp_path, make):
+    """Fuzzer findings (issue 29): a corrupt image, a truncated record, a record
+    without the image feature after a good first one, an .npz member whose CRC
+    fails were each an 'unexpected failure' (exit 1) once the pipeline reached
+    them; now one line naming the data, exit 2, nothing written."""
+    spec = make(setup, tmp_path)
+    out = tmp_path / "r.keras"
+    r = _recover(str(setup / "model.keras"), "--data", str(spec), "--scale", "1/255", "-o", str(out))
+    assert_user_error(r, str(spec))
+    assert not out.exists() and not list(tmp_path.glob(".r.keras*"))

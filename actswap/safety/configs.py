@@ -23,6 +23,7 @@ from typing import Any
 
 from ..errors import LoadError, first_line
 from . import allowlists
+from .graphs import check_graphs
 from .report import (
     CODE, DAMAGED, ERROR, MAX_CONFIG_BYTES, MAX_JSON_DEPTH, NUMERICS, STRUCTURE, WARNING, ScanReport,
 )
@@ -146,6 +147,8 @@ def walk_config(config: dict[str, Any], report: ScanReport, *, legacy: bool) -> 
     """Check every serialized object in ``config``; return how many were checked."""
     ctx = _Walk(report, _CLASSES[bool(legacy)], legacy)
     _walk(config, "", (), True, ctx)
+    if legacy:  # tf_keras loops forever on a broken layer graph; Keras 3 stops itself
+        check_graphs(config, report, "the model config")
     if ctx.low_precision:
         dtype, where, place = ctx.low_precision
         report.add(

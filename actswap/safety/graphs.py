@@ -1,0 +1,123 @@
+"""The layer graph of a Keras 2 functional config, checked before tf_keras reads it.
+
+tf_keras rebuilds a functional model by calling each layer on the outputs of
+the nodes it reads, and puts a call whose inputs do not exist yet back in the
+queue, with no limit: a config where a layer reads a node that will never
+exist (a node index past the calls the config lists, a layer never called) or
+where layers read each other in a cycle makes ``load_model`` loop forever (the
+fuzzer found it, issue 29: one JSON edit of a Keras 2 ``.h5`` hung ``inspect``).
+Keras 3 stops such a loop itself ("has loops or disconnected nodes").
+
+:func:`check_graphs` refuses those configs: every reference ``[layer, node,
+tensor]`` in a functional config's ``inbound_nodes``, ``input_layers`` and
+``output_layers`` must name a layer of the same config and a node it has, and
+the layers must not read each other in a cycle.
+
+A layer's nodes are its calls (``inbound_nodes``); an ``InputLayer`` and a
+nested model (``Functional``, ``Model``, ``Sequential``) also have node 0 of
+their own, made when they are built, so their calls start at node 1.
+
+Invariants: reads the parsed config only; nothing is imported or written.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .report import DAMAGED, ERROR, ScanReport
+
+OWN_NODE = frozenset({"InputLayer", "Functional", "Model", "Sequential"})
+
+
+def check_graphs(config: Any, report: ScanReport, what: str) -> None:
+    """Add a finding for each functional config in ``config`` (at any depth) whose
+    layer graph tf_keras could not rebuild."""
+    for graph in _functional_configs(config):
+        problem = _problem(graph)
+        if problem is not None:
+            report.add(ERROR, DAMAGED, what, f"{what}: the layer graph is broken: {problem} "
+                       "(tf_keras would never finish loading it)")
+            return
+
+
+def _functional_configs(node: Any) -> list[dict[str, Any]]:
+    out = []
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if isinstance(item.get("layers"), list) and "output_layers" in item:
+                out.append(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return out
+
+
+def _refs(node: Any) -> list[tuple[Any, Any]]:
+    """The (layer name, node index) pairs a node's data reads: Keras 2's
+    ``[name, node, tensor, kwargs]`` lists and Keras 3's ``keras_history``."""
+    out = []
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            if len(item) >= 3 and isinstance(item[0], str) and all(isinstance(v, int) for v in item[1:3]):
+                out.append((item[0], item[1]))
+                stack.extend(item[3:])
+            else:
+                stack.extend(item)
+        elif isinstance(item, dict):
+            history = item.get("keras_history")
+            if isinstance(history, list) and len(history) >= 2 and isinstance(history[0], str):
+                out.append((history[0], history[1]))
+            stack.extend(v for k, v in item.items() if k != "keras_history")
+    return out
+
+
+def _problem(graph: dict[str, Any]) -> str | None:
+    layers = [layer for layer in graph["layers"] if isinstance(layer, dict)]
+    nodes: dict[str, int] = {}
+    for layer in layers:
+        if not isinstance(layer.get("name"), str):
+            return f"a layer's name is {type(layer.get('name')).__name__}, not text"
+        calls = layer.get("inbound_nodes")
+        count = len(calls) if isinstance(calls, list) else 0
+        cls = layer.get("class_name")
+        nodes[layer["name"]] = count + (1 if isinstance(cls, str) and cls in OWN_NODE else 0)
+    reads: dict[str, set[str]] = {name: set() for name in nodes}
+    places = [(layer.get("name"), layer.get("inbound_nodes")) for layer in layers]
+    places += [(None, graph.get("input_layers")), (None, graph.get("output_layers"))]
+    for reader, data in places:
+        for name, index in _refs(data):
+            if name not in nodes:
+                return f"'{reader or 'the model'}' reads layer '{name}', which the config does not define"
+            if not 0 <= index < nodes[name]:
+                return (f"'{reader or 'the model'}' reads node {index} of '{name}', "
+                        f"which has {nodes[name]} node(s)")
+            if reader is not None:
+                reads[reader].add(name)
+    cycle = _cycle(reads)
+    return f"layers read each other in a cycle ({' -> '.join(map(str, cycle))})" if cycle else None
+
+
+def _cycle(reads: dict[Any, set[Any]]) -> list[Any] | None:
+    """A cycle in ``reads`` (layer -> layers it reads), or None."""
+    state: dict[Any, int] = {}  # 1: on the current path, 2: done
+    for start in reads:
+        if state.get(start):
+            continue
+        path, stack = [start], [iter(sorted(reads[start], key=str))]
+        state[start] = 1
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                stack.pop()
+            elif state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            elif not state.get(nxt):
+                state[nxt] = 1
+                path.append(nxt)
+                stack.append(iter(sorted(reads.get(nxt, ()), key=str)))
+    return None

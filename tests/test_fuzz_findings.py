@@ -1,0 +1,195 @@
+"""What the fuzzer (benchmarks/fuzz.py, issue 29) found in the HDF5 reading path,
+each as a minimal reproducer, and the bounded reader that fixed the worst of it.
+
+Before the fix, each of these files ended `actswap scan` and `convert` with
+"error: unexpected failure: ..." (exit 1) or hung; now each is refused as a
+corrupt HDF5 file: one line naming it, exit 2, nothing written. Data-file
+findings (.npz, images, TFRecords) are in test_recover_data.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import assert_user_error
+from typer.testing import CliRunner
+
+from actswap import scan
+from actswap.cli import app
+from actswap.safety import bounded, hdf5
+
+runner = CliRunner()
+DATA = Path(__file__).parent / "data"
+CONFIG = json.dumps({"class_name": "Sequential", "config": {"name": "s", "layers": []}})
+
+
+def _link_name_not_utf8(tmp: Path) -> Path:
+    """A dataset whose name is not UTF-8: h5py's visit callback failed, and its
+    lock re-raised that as a SystemError."""
+    p = tmp / "badname.h5"
+    with h5py.File(p, "w") as f:
+        f.attrs["model_config"] = CONFIG
+        f.create_group("model_weights")[b"w\xcb\xff"] = np.zeros(3)
+    return p
+
+
+def _string_attribute_of_unknown_encoding(tmp: Path) -> Path:
+    """An attribute whose string type says character set 3 (HDF5 knows 0 and 1):
+    h5py raised TypeError('Unknown string encoding')."""
+    p = tmp / "encoding.h5"
+    with h5py.File(p, "w") as f:
+        f.attrs["model_config"] = CONFIG
+        f.attrs["note"] = np.bytes_(b"x" * 777)  # a string type of a size found nowhere else
+    data = bytearray(p.read_bytes())
+    # HDF5's datatype message: version 1, class 3 (string); charset in the high nibble of the next byte; size 777.
+    at = next(i for i in range(len(data) - 8) if data[i] == 0x13 and data[i + 4:i + 8] == (777).to_bytes(4, "little"))
+    data[at + 1] = (data[at + 1] & 0x0F) | 0x30
+    p.write_bytes(bytes(data))
+    return p
+
+
+def _link_address_past_the_end(tmp: Path) -> Path:
+    """A Keras 2 .h5 with bytes changed by the fuzzer: a link's object header
+    address lies past the end of the file ('Link visitation failed (addr
+    overflow ...)', a RuntimeError, as in the issue's B-tree report)."""
+    p = tmp / "overflow.h5"
+    p.write_bytes((DATA / "fuzz_h5_link_addr_overflow.h5").read_bytes())
+    return p
+
+
+CORRUPT = [_link_name_not_utf8, _string_attribute_of_unknown_encoding, _link_address_past_the_end]
+
+
+@pytest.mark.parametrize("make", CORRUPT)
+def test_corrupt_hdf5_is_refused_by_every_command(tmp_path, make):
+    path = make(tmp_path)
+    before = sorted(tmp_path.iterdir())
+    for args in (["scan", path], ["inspect", path], ["convert", path, "--to", "square"]):
+        r = runner.invoke(app, [str(a) for a in args])
+        assert_user_error(r, path.name, "corrupt HDF5")
+    assert sorted(tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("make", CORRUPT)
+def test_h5py_itself_fails_on_them(tmp_path, make):
+    """The control: each file does break h5py (so the tests above can fail)."""
+    path = make(tmp_path)
+    def read_all(f: h5py.File) -> None:
+        def visit(name: str, link: object) -> None:  # None: go on visiting
+            obj = f.get(name)
+            if obj is not None:
+                list(obj.attrs.values())
+
+        f.visititems_links(visit)
+        list(f.attrs.values())
+
+    with pytest.raises((RuntimeError, SystemError, TypeError)):
+        with h5py.File(path, "r") as f:
+            read_all(f)
+
+
+def test_a_reader_that_never_returns_is_refused_in_time(tmp_path, monkeypatch):
+    """HDF5 looped forever on a fuzzed Keras 2 .h5 (a corrupt global heap, reading one
+    attribute); C code cannot be interrupted, so the read runs in a child the parent
+    stops. Stood in for here by a reader that sleeps."""
+    path = tmp_path / "ok.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["model_config"] = CONFIG
+    monkeypatch.setattr(hdf5, "_read_h5", lambda source, label: time.sleep(60))
+    monkeypatch.setattr(bounded, "SECONDS", 1.0)
+    hdf5._READ.clear()
+    start = time.monotonic()
+    contents = hdf5.read_h5(path, path.name)
+    assert time.monotonic() - start < 20
+    assert contents.corrupt == "corrupt HDF5 'ok.h5': reading it did not finish within 1 s"
+    report = scan.ScanReport(str(path), "h5")
+    hdf5.check_h5_links(path, path.name, report)
+    assert [f.kind for f in report.errors] == ["damaged"]
+
+
+def test_bounded_returns_the_result_and_the_child_leaves_nothing():
+    assert bounded.bounded(lambda a, b: {"sum": a + b, "pid": os.getpid()}, 2, 3)["sum"] == 5
+    assert bounded.bounded(os.getpid) != os.getpid()  # it ran in another process
+
+
+def test_bounded_reports_time_memory_signals_and_errors():
+    with pytest.raises(bounded.ReaderFailed, match="did not finish within 0.5 s"):
+        bounded.bounded(time.sleep, 30, seconds=0.5)
+    with pytest.raises(bounded.ReaderFailed, match="more than 0.25 GB of memory"):
+        bounded.bounded(lambda: bytearray(2 * 1024**3), memory=256 * 1024**2)
+    with pytest.raises(bounded.ReaderFailed, match="signal 9"):  # as a crash in C code would end it
+        bounded.bounded(lambda: os.kill(os.getpid(), 9))
+    with pytest.raises(bounded.ChildError, match="ZeroDivisionError"):
+        bounded.bounded(lambda: 1 / 0)
+
+
+def test_a_bug_in_the_reader_is_not_called_a_corrupt_file(tmp_path, monkeypatch):
+    """Only h5py's errors mean a corrupt file; an error of actswap's own code stays
+    an unexpected failure (a blanket catch would hide bugs as refusals)."""
+    path = tmp_path / "ok.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["model_config"] = CONFIG
+
+    def buggy(source, label):
+        raise TypeError("a bug of ours")
+
+    monkeypatch.setattr(hdf5, "_read_h5", buggy)
+    hdf5._READ.clear()
+    with pytest.raises(RuntimeError, match="a bug of ours"):
+        hdf5.read_h5(path, path.name)
+
+
+def _keras2_nested_h5(tmp: Path, edit) -> Path:
+    import tf_keras
+
+    inp = tf_keras.Input((8,))
+    inner = tf_keras.Sequential([tf_keras.layers.Dense(8, activation="relu")], name="inner")
+    path = tmp / "nested.h5"
+    tf_keras.Model(inp, tf_keras.layers.Dense(3, name="head")(inner(inp))).save(path)
+    with h5py.File(path, "r+") as f:
+        config = json.loads(f.attrs["model_config"])
+        edit({layer["name"]: layer for layer in config["config"]["layers"]})
+        f.attrs["model_config"] = json.dumps(config)
+    return path
+
+
+def test_a_layer_graph_tf_keras_never_finishes_is_refused(tmp_path):
+    """The fuzzer's hang (issue 29): one JSON edit (the nested model's call list
+    emptied) leaves 'head' reading node 1 of 'inner', which never exists, and
+    tf_keras's load_model re-queues that call forever."""
+    path = _keras2_nested_h5(tmp_path, lambda layers: layers["inner"].update(inbound_nodes=[]))
+    r = runner.invoke(app, ["inspect", str(path)])
+    assert_user_error(r, path.name, "layer graph is broken", "'head' reads node 1 of 'inner'")
+    # The control: tf_keras itself does not come back (stopped by the bounded runner).
+    import tf_keras
+
+    with pytest.raises(bounded.ReaderFailed, match="did not finish"):
+        bounded.bounded(lambda: tf_keras.models.load_model(path, compile=False) and None, seconds=5)
+
+
+def test_layers_reading_each_other_in_a_cycle_are_refused(tmp_path):
+    def cycle(layers):
+        # 'inner' now reads 'head', which reads 'inner'.
+        layers["inner"]["inbound_nodes"] = [[["head", 0, 0, {}]]]
+
+    path = _keras2_nested_h5(tmp_path, cycle)
+    assert_user_error(runner.invoke(app, ["scan", str(path)]), "layer graph is broken", "cycle")
+
+
+def test_the_graph_check_accepts_the_graphs_keras2_writes(tmp_path):
+    """No false refusal: shared layers, a nested model called twice, several outputs."""
+    import tf_keras
+
+    a, b = tf_keras.Input((4,), name="a"), tf_keras.Input((4,), name="b")
+    shared = tf_keras.layers.Dense(4, activation="relu", name="shared")
+    inner = tf_keras.Sequential([tf_keras.Input((4,)), tf_keras.layers.Dense(4)], name="inner")
+    ya, yb = inner(shared(a)), inner(shared(b))
+    path = tmp_path / "shared.h5"
+    tf_keras.Model([a, b], [tf_keras.layers.Add()([ya, yb]), ya], name="m").save(path)
+    assert scan.scan(path).errors == []
