@@ -159,11 +159,20 @@ def _keras2_nested_h5(tmp: Path, edit) -> Path:
     return path
 
 
-def test_a_layer_graph_tf_keras_never_finishes_is_refused(tmp_path):
-    """The fuzzer's hang (issue 29): one JSON edit (the nested model's call list
-    emptied) leaves 'head' reading node 1 of 'inner', which never exists, and
-    tf_keras's load_model re-queues that call forever."""
-    path = _keras2_nested_h5(tmp_path, lambda layers: layers["inner"].update(inbound_nodes=[]))
+def _drop_the_calls(layers):
+    layers["inner"]["inbound_nodes"] = []  # 'inner' has its own node 0 and no call
+
+
+def _drop_the_input_layer(layers):
+    del layers["inner"]["config"]["layers"][0]  # 'inner' is no longer built: its call is node 0
+
+
+@pytest.mark.parametrize("edit", [_drop_the_calls, _drop_the_input_layer])
+def test_a_layer_graph_tf_keras_never_finishes_is_refused(tmp_path, edit):
+    """The fuzzer's two hangs (issue 29): one JSON edit each leaves 'head' reading
+    node 1 of 'inner', which never exists, and tf_keras's load_model re-queues
+    that call forever."""
+    path = _keras2_nested_h5(tmp_path, edit)
     r = runner.invoke(app, ["inspect", str(path)])
     assert_user_error(r, path.name, "layer graph is broken", "'head' reads node 1 of 'inner'")
     # The control: tf_keras itself does not come back (stopped by the bounded runner).
@@ -193,3 +202,25 @@ def test_the_graph_check_accepts_the_graphs_keras2_writes(tmp_path):
     path = tmp_path / "shared.h5"
     tf_keras.Model([a, b], [tf_keras.layers.Add()([ya, yb]), ya], name="m").save(path)
     assert scan.scan(path).errors == []
+
+
+@pytest.mark.parametrize("layers, broken", [
+    ([{"name": ["x"], "class_name": "Dense", "inbound_nodes": []}], True),  # a name that is a list
+    ([{"name": "a", "class_name": ["Dense"], "inbound_nodes": [[["a", 0, 0, {}]]]}], True),  # reads itself
+    # A class that is a dict (the allow-list walk refuses it) and a reference that is not text (ignored):
+    ([{"name": "a", "class_name": {"x": 1}, "inbound_nodes": [{"args": [{"config": {"keras_history": [{}, 0, 0]}}]}]}],
+     False),
+    ([{"name": "a", "class_name": "Dense", "inbound_nodes": "nodes"}, 7, None], True),  # 'a' has no node 0
+    # A node index that is text (compared with an int: TypeError, the long run's finding):
+    ([{"name": "a", "class_name": "Dense", "inbound_nodes": [{"args": [{"config": {"keras_history": ["a", "0", 0]}}]}]}],
+     False),
+])
+def test_the_graph_check_reads_any_json_as_data(layers, broken):
+    """The graph check itself met mutated configs: a name or class that is a list or
+    a dict raised TypeError (unhashable) before it learnt to refuse them."""
+    from actswap.safety.graphs import check_graphs
+
+    report = scan.ScanReport("m.h5", "h5")
+    check_graphs({"class_name": "Functional", "config": {"layers": layers, "input_layers": [],
+                                                        "output_layers": [["a", 0, 0]]}}, report, "model_config")
+    assert [f.kind for f in report.errors] == (["damaged"] if broken else [])

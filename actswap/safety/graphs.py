@@ -13,9 +13,13 @@ tensor]`` in a functional config's ``inbound_nodes``, ``input_layers`` and
 ``output_layers`` must name a layer of the same config and a node it has, and
 the layers must not read each other in a cycle.
 
-A layer's nodes are its calls (``inbound_nodes``); an ``InputLayer`` and a
-nested model (``Functional``, ``Model``, ``Sequential``) also have node 0 of
-their own, made when they are built, so their calls start at node 1.
+A layer's nodes are its calls (``inbound_nodes``); an ``InputLayer``, a nested
+``Functional``/``Model`` and a nested ``Sequential`` that is built when it is
+deserialized (its first layer an ``InputLayer`` or declaring its input shape,
+which is how tf_keras always writes one it has called) also have node 0 of
+their own, so their calls start at node 1. A ``Sequential`` with no input
+shape gets no node of its own: its first call is node 0 (the fuzzer's second
+hang: the nested model's ``InputLayer`` deleted, the call still read as node 1).
 
 Invariants: reads the parsed config only; nothing is imported or written.
 """
@@ -26,7 +30,31 @@ from typing import Any
 
 from .report import DAMAGED, ERROR, ScanReport
 
-OWN_NODE = frozenset({"InputLayer", "Functional", "Model", "Sequential"})
+OWN_NODE = frozenset({"InputLayer", "Functional", "Model"})
+INPUT_SHAPE_KEYS = ("batch_input_shape", "batch_shape", "input_shape")
+
+
+def _own_node(layer: dict[str, Any]) -> bool:
+    """Whether ``layer`` has a node of its own before it is called (see the module docstring)."""
+    cls = layer.get("class_name")
+    if not isinstance(cls, str):
+        return False
+    if cls in OWN_NODE:
+        return True
+    if cls != "Sequential":
+        return False
+    config = layer.get("config")
+    if not isinstance(config, dict):
+        return False
+    if config.get("build_input_shape") is not None:
+        return True
+    inner = config.get("layers")
+    first = inner[0] if isinstance(inner, list) and inner else None
+    if not isinstance(first, dict):
+        return False
+    first_config = first.get("config")
+    return first.get("class_name") == "InputLayer" or (
+        isinstance(first_config, dict) and any(first_config.get(k) is not None for k in INPUT_SHAPE_KEYS))
 
 
 def check_graphs(config: Any, report: ScanReport, what: str) -> None:
@@ -69,7 +97,8 @@ def _refs(node: Any) -> list[tuple[Any, Any]]:
                 stack.extend(item)
         elif isinstance(item, dict):
             history = item.get("keras_history")
-            if isinstance(history, list) and len(history) >= 2 and isinstance(history[0], str):
+            if isinstance(history, list) and len(history) >= 2 and isinstance(history[0], str) \
+                    and isinstance(history[1], int):
                 out.append((history[0], history[1]))
             stack.extend(v for k, v in item.items() if k != "keras_history")
     return out
@@ -83,8 +112,7 @@ def _problem(graph: dict[str, Any]) -> str | None:
             return f"a layer's name is {type(layer.get('name')).__name__}, not text"
         calls = layer.get("inbound_nodes")
         count = len(calls) if isinstance(calls, list) else 0
-        cls = layer.get("class_name")
-        nodes[layer["name"]] = count + (1 if isinstance(cls, str) and cls in OWN_NODE else 0)
+        nodes[layer["name"]] = count + (1 if _own_node(layer) else 0)
     reads: dict[str, set[str]] = {name: set() for name in nodes}
     places = [(layer.get("name"), layer.get("inbound_nodes")) for layer in layers]
     places += [(None, graph.get("input_layers")), (None, graph.get("output_layers"))]
