@@ -182,7 +182,7 @@ def _validate_keras_zip(p: Path) -> None:
 
 
 def _validate_h5(p: Path) -> None:
-    from .safety.hdf5 import read_h5  # HDF5 read in a bounded child (it can hang on a corrupt file)
+    from .safety.h5read import read_h5  # HDF5 read in a bounded child (it can hang on a corrupt file)
 
     contents = read_h5(p, p.name)
     if contents.corrupt is not None:

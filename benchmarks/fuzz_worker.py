@@ -129,18 +129,14 @@ def make_input(target: str, seed_name: str, rng: random.Random, work: Path) -> P
         if victim.name == "saved_model.pb" and rng.random() < 0.5:
             from tensorflow.core.protobuf import saved_model_pb2
 
-            msg = saved_model_pb2.SavedModel()
-            msg.ParseFromString(victim.read_bytes())
-            victim.write_bytes(mut.mutate_proto(msg, rng))
+            victim.write_bytes(_mutated_message(saved_model_pb2.SavedModel, victim.read_bytes(), rng))
         else:
             victim.write_bytes(mut.mutate_bytes(victim.read_bytes(), rng))
     elif target == "graphdef":
         if rng.random() < 0.5:
             from tensorflow.core.framework import graph_pb2
 
-            msg = graph_pb2.GraphDef()
-            msg.ParseFromString(src.read_bytes())
-            dst.write_bytes(mut.mutate_proto(msg, rng))
+            dst.write_bytes(_mutated_message(graph_pb2.GraphDef, src.read_bytes(), rng))
         else:
             dst.write_bytes(mut.mutate_bytes(src.read_bytes(), rng))
     elif target == "npz":
@@ -172,6 +168,13 @@ def make_input(target: str, seed_name: str, rng: random.Random, work: Path) -> P
     else:
         raise ValueError(target)
     return dst
+
+
+def _mutated_message(cls: Any, data: bytes, rng: random.Random) -> bytes:
+    """``data`` parsed as protobuf message ``cls``, mutated, serialized."""
+    msg = cls()
+    msg.ParseFromString(data)
+    return mut.mutate_proto(msg, rng)
 
 
 # --- stages --------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from actswap import scan
 from actswap.cli import app
-from actswap.safety import bounded, hdf5
+from actswap.safety import bounded, h5read, hdf5
 
 runner = CliRunner()
 DATA = Path(__file__).parent / "data"
@@ -101,11 +101,11 @@ def test_a_reader_that_never_returns_is_refused_in_time(tmp_path, monkeypatch):
     path = tmp_path / "ok.h5"
     with h5py.File(path, "w") as f:
         f.attrs["model_config"] = CONFIG
-    monkeypatch.setattr(hdf5, "_read_h5", lambda source, label: time.sleep(60))
+    monkeypatch.setattr(h5read, "_read_h5", lambda source, label: time.sleep(60))
     monkeypatch.setattr(bounded, "SECONDS", 1.0)
-    hdf5._READ.clear()
+    h5read._READ.clear()
     start = time.monotonic()
-    contents = hdf5.read_h5(path, path.name)
+    contents = h5read.read_h5(path, path.name)
     assert time.monotonic() - start < 20
     assert contents.corrupt == "corrupt HDF5 'ok.h5': reading it did not finish within 1 s"
     report = scan.ScanReport(str(path), "h5")
@@ -139,10 +139,10 @@ def test_a_bug_in_the_reader_is_not_called_a_corrupt_file(tmp_path, monkeypatch)
     def buggy(source, label):
         raise TypeError("a bug of ours")
 
-    monkeypatch.setattr(hdf5, "_read_h5", buggy)
-    hdf5._READ.clear()
+    monkeypatch.setattr(h5read, "_read_h5", buggy)
+    h5read._READ.clear()
     with pytest.raises(RuntimeError, match="a bug of ours"):
-        hdf5.read_h5(path, path.name)
+        h5read.read_h5(path, path.name)
 
 
 def _keras2_nested_h5(tmp: Path, edit) -> Path:

@@ -99,7 +99,7 @@ def _json_object(raw: Any, path: Path, what: str) -> dict[str, Any]:
 
 def h5_attrs(path: Path) -> dict[str, Any]:
     """``model_config`` (required) and ``training_config`` (optional) of an HDF5 model."""
-    from ..safety.hdf5 import read_h5  # in a bounded child: HDF5 can hang on a corrupt file
+    from ..safety.h5read import read_h5  # in a bounded child: HDF5 can hang on a corrupt file
 
     contents = read_h5(path, Path(path).name)
     if contents.corrupt is not None:
