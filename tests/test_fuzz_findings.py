@@ -221,6 +221,26 @@ def test_the_graph_check_reads_any_json_as_data(layers, broken):
     from actswap.safety.graphs import check_graphs
 
     report = scan.ScanReport("m.h5", "h5")
-    check_graphs({"class_name": "Functional", "config": {"layers": layers, "input_layers": [],
+    check_graphs({"class_name": "Functional", "config": {"layers": layers, "input_layers": [["a", 0, 0]],
                                                         "output_layers": [["a", 0, 0]]}}, report, "model_config")
     assert [f.kind for f in report.errors] == (["damaged"] if broken else [])
+
+
+def test_a_model_without_outputs_is_refused_before_tf_keras_clones_it(tmp_path):
+    """The fuzzer's third hang (issue 29): output_layers emptied. tf_keras loads the
+    file; cloning the model (convert's rewrite) re-queues calls forever."""
+    path = _keras2_nested_h5(tmp_path, lambda layers: None)
+    with h5py.File(path, "r+") as f:
+        config = json.loads(f.attrs["model_config"])
+        config["config"]["output_layers"] = []
+        f.attrs["model_config"] = json.dumps(config)
+    assert_user_error(runner.invoke(app, ["convert", str(path), "--to", "square"]), path.name,
+                      "the model has no outputs")
+    # And the rewrite engine refuses such a model itself, whatever loaded it.
+    from types import SimpleNamespace
+
+    from actswap.errors import UnsupportedModelError
+    from actswap.legacy.engine import _check_cloneable
+
+    with pytest.raises(UnsupportedModelError, match="'m' has no outputs"):
+        _check_cloneable(SimpleNamespace(name="m", inputs=[object()], outputs=[]))

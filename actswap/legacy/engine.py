@@ -111,13 +111,28 @@ def clone(model: Any, clone_leaf: Callable[[Any], Any]) -> tuple[Any, dict[int, 
         if id(layer) in mapping:  # shared between nested models
             return mapping[id(layer)]
         if is_graph_model(layer):
+            _check_cloneable(layer)
             new = tf_keras.models.clone_model(layer, clone_function=clone_layer)
         else:
             new = clone_leaf(layer)
         mapping[id(layer)] = new
         return new
 
+    _check_cloneable(model)
     return tf_keras.models.clone_model(model, clone_function=clone_layer), mapping
+
+
+def _check_cloneable(model: Any) -> None:
+    """Refuse a graph model tf_keras's ``clone_model`` would never finish: one
+    without inputs or outputs (tf_keras loads such a file; its clone re-queues
+    calls forever)."""
+    from ..errors import UnsupportedModelError
+
+    if not getattr(model, "inputs", None) or not getattr(model, "outputs", None):
+        raise UnsupportedModelError(
+            f"model '{model.name}' has no {'inputs' if not getattr(model, 'inputs', None) else 'outputs'}; "
+            "nothing to convert (is the file damaged?)"
+        )
 
 
 def signature(model: Any) -> tuple[Any, ...]:

@@ -10,8 +10,10 @@ Keras 3 stops such a loop itself ("has loops or disconnected nodes").
 
 :func:`check_graphs` refuses those configs: every reference ``[layer, node,
 tensor]`` in a functional config's ``inbound_nodes``, ``input_layers`` and
-``output_layers`` must name a layer of the same config and a node it has, and
-the layers must not read each other in a cycle.
+``output_layers`` must name a layer of the same config and a node it has, the
+layers must not read each other in a cycle, and the model must have inputs
+and outputs (tf_keras loads a model with none, and cloning it, which convert
+does, never ends: the fuzzer's third hang).
 
 A layer's nodes are its calls (``inbound_nodes``); an ``InputLayer``, a nested
 ``Functional``/``Model`` and a nested ``Sequential`` that is built when it is
@@ -64,7 +66,7 @@ def check_graphs(config: Any, report: ScanReport, what: str) -> None:
         problem = _problem(graph)
         if problem is not None:
             report.add(ERROR, DAMAGED, what, f"{what}: the layer graph is broken: {problem} "
-                       "(tf_keras would never finish loading it)")
+                       "(tf_keras would never finish rebuilding it)")
             return
 
 
@@ -113,6 +115,9 @@ def _problem(graph: dict[str, Any]) -> str | None:
         calls = layer.get("inbound_nodes")
         count = len(calls) if isinstance(calls, list) else 0
         nodes[layer["name"]] = count + (1 if _own_node(layer) else 0)
+    for key in ("input_layers", "output_layers"):
+        if not _refs(graph.get(key)):  # tf_keras loads such a model, and then cloning it never ends
+            return f"the model has no {key.split('_')[0]}s ({key} is empty)"
     reads: dict[str, set[str]] = {name: set() for name in nodes}
     places = [(layer.get("name"), layer.get("inbound_nodes")) for layer in layers]
     places += [(None, graph.get("input_layers")), (None, graph.get("output_layers"))]
