@@ -247,8 +247,14 @@ def _tensor_leaves(structure: Any) -> list[Any]:
 
 def _pack_outputs(fn: Any, flat: list[Any]) -> Any:
     """``fn``'s structured outputs with its output tensors replaced, in order, by ``flat``."""
+    structure = tf.nest.flatten(fn.structured_outputs)
+    declared = sum(isinstance(x, (tf.Tensor, tf.TensorSpec)) for x in structure)
+    if declared != len(flat):  # a damaged SavedModel (found by the fuzzer, issue 29)
+        raise UnsupportedModelError(
+            f"function '{function_name(fn)}' returns {len(flat)} tensor(s) but its signature declares {declared}"
+        )
     values = iter(flat)
-    leaves = [next(values) if isinstance(x, (tf.Tensor, tf.TensorSpec)) else x for x in tf.nest.flatten(fn.structured_outputs)]
+    leaves = [next(values) if isinstance(x, (tf.Tensor, tf.TensorSpec)) else x for x in structure]
     return tf.nest.pack_sequence_as(fn.structured_outputs, leaves)
 
 

@@ -244,3 +244,17 @@ def test_a_model_without_outputs_is_refused_before_tf_keras_clones_it(tmp_path):
 
     with pytest.raises(UnsupportedModelError, match="'m' has no outputs"):
         _check_cloneable(SimpleNamespace(name="m", inputs=[object()], outputs=[]))
+
+
+def test_a_savedmodel_whose_function_returns_fewer_tensors_than_declared(tmp_path):
+    """A fuzzed Keras export() SavedModel (issue 29): its serving function returns no
+    tensor while its signature declares one; rewriting it ended in a bare
+    StopIteration ('unexpected failure'). Stored as the fuzzer wrote it."""
+    import shutil
+
+    path = tmp_path / "export_sm"
+    shutil.copytree(DATA / "fuzz_savedmodel_outputs_mismatch", path)
+    for command in ("inspect", "convert"):
+        args = [command, str(path)] + (["--to", "square", "-o", str(tmp_path / "out_sm")] if command == "convert" else [])
+        assert_user_error(runner.invoke(app, args), str(path), "returns 0 tensor(s) but its signature declares 1")
+    assert not (tmp_path / "out_sm").exists()
