@@ -14,6 +14,10 @@ Messages are one line, name what was received, and say what to try.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
 
 class ActswapError(Exception):
     """Base class; ``exit_code`` is the CLI exit status for this failure."""
@@ -82,3 +86,16 @@ def first_line(e: BaseException) -> str:
     third-party errors are quoted in actswap's one-line messages this way."""
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def naming(path: Any) -> Iterator[None]:
+    """An :class:`UnsupportedModelError` raised inside, whose message does not name
+    ``path``, raised again with the path in front: a refusal names the file (the
+    fuzzer's rule, issue 29), also when the engine that refused never saw it."""
+    try:
+        yield
+    except UnsupportedModelError as e:
+        if str(path) in str(e):
+            raise
+        raise type(e)(f"'{path}': {e}") from None

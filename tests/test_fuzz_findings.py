@@ -167,14 +167,17 @@ def _drop_the_input_layer(layers):
     del layers["inner"]["config"]["layers"][0]  # 'inner' is no longer built: its call is node 0
 
 
-@pytest.mark.parametrize("edit", [_drop_the_calls, _drop_the_input_layer])
-def test_a_layer_graph_tf_keras_never_finishes_is_refused(tmp_path, edit):
-    """The fuzzer's two hangs (issue 29): one JSON edit each leaves 'head' reading
-    node 1 of 'inner', which never exists, and tf_keras's load_model re-queues
-    that call forever."""
+@pytest.mark.parametrize("edit, why", [
+    (_drop_the_calls, "'head' reads node 1 of 'inner'"),
+    (_drop_the_input_layer, "'head' reads node 1 of 'inner'"),
+])
+def test_a_layer_graph_tf_keras_never_finishes_is_refused(tmp_path, edit, why):
+    """The fuzzer's hangs (issue 29): one JSON edit each (a call list emptied; the
+    nested model's InputLayer deleted) leaves 'head' reading node 1 of 'inner',
+    which never exists, and tf_keras's load_model re-queues that call forever."""
     path = _keras2_nested_h5(tmp_path, edit)
     r = runner.invoke(app, ["inspect", str(path)])
-    assert_user_error(r, path.name, "layer graph is broken", "'head' reads node 1 of 'inner'")
+    assert_user_error(r, path.name, "layer graph is broken", why)
     # The control: tf_keras itself does not come back (stopped by the bounded runner).
     import tf_keras
 
@@ -258,3 +261,28 @@ def test_a_savedmodel_whose_function_returns_fewer_tensors_than_declared(tmp_pat
         args = [command, str(path)] + (["--to", "square", "-o", str(tmp_path / "out_sm")] if command == "convert" else [])
         assert_user_error(runner.invoke(app, args), str(path), "returns 0 tensor(s) but its signature declares 1")
     assert not (tmp_path / "out_sm").exists()
+
+
+def test_a_refusal_of_a_keras2_savedmodel_names_it(tmp_path):
+    """A fuzzed Keras 2 SavedModel whose layer the rewrite cannot rebuild was
+    refused (exit 2) without naming the file (issue 29's rule: a refusal names
+    it). Stored as the fuzzer wrote it."""
+    import shutil
+
+    path = tmp_path / "keras2_sm"
+    shutil.copytree(DATA / "fuzz_keras2_savedmodel_restored_layer", path)
+    r = runner.invoke(app, ["convert", str(path), "--to", "square", "-o", str(tmp_path / "out_sm")])
+    assert_user_error(r, str(path), "restored from the SavedModel graph")
+
+
+def test_two_layers_of_one_name_are_refused(tmp_path):
+    """The fuzzer's fourth hang (issue 29): a Keras 2 .h5 whose InputLayer entry is
+    listed twice; tf_keras's rebuild maps calls by layer name and never finishes.
+    Stored as the fuzzer wrote it (a construction by hand loaded fine)."""
+    path = tmp_path / "dup.h5"
+    path.write_bytes((DATA / "fuzz_h5_duplicate_input_layer.h5").read_bytes())
+    assert_user_error(runner.invoke(app, ["inspect", str(path)]), path.name, "two layers are named 'input_1'")
+    import tf_keras
+
+    with pytest.raises(bounded.ReaderFailed, match="did not finish"):
+        bounded.bounded(lambda: tf_keras.models.load_model(path, compile=False) and None, seconds=5)

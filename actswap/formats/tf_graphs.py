@@ -27,7 +27,7 @@ import tensorflow as tf
 
 from .. import graph, registry
 from ..containers import Format
-from ..errors import InvariantError, LoadError, UnsupportedModelError, UserError, first_line
+from ..errors import InvariantError, LoadError, UserError, first_line, naming
 from ..paths import (
     check_output_dir, disk_full, ensure_space, hold_before_rename, is_disk_full, remove_stale_temps,
     temp_prefix,
@@ -177,12 +177,8 @@ def rewrite_savedmodel(path: Path, hook: _Sites, trust_code: bool = False) -> tu
     (one copy of its graph, not two); that function's sites are reported under
     the signature's path, as a signature's own. A function no signature
     reaches is reported under its attribute path."""
-    try:
+    with naming(path):
         return _rewrite_savedmodel(path, hook, trust_code)
-    except UnsupportedModelError as e:
-        if str(path) in str(e):
-            raise
-        raise UnsupportedModelError(f"'{path}': {e}") from None  # the message names the file
 
 
 def _rewrite_savedmodel(path: Path, hook: _Sites, trust_code: bool) -> tuple[Any, Rewritten, list[str]]:

@@ -52,14 +52,18 @@ class TfKerasH5Backend(Backend):
         return normalize(options.grad)
 
     def inspect(self, path: Path, options: ConvertOptions) -> Report:
+        from ..errors import naming
         from ..legacy import inspect_legacy
 
-        return inspect_legacy(path, trust_code=options.trust_code)
+        with naming(path):
+            return inspect_legacy(path, trust_code=options.trust_code)
 
     def convert(self, path: Path, options: ConvertOptions) -> tuple[Any, Report]:
+        from ..errors import naming
         from ..legacy import convert_file
 
-        return convert_file(path, self._options(options), options.trust_code)
+        with naming(path):
+            return convert_file(path, self._options(options), options.trust_code)
 
     def holds(self, converted: Any) -> bool:
         tf_keras = sys.modules.get("tf_keras")

@@ -11,7 +11,8 @@ Keras 3 stops such a loop itself ("has loops or disconnected nodes").
 :func:`check_graphs` refuses those configs: every reference ``[layer, node,
 tensor]`` in a functional config's ``inbound_nodes``, ``input_layers`` and
 ``output_layers`` must name a layer of the same config and a node it has, the
-layers must not read each other in a cycle, and the model must have inputs
+layers must not read each other in a cycle, no two layers may share a name
+(the fuzzer's fourth hang: an InputLayer entry duplicated), and the model must have inputs
 and outputs (tf_keras loads a model with none, and cloning it, which convert
 does, never ends: the fuzzer's third hang).
 
@@ -112,6 +113,8 @@ def _problem(graph: dict[str, Any]) -> str | None:
     for layer in layers:
         if not isinstance(layer.get("name"), str):
             return f"a layer's name is {type(layer.get('name')).__name__}, not text"
+        if layer["name"] in nodes:  # tf_keras maps calls by name: a second one loops its rebuild
+            return f"two layers are named '{layer['name']}'"
         calls = layer.get("inbound_nodes")
         count = len(calls) if isinstance(calls, list) else 0
         nodes[layer["name"]] = count + (1 if _own_node(layer) else 0)
