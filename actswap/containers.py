@@ -20,7 +20,7 @@ import stat
 import zipfile
 from pathlib import Path
 
-from .errors import UnrecognisedFormatError, UserError
+from .errors import UnrecognisedFormatError, UserError, first_line
 
 ZIP_MAGIC = b"PK\x03\x04"
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -169,9 +169,9 @@ def _validate_keras_zip(p: Path) -> None:
     try:
         with zipfile.ZipFile(p) as z:
             names = set(z.namelist())
-    except (zipfile.BadZipFile, EOFError, OSError) as e:
+    except (zipfile.BadZipFile, EOFError, OSError, UnicodeDecodeError) as e:  # a member name flagged UTF-8 that is not
         raise UnrecognisedFormatError(
-            f"'{p}' is a damaged zip archive ({e}); the .keras file is probably truncated, "
+            f"'{p}' is a damaged zip archive ({first_line(e)}); the .keras file is probably truncated, "
             "save or copy it again"
         ) from None
     if "config.json" not in names:

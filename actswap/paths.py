@@ -92,11 +92,11 @@ def check_output_onnx(path: str | os.PathLike[str], *, overwrite: bool = False) 
 
 def read_arrays(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
     """The arrays of an .npz (by name) or an .npy (as ``x``); UserError naming ``what``."""
-    import numpy as np
-
     import tokenize
     import zipfile
     import zlib
+
+    import numpy as np
 
     p = Path(path)
     # Every array is read here, inside the try: an .npz reads its members lazily,

@@ -286,3 +286,20 @@ def test_two_layers_of_one_name_are_refused(tmp_path):
 
     with pytest.raises(bounded.ReaderFailed, match="did not finish"):
         bounded.bounded(lambda: tf_keras.models.load_model(path, compile=False) and None, seconds=5)
+
+
+def test_a_zip_member_name_flagged_utf8_that_is_not_is_a_damaged_archive(tmp_path):
+    """The final long run's finding (issue 29): a .keras whose central directory
+    flags a member name as UTF-8 while its bytes are not; Python's zipfile raised
+    UnicodeDecodeError while opening it ('unexpected failure')."""
+    import zipfile
+
+    path = tmp_path / "names.keras"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("config.json", CONFIG)
+        z.writestr("\u00e9.txt", b"x")  # non-ASCII: written with the UTF-8 flag
+    path.write_bytes(path.read_bytes().replace("\u00e9".encode(), b"\x86\x86"))
+    with pytest.raises(UnicodeDecodeError):  # the control
+        zipfile.ZipFile(path)
+    for command in ("scan", "inspect"):
+        assert_user_error(runner.invoke(app, [command, str(path)]), path.name, "damaged zip archive")

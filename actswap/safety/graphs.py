@@ -8,21 +8,24 @@ where layers read each other in a cycle makes ``load_model`` loop forever (the
 fuzzer found it, issue 29: one JSON edit of a Keras 2 ``.h5`` hung ``inspect``).
 Keras 3 stops such a loop itself ("has loops or disconnected nodes").
 
-:func:`check_graphs` refuses those configs: every reference ``[layer, node,
-tensor]`` in a functional config's ``inbound_nodes``, ``input_layers`` and
-``output_layers`` must name a layer of the same config and a node it has, the
-layers must not read each other in a cycle, no two layers may share a name
-(the fuzzer's fourth hang: an InputLayer entry duplicated), and the model must have inputs
-and outputs (tf_keras loads a model with none, and cloning it, which convert
-does, never ends: the fuzzer's third hang).
+:func:`check_graphs` refuses those configs:
+
+* every reference ``[layer, node, tensor]`` in a functional config's
+  ``inbound_nodes``, ``input_layers`` and ``output_layers`` names a layer of
+  the same config and a node it has;
+* the layers do not read each other in a cycle;
+* no two layers share a name (tf_keras maps calls by name; a fuzzed file
+  listing its InputLayer twice hung the rebuild);
+* the model has inputs and outputs (tf_keras loads a model with none, and
+  cloning it, which ``convert`` does, never ends).
 
 A layer's nodes are its calls (``inbound_nodes``); an ``InputLayer``, a nested
 ``Functional``/``Model`` and a nested ``Sequential`` that is built when it is
 deserialized (its first layer an ``InputLayer`` or declaring its input shape,
 which is how tf_keras always writes one it has called) also have node 0 of
 their own, so their calls start at node 1. A ``Sequential`` with no input
-shape gets no node of its own: its first call is node 0 (the fuzzer's second
-hang: the nested model's ``InputLayer`` deleted, the call still read as node 1).
+shape gets no node of its own: its first call is node 0 (a fuzzed file whose
+nested model lost its ``InputLayer`` still read its call as node 1, and hung).
 
 Invariants: reads the parsed config only; nothing is imported or written.
 """
@@ -61,8 +64,8 @@ def _own_node(layer: dict[str, Any]) -> bool:
 
 
 def check_graphs(config: Any, report: ScanReport, what: str) -> None:
-    """Add a finding for each functional config in ``config`` (at any depth) whose
-    layer graph tf_keras could not rebuild."""
+    """Add one finding if some functional config in ``config`` (at any depth) has
+    a layer graph tf_keras could not rebuild (the first problem found)."""
     for graph in _functional_configs(config):
         problem = _problem(graph)
         if problem is not None:

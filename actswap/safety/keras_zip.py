@@ -43,7 +43,7 @@ def scan_keras_archive(p: Path, report: ScanReport) -> None:
     check_polyglot(p, report)
     try:
         z = zipfile.ZipFile(p)
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
+    except (zipfile.BadZipFile, OSError, EOFError, UnicodeDecodeError) as e:  # a member name flagged UTF-8 that is not
         report.add(ERROR, DAMAGED, p.name, f"'{p.name}' is a damaged zip archive ({e})")
         return
     with z:
