@@ -21,6 +21,7 @@ import zipfile
 from pathlib import Path
 
 from .errors import UnrecognisedFormatError, UserError, first_line
+from .zipmember import OPEN_ERRORS
 
 ZIP_MAGIC = b"PK\x03\x04"
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -169,7 +170,7 @@ def _validate_keras_zip(p: Path) -> None:
     try:
         with zipfile.ZipFile(p) as z:
             names = set(z.namelist())
-    except (zipfile.BadZipFile, EOFError, OSError, UnicodeDecodeError) as e:  # a member name flagged UTF-8 that is not
+    except OPEN_ERRORS as e:
         raise UnrecognisedFormatError(
             f"'{p}' is a damaged zip archive ({first_line(e)}); the .keras file is probably truncated, "
             "save or copy it again"

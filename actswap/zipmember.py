@@ -19,6 +19,13 @@ from typing import Any
 
 _LOCAL_HEADER = 30  # fixed part of a zip local file header
 
+# What zipfile raises when it opens (reads the central directory of) a damaged
+# archive: besides BadZipFile, a truncated or unreadable file (EOFError,
+# OSError), a member name flagged UTF-8 that is not (UnicodeDecodeError) and a
+# "version needed to extract" or compression method it does not know
+# (NotImplementedError: "zip file version 8.4"), all found by the fuzzer (issue 29).
+OPEN_ERRORS = (zipfile.BadZipFile, EOFError, OSError, UnicodeDecodeError, NotImplementedError)
+
 
 class FileWindow(io.RawIOBase):
     """Bytes ``[start, start + size)`` of an open file descriptor, read with

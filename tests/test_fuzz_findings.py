@@ -303,3 +303,24 @@ def test_a_zip_member_name_flagged_utf8_that_is_not_is_a_damaged_archive(tmp_pat
         zipfile.ZipFile(path)
     for command in ("scan", "inspect"):
         assert_user_error(runner.invoke(app, [command, str(path)]), path.name, "damaged zip archive")
+
+
+def test_a_zip_entry_needing_an_unknown_zip_version_is_a_damaged_archive(tmp_path):
+    """The fourth long run's finding (issue 29): a .keras whose central directory
+    entry asks for zip version 8.4 to extract (a changed byte); Python's zipfile
+    raised NotImplementedError('zip file version 8.4') while opening it
+    ('unexpected failure')."""
+    import struct
+    import zipfile
+
+    path = tmp_path / "version.keras"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("config.json", CONFIG)
+    data = bytearray(path.read_bytes())
+    entry = data.index(b"PK\x01\x02")  # the central directory entry: version needed to extract at +6
+    data[entry + 6: entry + 8] = struct.pack("<H", 84)
+    path.write_bytes(bytes(data))
+    with pytest.raises(NotImplementedError, match="zip file version 8.4"):  # the control
+        zipfile.ZipFile(path)
+    for command in (["scan"], ["inspect"], ["convert", "--to", "square"]):
+        assert_user_error(runner.invoke(app, [*command, str(path)]), path.name, "damaged zip archive")

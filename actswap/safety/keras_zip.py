@@ -23,7 +23,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from ..zipmember import stored_member
+from ..zipmember import OPEN_ERRORS, stored_member
 from .configs import check_config, load_config, parse_json
 from .hdf5 import check_h5_links
 from .names import check_polyglot, misnamed
@@ -43,7 +43,7 @@ def scan_keras_archive(p: Path, report: ScanReport) -> None:
     check_polyglot(p, report)
     try:
         z = zipfile.ZipFile(p)
-    except (zipfile.BadZipFile, OSError, EOFError, UnicodeDecodeError) as e:  # a member name flagged UTF-8 that is not
+    except OPEN_ERRORS as e:
         report.add(ERROR, DAMAGED, p.name, f"'{p.name}' is a damaged zip archive ({e})")
         return
     with z:
