@@ -93,8 +93,8 @@ def check_output_onnx(path: str | os.PathLike[str], *, overwrite: bool = False) 
 def read_arrays(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
     """The arrays of an .npz (by name) or an .npy (as ``x``); UserError naming ``what``."""
     import tokenize
-    import zipfile
-    import zlib
+
+    from .zipmember import MEMBER_ERRORS
 
     import numpy as np
 
@@ -108,8 +108,7 @@ def read_arrays(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
             return {"x": data}
         with data:
             return {k: data[k] for k in data.files}
-    except (OSError, ValueError, EOFError, KeyError, NotImplementedError, SyntaxError, tokenize.TokenError,
-            zipfile.BadZipFile, zlib.error) as e:  # what np.load and zipfile raise on corrupt bytes
+    except (*MEMBER_ERRORS, ValueError, KeyError, SyntaxError, tokenize.TokenError) as e:  # np.load and zipfile on corrupt bytes
         raise UserError(f"cannot read {what} '{p}': a damaged .npz/.npy file ({first_line(e)})") from None
     except MemoryError:
         raise UserError(f"cannot read {what} '{p}': its arrays do not fit in memory") from None

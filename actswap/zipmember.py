@@ -15,6 +15,7 @@ import io
 import os
 import struct
 import zipfile
+import zlib
 from typing import Any
 
 _LOCAL_HEADER = 30  # fixed part of a zip local file header
@@ -25,6 +26,11 @@ _LOCAL_HEADER = 30  # fixed part of a zip local file header
 # "version needed to extract" or compression method it does not know
 # (NotImplementedError: "zip file version 8.4"), all found by the fuzzer (issue 29).
 OPEN_ERRORS = (zipfile.BadZipFile, EOFError, OSError, UnicodeDecodeError, NotImplementedError)
+# What reading a member of a damaged archive raises: as above, a bad deflate
+# stream (zlib.error), and a member flagged encrypted (RuntimeError: "File
+# 'y.npy' is encrypted, password required for extraction", found by the fuzzer
+# in an .npz; zipfile raises RuntimeError for nothing else a read can meet).
+MEMBER_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError)
 
 
 class FileWindow(io.RawIOBase):

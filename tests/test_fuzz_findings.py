@@ -324,3 +324,23 @@ def test_a_zip_entry_needing_an_unknown_zip_version_is_a_damaged_archive(tmp_pat
         zipfile.ZipFile(path)
     for command in (["scan"], ["inspect"], ["convert", "--to", "square"]):
         assert_user_error(runner.invoke(app, [*command, str(path)]), path.name, "damaged zip archive")
+
+
+def test_a_zip_member_flagged_encrypted_is_a_damaged_member(tmp_path):
+    """The same run's finding was in an .npz (tests/test_recover_data.py): a
+    member flagged encrypted made zipfile raise RuntimeError ('password
+    required for extraction'). A .keras was already safe (its scan reads the
+    flag before any member); this holds it so."""
+    import zipfile
+
+    path = tmp_path / "encrypted.keras"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("config.json", CONFIG)
+    data = bytearray(path.read_bytes())
+    entry = data.index(b"PK\x01\x02")  # the central directory entry: its flags at +8
+    data[entry + 8] |= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(RuntimeError, match="password required"):  # the control
+        zipfile.ZipFile(path).read("config.json")
+    for command in (["scan"], ["inspect"], ["convert", "--to", "square"]):
+        assert_user_error(runner.invoke(app, [*command, str(path)]), path.name, "zip member 'config.json' is encrypted")

@@ -19,11 +19,10 @@ from __future__ import annotations
 import io
 import re
 import zipfile
-import zlib
 from pathlib import Path
 from typing import Any
 
-from ..zipmember import OPEN_ERRORS, stored_member
+from ..zipmember import MEMBER_ERRORS, OPEN_ERRORS, stored_member
 from .configs import check_config, load_config, parse_json
 from .hdf5 import check_h5_links
 from .names import check_polyglot, misnamed
@@ -118,7 +117,7 @@ def _check_data(z: zipfile.ZipFile, infos: list[zipfile.ZipInfo], report: ScanRe
                     n += len(chunk)
                     if n > info.file_size:
                         break
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as e:
+        except MEMBER_ERRORS as e:
             report.add(ERROR, DAMAGED, info.filename, f"zip member '{info.filename}' is damaged ({e}); the file is probably truncated")
             continue
         if n != info.file_size:
