@@ -57,17 +57,22 @@ def setup(tmp_path_factory):
     for i, (img, label) in enumerate(zip(x, y)):
         (folder / CLASSES[label]).mkdir(parents=True, exist_ok=True)
         tf.io.write_file(str(folder / CLASSES[label] / f"{i:03d}.png"), tf.io.encode_png(img))
-    # The same images as TFRecords (two shards) of encoded PNGs and labels.
-    for shard in range(2):
-        with tf.io.TFRecordWriter(str(d / f"train-{shard}.tfrecord")) as w:
-            for img, label in list(zip(x, y))[shard::2]:
-                ex = tf.train.Example(features=tf.train.Features(feature={
-                    "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[tf.io.encode_png(img).numpy()])),
-                    "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
-                }))
-                w.write(ex.SerializeToString())
+    # The same images in one folder, without labels (issue 27).
+    (d / "flat").mkdir()
+    for i, img in enumerate(x):
+        tf.io.write_file(str(d / "flat" / f"{i:03d}.png"), tf.io.encode_png(img))
+    # The same images as TFRecords (two shards) of encoded PNGs and labels, and without labels.
+    for name, labelled in (("train", True), ("unlabelled", False)):
+        for shard in range(2):
+            with tf.io.TFRecordWriter(str(d / f"{name}-{shard}.tfrecord")) as w:
+                for img, label in list(zip(x, y))[shard::2]:
+                    feature = {"image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[tf.io.encode_png(img).numpy()]))}
+                    if labelled:
+                        feature["label"] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)]))
+                    w.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
     # A user's own pipeline, as module:function.
     np.savez(d / "arrays.npz", x=x / 255.0, y=y)
+    np.savez(d / "xonly.npz", x=x / 255.0)
     (d / "my_pipeline.py").write_text(textwrap.dedent(f"""
         import numpy as np, tensorflow as tf
         def _ds():
@@ -77,6 +82,8 @@ def setup(tmp_path_factory):
             return _ds().shuffle(8, seed=0)
         def val():
             return _ds()
+        def inputs():
+            return _ds().map(lambda x, y: x)
     """))
     return d
 
@@ -166,10 +173,54 @@ def test_labels_and_class_order_are_keras(setup):
     assert xs.max() <= 1.0  # --scale applied
 
 
+def test_inputs_only_in_every_form(setup, monkeypatch):
+    """Issue 27: an .npz with x alone, a flat folder of images, TFRecords without
+    a label feature and a pipeline of x batches are read as the inputs alone:
+    the same images, in the same order, as their labelled forms, without labels."""
+    from actswap.recover.data import DataOptions, open_data
+    from actswap.recover.run import as_data, has_labels
+
+    monkeypatch.syspath_prepend(str(setup))
+    model = keras.models.load_model(setup / "model.keras")
+    opts = DataOptions(batch_size=16, scale=1 / 255)
+    x, _ = _images(N_PER_CLASS, 0)
+    pairs = [("xonly.npz", "arrays.npz"), ("flat", "images"), ("unlabelled-*.tfrecord", "train-*.tfrecord"),
+             ("my_pipeline:inputs", "my_pipeline:val")]
+    for bare, labelled in pairs:
+        got = as_data(open_data(str(setup / bare) if ":" not in bare else bare, "data", opts, model, shuffle=False), "data")
+        ref = as_data(open_data(str(setup / labelled) if ":" not in labelled else labelled, "data", opts, model,
+                                shuffle=False), "data")
+        assert not has_labels(got) and has_labels(ref), bare
+        if isinstance(got, tf.data.Dataset):
+            got_x = np.concatenate([np.asarray(b) for b in got])
+            ref_x = np.concatenate([np.asarray(b[0]) for b in ref])
+        else:
+            got_x, ref_x = got[0], ref[0]
+        if bare == "flat":  # the folder lists its files by name, the labelled one by class first
+            order = np.argsort([f"{i:03d}.png" for i in range(len(x))])
+            ref_x = (x / 255.0)[order]
+        np.testing.assert_allclose(got_x, ref_x, atol=1e-6, err_msg=bare)
+    sys.modules.pop("my_pipeline", None)
+
+
+def test_recover_from_a_flat_folder_distils_and_checks_agreement(setup, tmp_path):
+    out = tmp_path / "r.keras"
+    r = _recover(str(setup / "model.keras"), "--data", str(setup / "flat"), "--scale", "1/255", "--loss", "kl",
+                 "-o", str(out))
+    assert r.exit_code == 0, r.stderr[-1500:]
+    data = json.loads(r.stdout)
+    assert data["losses"] == {"out": "kl"} and data["recovered_accuracy"] is None
+    [check] = data["outputs"]
+    assert check["metric"] == "top-1 agreement" and check["original"] == 1.0 and check["passed"]
+    assert data["check_samples"] == 2 * N_PER_CLASS // 10 and out.is_file()
+
+
 def test_bad_inputs_are_one_line(setup, tmp_path):
     model = str(setup / "model.keras")
     r = _recover(model, "--data", str(setup / "train-*.tfrecord"), "--image-key", "img", "-o", str(tmp_path / "a.keras"))
     assert_user_error(r, "no bytes feature 'img'", "they have: image, label", "--image-key")
+    r = _recover(model, "--data", str(setup / "unlabelled-*.tfrecord"), "--label-key", "label", "-o", str(tmp_path / "a.keras"))
+    assert_user_error(r, "no int64 or float feature 'label'", "they have: image", "--label-key")
     empty = tmp_path / "empty"
     (empty / "some_class").mkdir(parents=True)
     r = _recover(model, "--data", str(empty), "-o", str(tmp_path / "b.keras"))
@@ -350,8 +401,21 @@ def _npz_with_an_unparseable_header(setup: Path, tmp_path: Path) -> Path:
     return bad
 
 
+def _npz_with_a_member_flagged_encrypted(setup: Path, tmp_path: Path) -> Path:
+    """The fourth long run's finding: a member whose general-purpose flag says
+    encrypted (bit 0); zipfile raised RuntimeError('... password required for
+    extraction') when numpy read it."""
+    bad = tmp_path / "encrypted.npz"
+    data = bytearray((setup / "arrays.npz").read_bytes())
+    entry = data.rindex(b"PK\x01\x02")  # the last central directory entry (y.npy): its flags at +8
+    data[entry + 8] |= 0x01
+    bad.write_bytes(bytes(data))
+    return bad
+
+
 @pytest.mark.parametrize("make", [_corrupt_png_folder, _truncated_tfrecord, _tfrecord_missing_a_feature_later,
-                                  _npz_with_a_bad_member, _npz_with_an_unparseable_header])
+                                  _npz_with_a_bad_member, _npz_with_an_unparseable_header,
+                                  _npz_with_a_member_flagged_encrypted])
 def test_corrupt_data_is_refused_in_one_line(setup, tmp_path, make):
     """Fuzzer findings (issue 29): a corrupt image, a truncated record, a record
     without the image feature after a good first one, an .npz member whose CRC

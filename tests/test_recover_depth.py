@@ -138,7 +138,7 @@ def test_a_collapsed_recovery_raises_names_sites_and_the_cli_exits_1_writing_not
     x, y = own_labels(model, 200)
     converted, _ = actswap.convert(model)
     # lr ~ 0 and plain x²: the result is the swapped model, far from the original.
-    with pytest.raises(RecoveryFailedError, match="recovery failed: its accuracy") as e:
+    with pytest.raises(RecoveryFailedError, match="recovery failed: its top-1 accuracy on the check data") as e:
         R.recover(model, converted, (x, y), epochs=1, batch_size=50, learning_rate=1e-12,
                   fit=False, max_drop=1.0)
     assert e.value.result["original_accuracy"] == 1.0 and e.value.result["recovered_accuracy"] < 0.99

@@ -25,9 +25,11 @@ def recover(
     ),
     data: str = typer.Option(
         ..., "--data",
-        help="Training data: .npz with x (inputs) and y (integer labels); a folder with one subfolder of images "
-        "per class; TFRecord files (a glob) of tf.train.Examples with an encoded image and an int label; or "
-        "module:function returning a tf.data.Dataset of (x, y) batches (this RUNS that module's code).",
+        help="Training data: .npz with x (inputs) and, if labelled, y (labels or targets) or y_<output> per "
+        "output; a folder with one subfolder of images per class, or of images alone; TFRecord files (a glob) "
+        "of tf.train.Examples with an encoded image and, if labelled, an int label or float target; or "
+        "module:function returning a tf.data.Dataset of (x, y) or x batches (this RUNS that module's code). "
+        "Without labels the original alone teaches.",
     ),
     val: Optional[str] = typer.Option(
         None, "--val", help="Validation data, in any of those forms (default: a tenth of --data, held out)."
@@ -37,7 +39,9 @@ def recover(
     ),
     scale: str = typer.Option("1", "--scale", help="Images: multiply pixel values by this (e.g. 1/255), as the model expects."),
     image_key: str = typer.Option("image", "--image-key", help="TFRecords: the feature holding the encoded image."),
-    label_key: str = typer.Option("label", "--label-key", help="TFRecords: the feature holding the integer label."),
+    label_key: Optional[str] = typer.Option(
+        None, "--label-key", help="TFRecords: the feature holding the label (default: 'label' when present, else no labels)."
+    ),
     to: Optional[str] = typer.Option(
         None, "--to", help="Without CONVERTED: the target, as for convert (square, poly:..., approx) (default: square)."
     ),
@@ -52,11 +56,28 @@ def recover(
         "constant", "--lr-schedule", help="constant | cosine: the rate down a half cosine over the epochs."
     ),
     no_distill: bool = typer.Option(False, "--no-distill", help="Train on labels only, without the original as teacher."),
+    no_labels: bool = typer.Option(
+        False, "--no-labels", help="Ignore any labels: distil from the original alone, and check fidelity to it."
+    ),
+    loss: Optional[str] = typer.Option(
+        None, "--loss",
+        help="Loss per output: kl | binary_kl | mse, for every output or OUTPUT=KIND,... (default: from each "
+        "output's activation: softmax kl, sigmoid binary_kl, logits with class labels kl, else mse).",
+    ),
     plain: bool = typer.Option(
         False, "--plain", help="Blend x² sites towards plain x² (no fitted scale and shift s·(x + b)²)."
     ),
     max_drop: float = typer.Option(
-        1.0, "--max-drop", help="Fail (exit 1) if the recovered accuracy is more than this many points below the original's."
+        1.0, "--max-drop", help="With labels: fail (exit 1) if a recovered accuracy is more than this many points "
+        "below the original's."
+    ),
+    max_disagreement: float = typer.Option(
+        2.0, "--max-disagreement", help="Without labels: fail if a class output disagrees with the original's on "
+        "more than this many points (percent) of the check data."
+    ),
+    max_error: float = typer.Option(
+        0.25, "--max-error", help="Outputs that are not classes: fail if the relative error against the original "
+        "(RMSE over its standard deviation) exceeds this, or, with targets, the MSE is more than this fraction above the original's."
     ),
     checkpoint_dir: Optional[Path] = typer.Option(
         None, "--checkpoint-dir", help="Write a checkpoint here at each epoch end (atomically; the two newest are kept)."
@@ -102,8 +123,14 @@ def recover(
         check_output_path(out, overwrite=force)
         if epochs < 1 or not 0 <= ramp <= epochs:
             raise UserError(f"--epochs must be >= 1 and --ramp between 0 and --epochs; got {epochs}, {ramp}")
-        if max_drop < 0:
-            raise UserError(f"--max-drop must be >= 0 (points of accuracy), got {max_drop}")
+        for flag, value in (("--max-drop", max_drop), ("--max-disagreement", max_disagreement), ("--max-error", max_error)):
+            if not value >= 0:
+                raise UserError(f"{flag} must be >= 0, got {value}")
+        from ..recover.outputs import parse_losses
+
+        losses = parse_losses(loss)
+        if no_distill and no_labels:
+            raise UserError("--no-distill trains on labels and --no-labels ignores them: nothing to train on; drop one")
         if lr_schedule not in ("constant", "cosine"):
             raise UserError(f"--lr-schedule takes constant or cosine, got '{lr_schedule}'")
         from ..recover.data import DataOptions, check_spec, parse_image_size, parse_scale
@@ -178,7 +205,8 @@ def recover(
                     data_options=data_options, checkpoint_dir=checkpoint_dir, resume=resume, logdir=logdir,
                     callbacks=[] if as_json else [Bar(progress)], epochs=epochs, ramp_epochs=ramp, distill=not no_distill,
                     learning_rate=learning_rate, lr_schedule=lr_schedule, batch_size=batch_size, fit=not plain,
-                    max_drop=max_drop, strategy=strategy,
+                    max_drop=max_drop, max_disagreement=max_disagreement, max_error=max_error,
+                    labels=not no_labels, losses=losses, strategy=strategy,
                 )
             except RecoveryFailedError as e:
                 failure, result = e, e.result
@@ -198,21 +226,18 @@ def recover(
             table = Table(title=f"recover {converted or original}")
             # Keras validates with the BatchNorm statistics of the moment; the final
             # figures below are after they are re-estimated, and can differ a lot.
-            for col in ("epoch", "loss", "val accuracy (running stats)"):
+            accuracy = any(e.get("val_accuracy") is not None for e in result["epochs"])
+            for col in ("epoch", "loss", "val accuracy (running stats)" if accuracy else "val loss (running stats)"):
                 table.add_column(col)
             for e in result["epochs"]:
-                acc = e["val_accuracy"]
-                table.add_row(str(e["epoch"]), f"{e['loss']:.4g}", "" if acc is None else f"{acc:.4f}")
+                val_figure = e.get("val_accuracy") if accuracy else e.get("val_loss")
+                table.add_row(str(e["epoch"]), f"{e['loss']:.4g}", "" if val_figure is None else f"{val_figure:.4f}")
             console = _console()
             console.print(table)
             restores = "" if result["nan_restores"] is None else (
                 f"; restores {result['nan_restores']} ({result['explosions']} finite explosions)")
             written = f"wrote {result['output']}" if result["output"] else "nothing written"
-            console.print(
-                f"accuracy on {result['check_samples']} check samples: original {result['original_accuracy']:.4f}, "
-                f"converted {result['converted_accuracy']:.4f}, recovered {result['recovered_accuracy']:.4f}"
-                f"{restores}; {written}"
-            )
+            console.print(f"{summary(result)}{restores}; {written}")
         if failure is not None:
             where = f"; written anyway (--force): {result['output']}" if result["output"] else "; nothing written"
             typer.echo(f"error: {failure}{where}", err=True)
@@ -220,3 +245,20 @@ def recover(
         return 0
 
     _run(debug, body)
+
+
+def summary(result: dict[str, Any]) -> str:
+    """The check in one line: a labelled classifier's accuracies as ever, else
+    each output's metric (original, converted, recovered)."""
+    n = result.get("check_samples")
+    if result.get("recovered_accuracy") is not None and len(result.get("outputs", [])) == 1:
+        return (f"accuracy on {n} check samples: original {result['original_accuracy']:.4f}, "
+                f"converted {result['converted_accuracy']:.4f}, recovered {result['recovered_accuracy']:.4f}")
+
+    def fmt(o: dict[str, Any], key: str) -> str:
+        v = o.get(key)
+        return "n/a" if v is None else (f"{100 * v:.2f}%" if o["percent"] else f"{v:.4g}")
+
+    parts = [f"'{o['output']}' ({o['loss']}) {o['metric']}: original {fmt(o, 'original')}, "
+             f"converted {fmt(o, 'converted')}, recovered {fmt(o, 'recovered')}" for o in result.get("outputs", [])]
+    return f"on {n} check samples: " + "; ".join(parts)

@@ -14,20 +14,25 @@ Pieces, each usable in a user's own ``model.fit``:
   finite or grows by orders of magnitude, restores the last good weights and
   lowers the learning rate;
 * :func:`distillation_loss` -- soft-target KL (Hinton et al.) blended with the
-  hard-label loss, and :class:`Distiller` to train a student on it;
+  hard-label loss, and :class:`Distiller` to train a student on it, one loss
+  per output (:data:`LOSSES`: ``kl``, ``binary_kl``, ``mse``; chosen by
+  :func:`heads_of` from what each output is), labels optional;
 * :func:`finalize` -- the blended model with each Blend replaced by its
   polynomial (a must be 1), a converted model like any other;
 * :func:`fit_squares` -- the range-aware start of each x² site, a shifted
   square ``s·(x + b)²`` (:mod:`.shifts` folds ``b`` into the layer before);
 * :func:`reestimate_statistics` -- BatchNorm statistics recomputed at the end;
-* :func:`check_recovery` -- the result against the original: finite outputs,
-  accuracy within ``max_drop`` points, or :class:`RecoveryFailedError`;
+* :func:`check_recovery` -- the result against the original, output by
+  output: finite outputs; accuracy within ``max_drop`` points (labels),
+  agreement within ``max_disagreement`` points (no labels), or an error
+  within ``max_error`` (other outputs); else :class:`RecoveryFailedError`;
 * :func:`recover` -- all of the above in one call; :mod:`.files` runs it
   from files for ``actswap recover``.
 
 Layout: :mod:`.blend` (the blended model and its two ends), :mod:`.training`
-(schedule, guard, distillation), :mod:`.run` (``recover`` and its check),
-:mod:`.shifts`, :mod:`.files`.
+(schedule, guard, distillation), :mod:`.outputs` (what each output is: its
+loss and its check metric), :mod:`.run` (``recover``), :mod:`.check` (the
+gate), :mod:`.shifts`, :mod:`.data` and :mod:`.files`.
 
 Invariant: the models passed in are not modified.
 """
@@ -43,8 +48,10 @@ from typing import Any
 _HOMES = {
     "SQUARE": "blend", "Blend": "blend", "blend_model": "blend", "blends": "blend", "finalize": "blend",
     "fit_squares": "blend", "polynomials_of": "blend", "reestimate_statistics": "blend",
-    "CALIBRATION_SAMPLES": "run", "CHECK_SAMPLES": "run", "MAX_DROP": "run", "REESTIMATE_BATCHES": "run",
-    "accuracy": "run", "check_recovery": "run", "load_xy": "run", "recover": "run", "site_growth": "run",
+    "CALIBRATION_SAMPLES": "run", "CHECK_SAMPLES": "run", "MAX_DROP": "outputs", "REESTIMATE_BATCHES": "run",
+    "accuracy": "check", "check_recovery": "check", "load_xy": "data", "recover": "run", "site_growth": "check",
+    "Head": "outputs", "LOSSES": "outputs", "METRICS": "outputs", "heads_of": "outputs",
+    "MAX_DISAGREEMENT": "outputs", "MAX_ERROR": "outputs",
     "BlendSchedule": "training", "Distiller": "training", "NaNGuard": "training",
     "distillation_loss": "training",
 }

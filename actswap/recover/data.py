@@ -1,23 +1,29 @@
 """Training and check data for ``actswap recover``, in the forms a command line names.
 
-* ``x.npz``: arrays ``x`` (inputs) and ``y`` (integer labels), read whole (as before);
+* ``x.npz``: arrays ``x`` (inputs) and, optionally, ``y`` (labels or
+  targets) or ``y_<output>`` (one per output of a multi-output model), read whole;
 * a directory of images, one subfolder per class
-  (``keras.utils.image_dataset_from_directory``: its labels, its class order);
+  (``keras.utils.image_dataset_from_directory``: its labels, its class
+  order), or a flat folder of images (inputs only);
 * TFRecord files (a path or a glob ending in ``.tfrecord``/``.tfrecords``):
-  ``tf.train.Example`` s holding an encoded image (PNG/JPEG) and an integer
-  label, under the feature names ``image`` and ``label`` (the TensorFlow
-  Datasets convention) unless told otherwise;
+  ``tf.train.Example`` s holding an encoded image (PNG/JPEG) and, optionally,
+  an integer label or a float target, under the feature names ``image`` and
+  ``label`` (the TensorFlow Datasets convention) unless told otherwise;
 * ``module:function``: a callable returning a ``tf.data.Dataset`` of
-  ``(x, y)`` batches, for any other pipeline. It is the user's own code and
-  runs as such.
+  ``(x, y)`` or ``x`` batches, for any other pipeline. It is the user's own
+  code and runs as such.
+
+Data without labels is read as inputs alone: the recovery then distils from
+the original (:mod:`.run`).
 
 Everything but ``.npz`` streams through ``tf.data`` (a shuffle buffer, then
 prefetch): nothing loads the whole set into memory.
 
 Invariants: :func:`check_spec` imports no TensorFlow and reads no image, so a
 bad path or an empty folder fails fast (exit 2); a TFRecord without the
-named features is refused before training, with the names it has; class
-order and labels are exactly ``image_dataset_from_directory`` 's.
+features named is refused before training, with the names it has (a label
+named with ``--label-key`` must be there; the default ``label`` is used when
+present); class order and labels are exactly ``image_dataset_from_directory`` 's.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ class DataOptions:
     image_size: tuple[int, int] | None = None  # None: the model's input height and width
     scale: float = 1.0  # multiplies pixel values (e.g. 1/255)
     image_key: str = "image"
-    label_key: str = "label"
+    label_key: str | None = None  # None: "label" when the records have it, else no labels
     batch_size: int = 128
     shuffle_buffer: int = 10_000
     seed: int = 0
@@ -101,10 +107,11 @@ def check_spec(spec: str, what: str) -> str:
     if found == "images":
         classes = sorted(d for d in Path(spec).iterdir() if d.is_dir())
         images = [f for d in classes for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES]
-        if not classes or not images:
+        if not images and not _flat_images(spec):
             raise UserError(
-                f"{what} folder '{spec}' holds no images in class subfolders ({len(classes)} subfolder(s)); "
-                f"put each class's {'/'.join(IMAGE_SUFFIXES)} files in a subfolder named after it"
+                f"{what} folder '{spec}' holds no images, in class subfolders ({len(classes)} subfolder(s)) "
+                f"or by themselves; put each class's {'/'.join(IMAGE_SUFFIXES)} files in a subfolder named "
+                "after it, or the images alone in the folder (no labels)"
             )
     elif found == "tfrecord":
         if not tfrecord_files(spec):
@@ -144,6 +151,35 @@ _PIPELINE_OPS = ("IteratorGetNext", "ReduceDataset", "DatasetCardinality", "Pars
 _FUNCTION_NODE = re.compile(r"\{\{function_node [^}]*\}\}")
 
 
+def load_xy(path: Any, what: str) -> tuple[Any, Any]:
+    """(x, y) from an .npz: ``x`` (inputs) and, if it has labels or targets,
+    ``y`` (a one-output model's) or ``y_<output>`` arrays (a dict by output
+    name); y is None when it has neither."""
+    from ..paths import read_arrays
+
+    arrays = read_arrays(path, what)
+    if "x" not in arrays:
+        raise UserError(f"{what} '{path}' has arrays {sorted(arrays)}; it needs 'x' (inputs), and 'y' or "
+                        "y_<output> arrays if it has labels")
+    named = {k[2:]: v for k, v in arrays.items() if k.startswith("y_") and len(k) > 2}
+    if "y" in arrays and named:
+        raise UserError(f"{what} '{path}' has both 'y' and {sorted('y_' + k for k in named)}; keep one of them")
+    y = arrays["y"] if "y" in arrays else (named or None)
+    for name, a in ({"y": y} if "y" in arrays else {f"y_{k}": v for k, v in named.items()}).items():
+        if len(a) != len(arrays["x"]):
+            raise UserError(f"{what} '{path}': x has {len(arrays['x'])} rows but {name} has {len(a)}")
+    return arrays["x"], y
+
+
+def _flat_images(spec: str) -> list[Path]:
+    return [f for f in Path(spec).iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def labelled_folder(spec: str) -> bool:
+    """A folder of class subfolders (labelled), not a flat folder of images."""
+    return any(f.suffix.lower() in IMAGE_SUFFIXES for d in Path(spec).iterdir() if d.is_dir() for f in d.iterdir())
+
+
 def tfrecord_files(spec: str) -> list[str]:
     return sorted(glob.glob(spec)) if any(c in spec for c in "*?[") else ([spec] if os.path.isfile(spec) else [])
 
@@ -167,8 +203,6 @@ def open_data(
     shuffle = shuffle and split != "check"
     found = check_spec(spec, what)
     if found == "npz":
-        from .run import load_xy
-
         return load_xy(spec, what)
     import tensorflow as tf
 
@@ -197,8 +231,9 @@ def _callable(spec: str, what: str) -> Any:
     except (ImportError, AttributeError) as e:
         raise UserError(f"{what} '{spec}': cannot find {function} in module {module} ({e})") from None
     ds = fn()
-    if not isinstance(ds, tf.data.Dataset) or len(tf.nest.flatten(ds.element_spec)) < 2:
-        raise UserError(f"{what} '{spec}' returned {type(ds).__name__}; it must return a tf.data.Dataset of (x, y) batches")
+    if not isinstance(ds, tf.data.Dataset):
+        raise UserError(f"{what} '{spec}' returned {type(ds).__name__}; it must return a tf.data.Dataset of "
+                        "(x, y) or x batches")
     return ds
 
 
@@ -208,8 +243,10 @@ def _images(
     import keras
 
     mode = {1: "grayscale", 3: "rgb", 4: "rgba"}.get(channels or 3, "rgb")
+    labelled = labelled_folder(spec)
     kwargs: dict[str, Any] = dict(
-        labels="inferred", label_mode="int", color_mode=mode, batch_size=options.batch_size,
+        labels="inferred" if labelled else None, label_mode="int" if labelled else None,
+        color_mode=mode, batch_size=options.batch_size,
         # With a split, both parts shuffle the file list with the same seed before
         # taking their share (Keras splits after its shuffle): disjoint, together whole.
         image_size=size or (256, 256), shuffle=shuffle or split is not None, seed=options.seed, verbose=False,
@@ -223,7 +260,9 @@ def _images(
     except ValueError as e:
         raise UserError(f"{what} folder '{spec}': {e}") from None
     scale = options.scale
-    return ds.map(lambda x, y: (x * scale, y)) if scale != 1.0 else ds
+    if scale == 1.0:
+        return ds
+    return ds.map(lambda x, y: (x * scale, y)) if labelled else ds.map(lambda x: x * scale)
 
 
 def _tfrecords(
@@ -232,11 +271,10 @@ def _tfrecords(
     import tensorflow as tf
 
     files = tfrecord_files(spec)
-    _check_features(files[0], what, options)
-    features = {
-        options.image_key: tf.io.FixedLenFeature([], tf.string),
-        options.label_key: tf.io.FixedLenFeature([], tf.int64),
-    }
+    label = _check_features(files[0], what, options)
+    features = {options.image_key: tf.io.FixedLenFeature([], tf.string)}
+    if label is not None:
+        features[label[0]] = tf.io.FixedLenFeature([], tf.int64 if label[1] == "int64_list" else tf.float32)
     scale, c = options.scale, channels or 3
 
     def decode(record: Any) -> Any:
@@ -245,7 +283,10 @@ def _tfrecords(
         image = tf.cast(image, tf.float32)
         if size is not None:
             image = tf.image.resize(image, size)
-        return image * scale, tf.cast(ex[options.label_key], tf.int32)
+        if label is None:
+            return image * scale
+        y = ex[label[0]]
+        return image * scale, (tf.cast(y, tf.int32) if label[1] == "int64_list" else y)
 
     ds = tf.data.TFRecordDataset(files)
     if split is not None:  # every HOLD_OUT-th record, before any shuffling: a fixed split
@@ -260,8 +301,11 @@ def _tfrecords(
     return ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).batch(options.batch_size)
 
 
-def _check_features(path: str, what: str, options: DataOptions) -> None:
-    """The first record must hold the named image (bytes) and label (int64) features."""
+def _check_features(path: str, what: str, options: DataOptions) -> tuple[str, str] | None:
+    """The first record must hold the named image (bytes) feature, and the
+    label named with ``--label-key`` (an int64 label or a float target);
+    without ``--label-key``, ``label`` is the label when present. Returns
+    (label feature, its kind), or None: no labels."""
     import tensorflow as tf
 
     try:
@@ -275,11 +319,18 @@ def _check_features(path: str, what: str, options: DataOptions) -> None:
     except Exception:  # noqa: BLE001 - not an Example: said in one line
         raise UserError(f"{what} '{path}': its records are not tf.train.Example protobufs") from None
     have = example.features.feature
-    wanted = {options.image_key: "bytes_list", options.label_key: "int64_list"}
-    for name, kind_ in wanted.items():
-        if name not in have or have[name].WhichOneof("kind") != kind_:
-            raise UserError(
-                f"{what} '{path}': no {kind_.split('_')[0]} feature '{name}' in its examples "
-                f"(they have: {', '.join(sorted(have)) or 'none'}); name it with "
-                f"--{'image' if name == options.image_key else 'label'}-key"
-            )
+
+    def kind_of(name: str) -> str | None:
+        return have[name].WhichOneof("kind") if name in have else None
+
+    listed = ", ".join(sorted(have)) or "none"
+    if kind_of(options.image_key) != "bytes_list":
+        raise UserError(f"{what} '{path}': no bytes feature '{options.image_key}' in its examples "
+                        f"(they have: {listed}); name it with --image-key")
+    name = options.label_key or "label"
+    if kind_of(name) in ("int64_list", "float_list"):
+        return name, str(kind_of(name))
+    if options.label_key is None and name not in have:
+        return None
+    raise UserError(f"{what} '{path}': no int64 or float feature '{name}' in its examples "
+                    f"(they have: {listed}); name it with --label-key, or leave it out for no labels")

@@ -36,13 +36,19 @@ def default_output(original: Path, converted: Path | None, to: str | None) -> Pa
 
 
 def split_check(x: Any, y: Any) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
-    """(train, check): the last tenth of (x, y) held out (at least one sample)."""
-    held = max(1, len(x) // HOLD_OUT)
+    """(train, check): the last tenth of (x, y) held out (at least one sample);
+    ``y`` may be None (no labels) or a dict by output name."""
     if len(x) < 2:
         from ..errors import UserError
 
         raise UserError(f"training data has {len(x)} sample(s); recovery needs at least 2 (or --val)")
-    return (x[:-held], y[:-held]), (x[-held:], y[-held:])
+    held = max(1, len(x) // HOLD_OUT)
+
+    def part(a: Any, s: slice) -> Any:
+        return None if a is None else ({k: v[s] for k, v in a.items()} if isinstance(a, dict) else a[s])
+
+    head, tail = slice(None, -held), slice(-held, None)
+    return (x[head], part(y, head)), (x[tail], part(y, tail))
 
 
 def run(
@@ -108,10 +114,7 @@ def run(
                 raise UserError(f"nothing to replace in '{original}' for this conversion; nothing to recover")
     # A corrupt image or record surfaces only when the pipeline reaches it.
     named = [("training data", str(data))] + ([("validation data", str(val))] if val is not None else [])
-    with read_errors(*named):
-        before = {"original": R.accuracy(teacher, check), "converted": R.accuracy(target, check)}
-    result: dict[str, Any] = {"original_accuracy": before["original"], "converted_accuracy": before["converted"],
-                              "replicas": replicas(strategy)}
+    result: dict[str, Any] = {"replicas": replicas(strategy)}
     per_epoch: list[dict[str, Any]] = []
     import keras
 
@@ -123,8 +126,9 @@ def run(
     class Record(keras.callbacks.Callback):
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
             factors = [float(b.factor.numpy()) for b in blends(self.model)]
-            per_epoch.append({"epoch": epoch + 1, "loss": float((logs or {}).get("loss", float("nan"))),
-                              "val_accuracy": (logs or {}).get("val_accuracy"),
+            logs = logs or {}
+            per_epoch.append({"epoch": epoch + 1, "loss": float(logs.get("loss", float("nan"))),
+                              "val_accuracy": logs.get("val_accuracy"), "val_loss": logs.get("val_loss"),
                               "blend": sum(factors) / len(factors) if factors else None,
                               **(speed.per_epoch[-1] if speed.per_epoch else {})})
 
@@ -138,13 +142,15 @@ def run(
             )
         result["resumed_from"] = history.resumed_from
         figures = history.check
+        result["losses"] = {h.name: h.loss for h in history.heads}
         result.update(nan_restores=history.nan_restores, explosions=history.explosions)
     except RecoveryFailedError as e:
         failure, model, figures = e, e.model, e.result
         result.update(nan_restores=None, explosions=None)
     result.update(
-        recovered_accuracy=figures["recovered_accuracy"], check=figures, epochs=per_epoch, output=None,
-        check_samples=figures["samples"],
+        original_accuracy=figures.get("original_accuracy"), converted_accuracy=figures.get("converted_accuracy"),
+        recovered_accuracy=figures.get("recovered_accuracy"), outputs=figures.get("outputs", []),
+        check=figures, epochs=per_epoch, output=None, check_samples=figures.get("samples"),
     )
     if failure is None or force:
         result["output"] = str(save_keras(model, Path(output), overwrite=force))

@@ -48,8 +48,8 @@ def is_chief(strategy: Any) -> bool:
 def _dataset(train: Any, batch_size: int) -> Any:
     if isinstance(train, tf.data.Dataset):
         return train  # batched (global batches) and shuffled by its own pipeline
-    x, y = np.asarray(train[0]), np.asarray(train[1])
-    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    x, y = train
+    ds = tf.data.Dataset.from_tensor_slices(x if y is None else (x, y))
     ds = ds.shuffle(len(x), seed=SHUFFLE_SEED, reshuffle_each_iteration=True).batch(batch_size)
     options = tf.data.Options()
     # Arrays are not files: each worker keeps its replicas' part of every global batch.
@@ -62,11 +62,14 @@ def _steps(ds: Any) -> int | None:
     return n if n >= 0 else None
 
 
-def _accuracy(student: Any, val: Any, batch_size: int) -> float | None:
-    """Top-1 accuracy of ``student`` on ``val`` (arrays or a Dataset of batches),
-    on this worker alone: every worker holds the same weights."""
-    if val is None:
+def _accuracy(model: Any, val: Any, batch_size: int) -> float | None:
+    """Top-1 accuracy of a classifier ``model``'s student on ``val`` (arrays or a
+    Dataset of batches), on this worker alone: every worker holds the same
+    weights. None without validation data or for a model that is not a
+    labelled classifier (:class:`~.training.Distiller`'s ``classifies``)."""
+    if val is None or not getattr(model, "classifies", False):
         return None
+    student = model.student
     call = tf.function(lambda x: student(x, training=False))
     if isinstance(val, tf.data.Dataset):
         batches = ((xb, yb) for xb, yb in val)
@@ -90,12 +93,12 @@ def writes_files(callback: Any) -> bool:
 
 def fit(model: Any, train: Any, val: Any, *, strategy: Any, epochs: int, initial_epoch: int,
         batch_size: int, callbacks: list[Any]) -> Any:
-    """Train ``model`` (a compiled :class:`~.training.Distiller`, or a student
-    compiled with sparse categorical cross-entropy) like ``model.fit`` would,
-    under ``strategy``. Returns its ``keras.callbacks.History``, as ``fit`` does."""
+    """Train ``model`` (a compiled :class:`~.training.Distiller`) like
+    ``model.fit`` would, under ``strategy``. Returns its
+    ``keras.callbacks.History``, as ``fit`` does."""
     from .training import per_example_loss
 
-    student = getattr(model, "student", model)
+    student = model.student
     optimizer = model.optimizer
     variables = student.trainable_variables
     with strategy.scope():
@@ -107,7 +110,7 @@ def fit(model: Any, train: Any, val: Any, *, strategy: Any, epochs: int, initial
     history = keras.callbacks.History()
     cbs = keras.callbacks.CallbackList([*kept, history], model=model, epochs=epochs, steps=steps, verbose=0)
 
-    def replica_step(x: Any, y: Any) -> Any:
+    def replica_step(x: Any, y: Any = None) -> Any:
         with tf.GradientTape() as tape:
             loss = tf.nn.compute_average_loss(per_example_loss(model, x, y), global_batch_size=batch_size)
             if student.losses:  # e.g. Blend range penalties, once per replica
@@ -117,7 +120,8 @@ def fit(model: Any, train: Any, val: Any, *, strategy: Any, epochs: int, initial
 
     @tf.function
     def step(batch: Any) -> Any:
-        losses = strategy.run(replica_step, args=tuple(batch[:2]))
+        x, y, _ = keras.utils.unpack_x_y_sample_weight(batch)
+        losses = strategy.run(replica_step, args=(x,) if y is None else (x, y))
         return strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
 
     model.stop_training = False
@@ -137,7 +141,7 @@ def fit(model: Any, train: Any, val: Any, *, strategy: Any, epochs: int, initial
             if model.stop_training:
                 break
         logs: dict[str, Any] = {"loss": total / max(count, 1)}
-        acc = _accuracy(student, val, batch_size)
+        acc = _accuracy(model, val, batch_size)
         if acc is not None:
             logs["val_accuracy"] = acc
         cbs.on_epoch_end(epoch, logs)

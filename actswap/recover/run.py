@@ -1,26 +1,33 @@
 """``recover()``: blend, train, re-estimate, finalize, and check the result --
 a recovery that did not recover raises instead of returning a broken model.
 
+Training data is ``(x, y)``, ``(x, None)`` or ``x`` arrays, or a
+``tf.data.Dataset`` of ``x``, ``(x,)`` or ``(x, y)`` batches; ``y`` is one
+array, a list or a dict by output name. Without labels the original alone
+teaches (distillation); each output is trained and checked by what it is
+(:mod:`.outputs`).
+
 Invariant: the models passed in are not modified.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from ..sites import find_sites
 from .. import rules
 from ..calibrate import batches_of
+from ..errors import UserError
 from .blend import blend_model, blends, finalize, fit_squares, polynomials_of, reestimate_statistics, rule_layers_of
-from .training import BlendSchedule, Distiller, NaNGuard
+from .check import check_recovery, predict
+from .outputs import MAX_DISAGREEMENT, MAX_DROP, MAX_ERROR, heads_of
+from .training import BlendSchedule, Distiller, NaNGuard, check_trainable
 
 
-MAX_DROP = 1.0  # points of accuracy a recovery may lose against the original before it fails
 REESTIMATE_BATCHES = 200
 CHECK_SAMPLES = 10_000
 
@@ -35,6 +42,8 @@ def recover(
     ramp_epochs: float = 0.5,
     progressive: bool = False,
     distill: bool = True,
+    labels: bool = True,
+    losses: str | Mapping[str, str] | None = None,
     temperature: float = 4.0,
     alpha: float = 0.5,
     learning_rate: float = 2e-3,
@@ -46,6 +55,8 @@ def recover(
     max_restores: int = 10,
     fit: bool = True,
     max_drop: float | None = MAX_DROP,
+    max_disagreement: float | None = MAX_DISAGREEMENT,
+    max_error: float | None = MAX_ERROR,
     verbose: int = 0,
     checkpoint_dir: Any = None,
     resume: bool = False,
@@ -65,19 +76,30 @@ def recover(
     (BatchNorm, scales) are re-estimated on training batches
     (:func:`reestimate_statistics`) and the blends finalized.
 
+    Each output is trained by its loss (:mod:`.outputs`: ``kl`` for softmax
+    or logits with class labels, ``binary_kl`` for sigmoid, ``mse`` scaled by
+    the original's output variance otherwise; ``losses`` overrides, one kind
+    or a kind per output name): ``alpha`` parts distillation, ``1 - alpha``
+    parts labels where ``train`` has them; distillation alone where it has
+    none, or with ``labels=False`` (labels are then ignored in ``val`` too).
+
     The result is then checked on ``val`` (else on a held-out tenth of
     ``train`` when it is arrays, which is then not trained on; a Dataset
-    without ``val`` is checked on its own first batches): non-finite outputs,
-    or an accuracy more than ``max_drop`` points below the original's there,
-    raise :class:`~actswap.errors.RecoveryFailedError` naming the sites whose
-    inputs grew the most (``max_drop=None`` skips the accuracy test, never the
-    finite one). ``train``/``val`` are (x, y) arrays or ``tf.data.Dataset`` s
-    of (x, y). Returns the recovered model and the Keras History, which also
-    carries ``nan_restores``, ``explosions``, ``blend_factors`` and ``check``
-    (the accuracies compared). ``strategy`` (a ``tf.distribute`` strategy)
-    scopes model building and training. A guard that gives up (more than
-    ``max_restores`` restores) raises a ConversionError. ``lr_schedule``
-    "cosine" lowers the learning rate along a half cosine over the epochs
+    without ``val`` is checked on its own first batches), output by output
+    (:func:`~.check.check_recovery`): non-finite outputs fail; with labels, a
+    top-1 accuracy more than ``max_drop`` points below the original's, or an
+    MSE against targets more than ``max_error`` (a fraction) above it; without,
+    more than ``max_disagreement`` points of disagreement with the original,
+    or a relative error against its outputs over ``max_error``. Failing raises
+    :class:`~actswap.errors.RecoveryFailedError` naming the output, the metric
+    and the sites whose inputs grew the most (a limit of None skips that
+    test, never the finite one). Returns the recovered model and the Keras
+    History, which also carries ``nan_restores``, ``explosions``,
+    ``blend_factors``, ``heads`` and ``check`` (the figures compared, with
+    ``converted``'s). ``strategy`` (a ``tf.distribute`` strategy) scopes model
+    building and training. A guard that gives up (more than ``max_restores``
+    restores) raises a ConversionError. ``lr_schedule`` "cosine" lowers the
+    learning rate along a half cosine over the epochs
     (:func:`cosine_learning_rate`); "constant" (default) keeps it.
     """
     import contextlib
@@ -91,13 +113,15 @@ def recover(
 
     if lr_schedule not in LR_SCHEDULES:
         raise UserError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
+    train = as_data(train, "training data", labels)
+    val = None if val is None else as_data(val, "validation data", labels)
     if isinstance(train, tf.data.Dataset):
         train = _with_length(train)
     check = val
     if val is None and not isinstance(train, tf.data.Dataset):
-        x, y = np.asarray(train[0]), np.asarray(train[1])
-        held = max(1, min(len(x) // 10, CHECK_SAMPLES)) if len(x) > 1 else 0
-        train, check = (x[: len(x) - held], y[: len(y) - held]), (x[len(x) - held:], y[len(y) - held:])
+        n = _rows(train[0])
+        held = max(1, min(n // 10, CHECK_SAMPLES)) if n > 1 else 0
+        train, check = _take(train, 0, n - held), _take(train, n - held, n)
     elif val is None:
         check = train.take(max(1, CHECK_SAMPLES // batch_size))
     from .checkpoints import EpochCheckpoint, read_latest, restore
@@ -108,26 +132,25 @@ def recover(
     def scope() -> Any:
         return strategy.scope() if strategy is not None else contextlib.nullcontext()
 
+    calibration = _calibration_inputs(train, batch_size)
+    heads = heads_of(original, converted, predict(original, calibration), label_sample(train), losses)
+    check_trainable(heads, has_labels(train), alpha if distill else 0.0)
     with scope():
         polynomials = polynomials_of(converted)
         if state is not None:  # the constants the checkpointed weights were trained with
             squares = None if state["squares"] is None else {k: tuple(v) for k, v in state["squares"].items()}
         else:
-            squares = fit_squares(original, polynomials, _calibration_inputs(train, batch_size)) if fit else None
+            squares = fit_squares(original, polynomials, calibration) if fit else None
         student = blend_model(original, polynomials=polynomials, squares=squares,
                               rule_layers=rule_layers_of(converted))
         # The rule layers' constants (softmax and LayerNorm scales) from the
         # training inputs: at blend factor 0 the student computes the original.
         # (Measured again on a resume, from the same first inputs.)
-        rules.calibrate_layers(student, batches_of(_calibration_inputs(train, batch_size), batch_size))
-        teacher = original
+        rules.calibrate_layers(student, batches_of(calibration, batch_size))
         optimizer = keras.optimizers.Adam(learning_rate, clipnorm=clipnorm)
-        if distill:
-            model = Distiller(student, teacher, temperature, alpha)
-            model.compile(optimizer=optimizer)
-        else:
-            model = student
-            model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        model = Distiller(student, original, temperature, alpha if distill else 0.0, heads=heads)
+        model.classifies = model.classifies and (val is None or has_labels(val))
+        model.compile(optimizer=optimizer)
     schedule = BlendSchedule(ramp_epochs, progressive)
     guard = NaNGuard(max_restores=max_restores)
     if lr_schedule == "cosine":
@@ -161,9 +184,61 @@ def recover(
     history.nan_restores = guard.restores
     history.explosions = guard.explosions
     history.blend_factors = schedule.history
+    history.heads = heads
     recovered = finalize(student)
-    history.check = check_recovery(original, recovered, check, max_drop=max_drop, batch_size=batch_size)
+    history.check = check_recovery(original, recovered, check, heads=heads, max_drop=max_drop,
+                                   max_disagreement=max_disagreement, max_error=max_error,
+                                   batch_size=batch_size, converted=converted)
     return recovered, history
+
+
+def as_data(data: Any, what: str, labels: bool = True) -> Any:
+    """``data`` as (x, y) arrays (y None without labels) or a Dataset; with
+    ``labels=False`` its labels are dropped. A tuple/list is ``(x,)`` or
+    ``(x, y)``; anything else is the inputs alone."""
+    if isinstance(data, tf.data.Dataset):
+        if not labels and has_labels(data):
+            return data.map(lambda *item: item[0])
+        return data
+    if isinstance(data, (tuple, list)):
+        if len(data) not in (1, 2):
+            raise UserError(f"{what}: pass x, (x,) or (x, y) arrays, or a tf.data.Dataset; got {len(data)} items")
+        x, y = data[0], (data[1] if len(data) == 2 else None)
+    else:
+        x, y = data, None
+    if y is not None and any(_rows(a) != _rows(x) for a in keras.tree.flatten(y)):
+        raise UserError(f"{what}: the inputs have {_rows(x)} rows and the labels {[_rows(a) for a in keras.tree.flatten(y)]}")
+    return x, (y if labels else None)
+
+
+def has_labels(data: Any) -> bool:
+    """Whether (x, y) arrays or a Dataset carry labels."""
+    if isinstance(data, tf.data.Dataset):
+        spec = data.element_spec
+        return isinstance(spec, tuple) and len(spec) >= 2
+    return data[1] is not None
+
+
+def label_sample(data: Any) -> Any:
+    """The labels' structure (arrays or TensorSpecs), or None without labels."""
+    if not has_labels(data):
+        return None
+    if isinstance(data, tf.data.Dataset):
+        return data.element_spec[1]
+    return keras.tree.map_structure(lambda a: np.asarray(a)[:1], data[1])
+
+
+def _rows(x: Any) -> int:
+    return len(keras.tree.flatten(x)[0])
+
+
+def _take(data: tuple[Any, Any], start: int, stop: int) -> tuple[Any, Any]:
+    x, y = data
+
+    def cut(a: Any) -> Any:
+        return np.asarray(a)[start:stop]
+
+    return keras.tree.map_structure(cut, x), (None if y is None else keras.tree.map_structure(cut, y))
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -198,133 +273,18 @@ CALIBRATION_SAMPLES = 2048
 
 
 def _calibration_inputs(train: Any, batch_size: int) -> Any:
-    """The first CALIBRATION_SAMPLES inputs of ``train`` (arrays or a Dataset of (x, y))."""
+    """The first CALIBRATION_SAMPLES inputs of ``train`` ((x, y) arrays or a Dataset)."""
     if isinstance(train, tf.data.Dataset):
         return np.concatenate([np.asarray(x) for x in _inputs(train, batch_size, CALIBRATION_SAMPLES // batch_size + 1)])
     return np.asarray(train[0][:CALIBRATION_SAMPLES])
 
 
 def _inputs(data: Any, batch_size: int, limit: int) -> Iterable[Any]:
-    """Up to ``limit`` input batches of (x, y) arrays or a Dataset of (x, y)."""
+    """Up to ``limit`` input batches of (x, y) arrays or a Dataset of x, (x,) or (x, y)."""
     if isinstance(data, tf.data.Dataset):
         for item in data.take(limit):
-            yield item[0] if isinstance(item, (tuple, list)) else item
+            yield keras.utils.unpack_x_y_sample_weight(item)[0]
         return
     x = data[0]
     for i in range(0, min(len(x), limit * batch_size), batch_size):
         yield x[i: i + batch_size]
-
-
-def _batches(data: Any, batch_size: int) -> Iterable[tuple[np.ndarray, np.ndarray]]:
-    """(x, y) batches of (x, y) arrays or of a Dataset of (x, y) batches, streamed."""
-    if isinstance(data, tf.data.Dataset):
-        for item in data:
-            yield np.asarray(item[0]), np.asarray(item[1])
-        return
-    x, y = data
-    for i in range(0, len(x), batch_size):
-        yield np.asarray(x[i: i + batch_size]), np.asarray(y[i: i + batch_size])
-
-
-def _predict(model: Any, x: np.ndarray) -> np.ndarray:
-    """``model`` on one batch, whatever strategy its variables live under
-    (``predict_on_batch`` returns one replica's share under MirroredStrategy)."""
-    return np.asarray(model.predict(x, batch_size=len(x), verbose=0))
-
-
-def _correct(pred: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Top-1 hits; NaN outputs count as wrong."""
-    return np.all(np.isfinite(pred), axis=-1) & (np.argmax(pred, -1) == np.asarray(y).reshape(-1))
-
-
-def check_recovery(original: Any, recovered: Any, data: Any, *, max_drop: float | None = MAX_DROP,
-                   batch_size: int = 256) -> dict[str, Any]:
-    """Compare ``recovered`` with ``original`` on ``data`` ((x, y) or a Dataset,
-    read batch by batch): raise :class:`~actswap.errors.RecoveryFailedError` if
-    its outputs are not all finite, or its accuracy is more than ``max_drop``
-    points below the original's (None: not checked). Returns the figures compared."""
-    from ..errors import RecoveryFailedError
-
-    n = hits_original = hits_recovered = nonfinite = 0
-    first: list[np.ndarray] = []
-    for xb, yb in _batches(data, batch_size):
-        pred = _predict(recovered, xb)
-        nonfinite += int(np.size(pred) - np.isfinite(pred).sum())
-        hits_recovered += int(_correct(pred, yb).sum())
-        hits_original += int(_correct(_predict(original, xb), yb).sum())
-        n += len(xb)
-        if sum(len(f) for f in first) < 512:
-            first.append(xb)
-    if n == 0:
-        raise RecoveryFailedError("recovery cannot be checked: the check data is empty", model=recovered, result={})
-    result = {
-        "samples": n, "original_accuracy": hits_original / n,
-        "recovered_accuracy": hits_recovered / n, "nonfinite_outputs": nonfinite,
-        "max_drop": max_drop,
-    }
-    drop = 100.0 * (result["original_accuracy"] - result["recovered_accuracy"])
-    if nonfinite:
-        why = f"its outputs on the check data hold {nonfinite} NaN/Inf value(s)"
-    elif max_drop is not None and drop > max_drop:
-        why = (f"its accuracy on the check data is {100 * result['recovered_accuracy']:.2f}%, "
-               f"{drop:.2f} points below the original's {100 * result['original_accuracy']:.2f}% "
-               f"(allowed: {max_drop:g})")
-    else:
-        return result
-    grown = site_growth(original, recovered, np.concatenate(first)[:512])
-    result["site_growth"] = grown
-    worst = ", ".join(f"'{g['site']}' |x| {g['recovered']:.3g} vs {g['original']:.3g}" for g in grown[:3])
-    raise RecoveryFailedError(
-        f"recovery failed: {why} ({n} samples); largest input growth per site: {worst or 'none'}; "
-        "try more epochs, a lower --lr, or more data",
-        model=recovered, result=result,
-    )
-
-
-def site_growth(original: Any, recovered: Any, x: Any) -> list[dict[str, Any]]:
-    """Per replaced site, the largest |input| in ``recovered`` against that in
-    ``original`` on inputs ``x``, largest ratio first."""
-    from ..calibrate import calibrate
-
-    new_sites = [s for s in find_sites(recovered) if s.activation in ("square", "poly")]
-    names = {s.path for s in new_sites}
-    old_sites = [s for s in find_sites(original) if s.path in names]
-    try:
-        before, after = calibrate(original, old_sites, x), calibrate(recovered, new_sites, x)
-    except Exception:  # noqa: BLE001 - the failure is reported either way; this only adds detail
-        return []
-
-    def peak(r: Any) -> float:
-        return max(abs(r.min), abs(r.max)) if r is not None else float("inf")
-
-    rows = []
-    for path in sorted(names):
-        b, a = before.get(path), after.get(path)
-        o, n = peak(b), peak(a)
-        rows.append({"site": path, "original": o, "recovered": n, "ratio": n / o if o else float("inf")})
-    return sorted(rows, key=lambda r: -r["ratio"] if np.isfinite(r["ratio"]) else float("-inf"))
-
-
-def accuracy(model: Any, x: Any, y: Any = None, batch_size: int = 256) -> float:
-    """Top-1 accuracy of ``model`` on (x, y) arrays, or on a Dataset of (x, y)
-    batches passed as ``x``, read batch by batch; NaN outputs count as wrong."""
-    data = x if y is None else (x, y)
-    n = hits = 0
-    for xb, yb in _batches(data, batch_size):
-        hits += int(_correct(_predict(model, xb), yb).sum())
-        n += len(xb)
-    return hits / n if n else float("nan")
-
-
-def load_xy(path: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y) from an .npz with arrays named ``x`` (inputs) and ``y`` (integer labels)."""
-    from ..errors import UserError
-    from ..paths import read_arrays
-
-    arrays = read_arrays(path, what)
-    if "x" not in arrays or "y" not in arrays:
-        raise UserError(f"{what} '{path}' has arrays {sorted(arrays)}; it needs 'x' (inputs) and 'y' (labels)")
-    if len(arrays["x"]) != len(arrays["y"]):
-        raise UserError(f"{what} '{path}': x has {len(arrays['x'])} rows but y has {len(arrays['y'])}")
-    return arrays["x"], arrays["y"]
-

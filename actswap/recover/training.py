@@ -152,12 +152,13 @@ class NaNGuard(keras.callbacks.Callback):
 def distillation_losses(y_true: Any, student_logits: Any, teacher_logits: Any,
                         temperature: float = 4.0, alpha: float = 0.5) -> Any:
     """Per example: ``alpha * T² * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(y, softmax(s))``
-    (sparse integer labels)."""
-    t = tf.nn.softmax(teacher_logits / temperature)
-    log_s = tf.nn.log_softmax(student_logits / temperature)
-    kl = tf.reduce_sum(t * (tf.math.log(tf.clip_by_value(t, 1e-12, 1.0)) - log_s), axis=-1)
-    ce = tf.keras.losses.sparse_categorical_crossentropy(y_true, student_logits, from_logits=True)
-    return alpha * temperature**2 * kl + (1.0 - alpha) * ce
+    (sparse integer labels): the ``kl`` record of :mod:`.outputs` on one logits head."""
+    from .outputs import LOSSES, Head
+
+    head = Head("output", 0, "linear", "kl", teacher_probs=False, student_probs=False, labelled=True)
+    kl = LOSSES["kl"]
+    return alpha * kl.distil(teacher_logits, student_logits, head, temperature) + \
+        (1.0 - alpha) * kl.fit(y_true, student_logits, head)
 
 
 def distillation_loss(y_true: Any, student_logits: Any, teacher_logits: Any,
@@ -166,51 +167,79 @@ def distillation_loss(y_true: Any, student_logits: Any, teacher_logits: Any,
     return tf.reduce_mean(distillation_losses(y_true, student_logits, teacher_logits, temperature, alpha))
 
 
-def per_example_loss(model: Any, x: Any, y: Any) -> Any:
-    """The training loss of each example of (x, y), in training mode: ``model`` is a
-    :class:`Distiller` (distillation) or a student (cross-entropy on its outputs)."""
-    if isinstance(model, Distiller):
-        teacher = model._logits(model.teacher(x, training=False), model.teacher_probs)
-        student = model._logits(model.student(x, training=True), model.student_probs)
-        return distillation_losses(y, student, teacher, model.temperature, model.alpha)
-    return tf.keras.losses.sparse_categorical_crossentropy(y, model(x, training=True),
-                                                           from_logits=not _probabilities(model))
+def per_example_loss(model: Any, x: Any, y: Any, training: bool = True) -> Any:
+    """The loss of each example of ``x`` (with labels ``y``, or None) for a
+    :class:`Distiller`: summed over its heads, each ``alpha`` parts distillation
+    from the teacher and ``1 - alpha`` parts its labels when it has labels in
+    ``y``, distillation alone when not (``alpha = 0`` and no labels is refused
+    before training, :func:`check_trainable`)."""
+    import keras
+
+    from .outputs import LOSSES, labels_per_head
+
+    heads = model.heads
+    labels = labels_per_head(y, [h.name for h in heads])
+    needs_teacher = model.alpha > 0 or any(label is None for label in labels)
+    teacher = keras.tree.flatten(model.teacher(x, training=False)) if needs_teacher else None
+    student = keras.tree.flatten(model.student(x, training=training))
+    total = None
+    for head, label in zip(heads, labels):
+        kind = LOSSES[head.loss]
+        s = student[head.index]
+        if label is None:
+            term = kind.distil(teacher[head.index], s, head, model.temperature)
+        elif model.alpha == 0:
+            term = kind.fit(label, s, head)
+        else:
+            term = model.alpha * kind.distil(teacher[head.index], s, head, model.temperature) + \
+                (1.0 - model.alpha) * kind.fit(label, s, head)
+        total = term if total is None else total + term
+    return total
 
 
-def _probabilities(model: Any) -> bool:
-    """True when the model ends in a softmax (its outputs are probabilities, not logits)."""
-    last = model.layers[-1]
-    act = getattr(last, "activation", None)
-    return getattr(act, "__name__", "") == "softmax" or type(last).__name__ == "Softmax"
+def check_trainable(heads: Any, labelled: bool, alpha: float) -> None:
+    """Refuse, before any training, a head with neither a teacher nor labels."""
+    from ..errors import UserError
+
+    if alpha == 0 and (not labelled or not all(h.labelled for h in heads)):
+        missing = [h.name for h in heads if not (labelled and h.labelled)]
+        raise UserError(f"--no-distill trains on labels alone, and output(s) {missing} have none in the "
+                        "training data; drop --no-distill (the original then teaches them)")
 
 
 class Distiller(keras.Model):
-    """Trains ``student`` on :func:`distillation_loss` against a frozen ``teacher``."""
+    """Trains ``student`` against a frozen ``teacher``, one loss per output
+    (``heads``, :mod:`.outputs`; default: every output a classifier with
+    integer labels, :func:`~.outputs.classifier_heads`): ``alpha`` parts
+    distillation at ``temperature``, ``1 - alpha`` parts labels where the
+    batch has them. Batches are ``x``, ``(x,)`` or ``(x, y)``
+    (``keras.utils.unpack_x_y_sample_weight``)."""
 
-    def __init__(self, student: Any, teacher: Any, temperature: float = 4.0, alpha: float = 0.5, **kwargs: Any):
+    def __init__(self, student: Any, teacher: Any, temperature: float = 4.0, alpha: float = 0.5,
+                 heads: Any = None, **kwargs: Any):
         super().__init__(**kwargs)
+        from .outputs import classifier_heads
+
         self.student, self.teacher = student, teacher
         self.temperature, self.alpha = temperature, alpha
         # The teacher is not frozen by setting teacher.trainable (that would
         # change the user's model); only the student's variables are updated.
-        self.student_probs, self.teacher_probs = _probabilities(student), _probabilities(teacher)
+        self.heads = list(heads) if heads is not None else classifier_heads(teacher, student)
+        # Validation accuracy is a classifier's figure; every model has a loss.
+        self.classifies = self.heads[0].loss == "kl" and self.heads[0].labelled
         # Keras reports epoch logs from tracked metrics, not from train_step's return value.
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.accuracy_tracker = keras.metrics.Mean(name="accuracy")
 
     @property
     def metrics(self) -> list[Any]:
-        return [self.loss_tracker, self.accuracy_tracker]
+        return [self.loss_tracker, self.accuracy_tracker] if self.classifies else [self.loss_tracker]
 
     def call(self, x: Any, training: bool = False) -> Any:
         return self.student(x, training=training)
 
-    @staticmethod
-    def _logits(y: Any, probs: bool) -> Any:
-        return tf.math.log(tf.clip_by_value(y, 1e-12, 1.0)) if probs else y
-
     def train_step(self, data: Any) -> dict[str, Any]:
-        x, y = data[0], data[1]
+        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
         # The optimizer sums the replicas' gradients (an all-reduce): each
         # replica contributes its share of the mean, as Keras' own losses do.
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
@@ -226,10 +255,16 @@ class Distiller(keras.Model):
         return {"loss": self.loss_tracker.result()}
 
     def test_step(self, data: Any) -> dict[str, Any]:
-        x, y = data[0], data[1]
-        pred = self.student(x, training=False)
-        correct = tf.cast(tf.equal(tf.argmax(pred, -1), tf.cast(tf.reshape(y, [-1]), tf.int64)), tf.float32)
+        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+        if not self.classifies or y is None:
+            self.loss_tracker.update_state(tf.reduce_mean(per_example_loss(self, x, y, training=False)))
+            return {"loss": self.loss_tracker.result()}
+        pred = keras.tree.flatten(self.student(x, training=False))[self.heads[0].index]
+        from .outputs import labels_per_head
+
+        label = labels_per_head(y, [h.name for h in self.heads])[0]
+        if len(label.shape) == len(pred.shape):  # one-hot rows
+            label = tf.argmax(label, -1)
+        correct = tf.cast(tf.equal(tf.argmax(pred, -1), tf.cast(tf.reshape(label, [-1]), tf.int64)), tf.float32)
         self.accuracy_tracker.update_state(tf.reduce_mean(correct))
         return {"accuracy": self.accuracy_tracker.result()}
-
-
