@@ -21,6 +21,7 @@ import actswap
 from actswap import recover as R
 from actswap.cli import app
 from actswap.errors import RecoveryFailedError, UserError
+from actswap.recover import metrics as M
 from actswap.recover import outputs as O
 from conftest import assert_user_error
 
@@ -161,19 +162,19 @@ def test_a_starved_recovery_fails_naming_the_output_and_the_metric(model, labels
         _recover(model, (x, y) if labels else x, epochs=1, learning_rate=1e-9, fit=False, labels=labels)
     failed = [o for o in e.value.result["outputs"] if not o["passed"]]
     assert failed and e.value.result["samples"] == 25
-    assert all((o["metric"] in O.METRICS) and (O.METRICS[o["metric"]].labels == labels) for o in failed)
+    assert all((o["metric"] in M.METRICS) and (M.METRICS[o["metric"]].labels == labels) for o in failed)
 
 
 def test_the_gate_judges_each_metric_by_its_limit():
-    m = O.METRICS
-    limits = O.Limits(max_drop=1.0, max_disagreement=2.0, max_error=0.25)
+    m = M.METRICS
+    limits = M.Limits(max_drop=1.0, max_disagreement=2.0, max_error=0.25)
     assert m["top-1 accuracy"].judge(0.95, 0.945, limits) == "" and m["top-1 accuracy"].judge(0.95, 0.93, limits)
     assert m["top-1 agreement"].judge(1.0, 0.985, limits) == "" and m["top-1 agreement"].judge(1.0, 0.975, limits)
     assert m["MSE against the targets"].judge(0.2, 0.24, limits) == ""
-    assert "30.0% more" in m["MSE against the targets"].judge(0.2, 0.26, O.Limits(max_error=0.1))
+    assert "30.0% more" in m["MSE against the targets"].judge(0.2, 0.26, M.Limits(max_error=0.1))
     assert m["relative error against the original"].judge(0.0, 0.2, limits) == ""
     assert m["relative error against the original"].judge(0.0, float("nan"), limits)  # NaN fails
-    assert m["top-1 accuracy"].judge(0.95, 0.0, O.Limits(max_drop=None)) == ""  # None: not checked
+    assert m["top-1 accuracy"].judge(0.95, 0.0, M.Limits(max_drop=None)) == ""  # None: not checked
 
 
 def test_cli_label_free_and_regression_runs_and_a_starved_one(model, tmp_path):

@@ -32,7 +32,8 @@ Pieces, each usable in a user's own ``model.fit``:
 Layout: :mod:`.blend` (the blended model and its two ends), :mod:`.training`
 (schedule, guard, distillation), :mod:`.outputs` (what each output is: its
 loss and its check metric), :mod:`.run` (``recover``), :mod:`.check` (the
-gate), :mod:`.shifts`, :mod:`.data` and :mod:`.files`.
+gate) and :mod:`.metrics` (its figures), :mod:`.shifts`, :mod:`.data` and
+:mod:`.files`.
 
 Invariant: the models passed in are not modified.
 """
@@ -48,10 +49,10 @@ from typing import Any
 _HOMES = {
     "SQUARE": "blend", "Blend": "blend", "blend_model": "blend", "blends": "blend", "finalize": "blend",
     "fit_squares": "blend", "polynomials_of": "blend", "reestimate_statistics": "blend",
-    "CALIBRATION_SAMPLES": "run", "CHECK_SAMPLES": "run", "MAX_DROP": "outputs", "REESTIMATE_BATCHES": "run",
+    "CALIBRATION_SAMPLES": "run", "CHECK_SAMPLES": "run", "MAX_DROP": "metrics", "REESTIMATE_BATCHES": "run",
     "accuracy": "check", "check_recovery": "check", "load_xy": "data", "recover": "run", "site_growth": "check",
-    "Head": "outputs", "LOSSES": "outputs", "METRICS": "outputs", "heads_of": "outputs",
-    "MAX_DISAGREEMENT": "outputs", "MAX_ERROR": "outputs",
+    "Head": "outputs", "LOSSES": "outputs", "METRICS": "metrics", "heads_of": "outputs",
+    "MAX_DISAGREEMENT": "metrics", "MAX_ERROR": "metrics",
     "BlendSchedule": "training", "Distiller": "training", "NaNGuard": "training",
     "distillation_loss": "training",
 }

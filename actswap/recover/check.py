@@ -17,7 +17,8 @@ import keras
 import numpy as np
 
 from ..sites import find_sites
-from .outputs import LOSSES, MAX_DISAGREEMENT, MAX_DROP, MAX_ERROR, METRICS, Head, Limits, heads_of, labels_per_head
+from .metrics import MAX_DISAGREEMENT, MAX_DROP, MAX_ERROR, METRICS, Limits
+from .outputs import LOSSES, Head, heads_of, labels_per_head
 
 
 def batches(data: Any, batch_size: int) -> Iterable[tuple[Any, Any]]:

@@ -3,7 +3,7 @@
 One record per loss (:data:`LOSSES`) says how a student output is distilled
 from the original's, how it is fitted to labels or targets when there are
 some, and which check metric the gate reads with labels and without
-(:data:`METRICS`). :func:`heads_of` reads what each output of the original is
+(:data:`.metrics.METRICS`, by name). :func:`heads_of` reads what each output of the original is
 (the activation that produces it) and picks its record (:func:`choose_loss`,
 the policy); the Distiller and the gate only walk the heads.
 
@@ -26,26 +26,12 @@ is measured on the original's outputs, never on the student's.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..errors import UserError
-
-MAX_DROP = 1.0  # points of accuracy (vs labels) a recovery may lose against the original
-MAX_DISAGREEMENT = 2.0  # points of disagreement with the original allowed without labels
-MAX_ERROR = 0.25  # non-class outputs: relative error vs the original, or MSE increase vs targets
-
-
-@dataclass(frozen=True)
-class Limits:
-    """The gate's tolerances (documented defaults above)."""
-
-    max_drop: float | None = MAX_DROP
-    max_disagreement: float | None = MAX_DISAGREEMENT
-    max_error: float | None = MAX_ERROR
-
 
 @dataclass(frozen=True)
 class Head:
@@ -59,111 +45,6 @@ class Head:
     student_probs: bool
     variance: float = 1.0  # the original's output variance (the mse scale)
     labelled: bool = False  # the training data has labels or targets for it
-
-
-@dataclass(frozen=True)
-class Metric:
-    """A check figure, accumulated over batches: ``sums(pred, reference, y, head)``
-    (reference: the original's outputs) -> additive sums; ``value(sums)``;
-    ``judge(original, recovered, limits)`` -> why it fails, or ""."""
-
-    name: str
-    labels: bool  # it reads labels/targets (else the original's outputs)
-    sums: Callable[[np.ndarray, np.ndarray, Any, Head], dict[str, float]]
-    value: Callable[[dict[str, float]], float]
-    judge: Callable[[float, float, Limits], str]
-    percent: bool  # shown as a percentage
-
-
-def _drop(original: float, recovered: float, limits: Limits) -> str:
-    drop = 100.0 * (original - recovered)
-    if limits.max_drop is None or drop <= limits.max_drop:
-        return ""
-    return (f"{100 * recovered:.2f}%, {drop:.2f} points below the original's {100 * original:.2f}% "
-            f"(allowed: {limits.max_drop:g}, --max-drop)")
-
-
-def _disagreement(original: float, recovered: float, limits: Limits) -> str:
-    off = 100.0 * (1.0 - recovered)
-    if limits.max_disagreement is None or off <= limits.max_disagreement:
-        return ""
-    return f"{100 * recovered:.2f}%: it disagrees on {off:.2f}% (allowed: {limits.max_disagreement:g}, --max-disagreement)"
-
-
-def _relative(original: float, recovered: float, limits: Limits) -> str:
-    if limits.max_error is None or recovered <= limits.max_error:  # NaN fails
-        return ""
-    return f"{recovered:.4g} (allowed: {limits.max_error:g}, --max-error)"
-
-
-def _increase(original: float, recovered: float, limits: Limits) -> str:
-    if limits.max_error is None or recovered <= original * (1.0 + limits.max_error):
-        return ""
-    return (f"{recovered:.4g} against the original's {original:.4g}, {100 * (recovered / original - 1):.1f}% more "
-            f"(allowed: {100 * limits.max_error:g}%, --max-error)")
-
-
-def _finite_rows(pred: np.ndarray) -> np.ndarray:
-    return np.all(np.isfinite(pred.reshape(len(pred), -1)), axis=-1)
-
-
-def _top1(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
-    """Per position (all axes but the last), argmax hits; NaN rows count as wrong."""
-    hits = (np.argmax(pred, -1) == target.reshape(pred.shape[:-1])) & _finite_rows(pred).reshape(
-        (-1,) + (1,) * (pred.ndim - 2))
-    return {"hits": float(hits.sum()), "n": float(hits.size)}
-
-
-def _labels_of(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """Class indices from integer labels or one-hot rows."""
-    y = np.asarray(y)
-    return np.argmax(y, -1) if y.shape == pred.shape else y
-
-
-def _bits(pred: np.ndarray, head: Head, probs: bool) -> np.ndarray:
-    return pred > (0.5 if probs else 0.0)
-
-
-def _bit_hits(a: np.ndarray, b: np.ndarray, finite: np.ndarray) -> dict[str, float]:
-    hits = (a == b).reshape(len(a), -1) & finite[:, None]
-    return {"hits": float(hits.sum()), "n": float(hits.size)}
-
-
-def _ratio(s: dict[str, float]) -> float:
-    return s["hits"] / s["n"] if s["n"] else float("nan")
-
-
-def _sq(a: np.ndarray, b: Any) -> dict[str, float]:
-    d = np.asarray(a, np.float64) - np.asarray(b, np.float64).reshape(np.shape(a))
-    return {"sse": float(np.sum(d * d)), "n": float(d.size)}
-
-
-def _relative_sums(pred: np.ndarray, ref: np.ndarray, y: Any, head: Head) -> dict[str, float]:
-    r = np.asarray(ref, np.float64)
-    return {**_sq(pred, r), "sum": float(r.sum()), "sum2": float((r * r).sum())}
-
-
-def _relative_value(s: dict[str, float]) -> float:
-    """RMSE against the original over the original's standard deviation."""
-    if not s["n"]:
-        return float("nan")
-    var = max(s["sum2"] / s["n"] - (s["sum"] / s["n"]) ** 2, 0.0)
-    return float(np.sqrt(s["sse"] / s["n"]) / np.sqrt(var)) if var > 0 else float(np.sqrt(s["sse"] / s["n"]))
-
-
-METRICS: dict[str, Metric] = {m.name: m for m in (
-    Metric("top-1 accuracy", True, lambda p, r, y, h: _top1(p, _labels_of(y, p)), _ratio, _drop, True),
-    Metric("top-1 agreement", False, lambda p, r, y, h: _top1(p, np.argmax(r, -1)), _ratio, _disagreement, True),
-    Metric("accuracy per unit", True,
-           lambda p, r, y, h: _bit_hits(_bits(p, h, h.student_probs), np.asarray(y).reshape(p.shape) > 0.5,
-                                        _finite_rows(p)), _ratio, _drop, True),
-    Metric("agreement per unit", False,
-           lambda p, r, y, h: _bit_hits(_bits(p, h, h.student_probs), _bits(r, h, h.teacher_probs), _finite_rows(p)),
-           _ratio, _disagreement, True),
-    Metric("MSE against the targets", True, lambda p, r, y, h: _sq(p, y),
-           lambda s: s["sse"] / s["n"] if s["n"] else float("nan"), _increase, False),
-    Metric("relative error against the original", False, _relative_sums, _relative_value, _relative, False),
-)}
 
 
 @dataclass(frozen=True)
@@ -433,7 +314,3 @@ def classifier_heads(teacher: Any, student: Any) -> list[Head]:
         out.append(Head(names[i], i, act, kind, act in ("softmax", "sigmoid"),
                         activation_of(s_layers[i]) in ("softmax", "sigmoid"), labelled=True))
     return out
-
-
-def unlabelled(heads: Sequence[Head]) -> list[Head]:
-    return [replace(h, labelled=False) for h in heads]

@@ -24,7 +24,8 @@ from ..calibrate import batches_of
 from ..errors import UserError
 from .blend import blend_model, blends, finalize, fit_squares, polynomials_of, reestimate_statistics, rule_layers_of
 from .check import check_recovery, predict
-from .outputs import MAX_DISAGREEMENT, MAX_DROP, MAX_ERROR, heads_of
+from .metrics import MAX_DISAGREEMENT, MAX_DROP, MAX_ERROR
+from .outputs import heads_of
 from .training import BlendSchedule, Distiller, NaNGuard, check_trainable
 
 
