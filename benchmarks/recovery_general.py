@@ -13,8 +13,9 @@ recovers its x² conversion with `actswap.recover`'s defaults, 3 epochs):
   head predicts the angle (in units of 45 degrees); recovered with the angles
   as targets. Target: test MSE within 10% of the original's.
 * multi -- one model, two heads (a dict): the digit (softmax) and the angle
-  (linear), recovered with both labels. Targets: the digit within 0.5 points
-  of the original's, the angle's MSE within 10%.
+  (linear), recovered with both labels, for each budget of --multi-budgets
+  (3 and 10 epochs: its loss still falls steeply at 3). Targets: the digit
+  within 0.5 points of the original's, the angle's MSE within 10%.
 * dense -- an encoder-decoder predicting each digit's pixel mask (pixel > 0.5)
   from the digit with noise; a sigmoid per pixel, recovered with the masks.
   Target: test IoU within 0.01 of the original's.
@@ -22,8 +23,10 @@ recovers its x² conversion with `actswap.recover`'s defaults, 3 epochs):
   plain x²) of each model above: it must raise RecoveryFailedError, the
   failure `actswap recover` turns into exit 1 with nothing written.
 
-Every run is also checked finite. Writes its section of docs/benchmarks.md;
-rows are printed as JSON as they are measured. Needs ../shared/data/mnist.
+Every run is also checked finite. Rows are printed as JSON as they are
+measured and kept in --rows (build/recovery_general.json): a run replaces its
+own rows, so parts can be run apart; the section of docs/benchmarks.md is
+written from all of them. Needs ../shared/data/mnist.
 """
 
 from __future__ import annotations
@@ -166,22 +169,27 @@ def regression(seed: int, d: dict, args) -> dict:
     return row
 
 
-def multi(seed: int, d: dict, args) -> dict:
+def multi(seed: int, d: dict, args) -> list[dict]:
+    """One original, recovered once per budget in --multi-budgets."""
     xtr, atr = rotate(d["x_train"][: args.train], 100 + seed)
     xte, ate = rotate(d["x_test"], 200 + seed)
     ytr, yte = {"digit": d["y_train"][: args.train], "angle": atr}, {"digit": d["y_test"], "angle": ate}
     relu = train(two_head_model(), xtr, ytr, {"digit": "sparse_categorical_crossentropy", "angle": "mse"},
                  args.train_epochs + 1, seed)
-    model, converted, info = recover(relu, (xtr, ytr), seed, args)
-    row = {"part": "multi", "model": "digit + angle", "seed": seed, "gate": info["gate"], "seconds": info["seconds"]}
-    for k, m in (("original", relu), ("converted", converted), ("recovered", model)):
-        out = m.predict(xte, verbose=0)
-        row[f"{k} digit"] = float(np.mean(out["digit"].argmax(-1) == yte["digit"]))
-        row[f"{k} angle"] = float(np.mean((out["angle"] - yte["angle"]) ** 2))
-    row["finite"] = finite(model, xte[:2000])
-    row["met"] = (row["recovered digit"] >= row["original digit"] - 0.005
-                  and row["recovered angle"] <= 1.10 * row["original angle"] and row["finite"])
-    return row
+    rows = []
+    for budget in args.multi_budgets:
+        model, converted, info = recover(relu, (xtr, ytr), seed, argparse.Namespace(**{**vars(args), "budget": budget}))
+        row = {"part": "multi", "model": "digit + angle", "seed": seed, "budget": budget, "gate": info["gate"],
+               "seconds": info["seconds"]}
+        for k, m in (("original", relu), ("converted", converted), ("recovered", model)):
+            out = m.predict(xte, verbose=0)
+            row[f"{k} digit"] = float(np.mean(out["digit"].argmax(-1) == yte["digit"]))
+            row[f"{k} angle"] = float(np.mean((out["angle"] - yte["angle"]) ** 2))
+        row["finite"] = finite(model, xte[:2000])
+        row["met"] = (row["recovered digit"] >= row["original digit"] - 0.005
+                      and row["recovered angle"] <= 1.10 * row["original angle"] and row["finite"])
+        rows.append(row)
+    return rows
 
 
 def dense(seed: int, d: dict, args) -> dict:
@@ -237,20 +245,33 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=20000)
     ap.add_argument("--train-epochs", type=int, default=2)
     ap.add_argument("--budget", type=int, default=3, help="epochs of recovery")
+    ap.add_argument("--multi-budgets", type=int, nargs="+", default=[3, 10],
+                    help="the two-head model's recovery budgets (its loss still falls steeply at 3 epochs)")
+    ap.add_argument("--rows", type=Path, default=ROOT / "build" / "recovery_general.json",
+                    help="rows kept across runs: a run replaces its own (part, model, seed, budget) rows")
     ap.add_argument("--no-doc", action="store_true")
     args = ap.parse_args()
     if not mnist.available():
         sys.exit(f"MNIST not found at {mnist.DEFAULT_DIR}")
     d = mnist.load()
-    rows: list[dict] = []
+    rows: list[dict] = json.loads(args.rows.read_text()) if args.rows.is_file() else []
     t0 = time.time()
+    command = " ".join(["python", "benchmarks/recovery_general.py", *sys.argv[1:]])
+    commit = os.popen(f"git -C {ROOT} rev-parse --short HEAD").read().strip()
+
+    def key(r: dict) -> tuple:
+        return r["part"], r["model"], r["seed"], r.get("budget")
 
     def done(new: list[dict] | dict) -> None:
         for r in new if isinstance(new, list) else [new]:
-            rows.append(r)
+            r.update(command=command, commit=commit, train=args.train,
+                     budget=r.get("budget", args.budget if r["part"] not in ("starved",) else 1))
+            rows[:] = [old for old in rows if key(old) != key(r)] + [r]
             print(json.dumps(r), flush=True)
+        args.rows.parent.mkdir(parents=True, exist_ok=True)
+        args.rows.write_text(json.dumps(rows, indent=1))
         if not args.no_doc:
-            write_doc(rows, args, time.time() - t0)
+            write_doc(rows, time.time() - t0)
 
     for part in args.parts:
         for seed in args.seeds:
@@ -264,25 +285,23 @@ def main() -> None:
                 done(globals()[part](seed, d, args))
 
 
-def write_doc(rows: list[dict], args, seconds: float) -> None:
+def write_doc(rows: list[dict], seconds: float) -> None:
     from docsection import write_section
 
-    command = (f"python benchmarks/recovery_general.py --parts {' '.join(args.parts)} "
-               f"--seeds {' '.join(map(str, args.seeds))} --archs {' '.join(args.archs)} --train {args.train} "
-               f"--train-epochs {args.train_epochs} --budget {args.budget}")
-    commit = os.popen(f"git -C {ROOT} rev-parse --short HEAD").read().strip()
+    commands = sorted({(r["command"], r["commit"], r["train"]) for r in rows})
     lines = [
         "## Recovery for any model, with or without labels (issue 27)", "",
-        f"Command: `{command}` ({seconds:.0f} s on {os.cpu_count()} cores, at commit {commit}, Python "
-        f"{sys.version.split()[0]}, Keras {keras.__version__}); {len(rows)} rows.", "",
-        f"Originals: ReLU networks trained on the first {args.train:,} MNIST training images; each recovery is "
-        f"`actswap.recover` with its defaults and {args.budget} epochs over the same images (its check data the "
-        "last tenth, held out), test figures on the 10,000 test images. `gate`: whether recover's own check "
+        "Commands (each replaces its own rows of the table; the last ran "
+        f"{seconds:.0f} s on {os.cpu_count()} cores, Python {sys.version.split()[0]}, Keras {keras.__version__}):", "",
+        *[f"- `{c}` (at commit {commit}, {train:,} training images)" for c, commit, train in commands], "",
+        "Originals: ReLU networks trained on the first MNIST training images; each recovery is "
+        "`actswap.recover` with its defaults for the budget shown (epochs over the same images; its check data "
+        "the last tenth, held out); test figures on the 10,000 test images. `gate`: whether recover's own check "
         "passed with its default limits. Every row also checks that the recovered model's outputs are finite.", "",
     ]
     by = {p: [r for r in rows if r["part"] == p] for p in ("labelfree", "regression", "multi", "dense", "starved")}
     if by["labelfree"]:
-        lines += ["### Label-free (inputs only) against labelled recovery: top-1 test accuracy", "",
+        lines += ["### Label-free (inputs only) against labelled recovery: top-1 test accuracy, 3 epochs", "",
                   "| model | seed | ReLU original | labelled recovery | label-free recovery | label-free − labelled | "
                   "agreement with the original | gate (labelled / label-free) | time (labelled / label-free) |",
                   "|---|---|---|---|---|---|---|---|---|"]
@@ -293,7 +312,7 @@ def write_doc(rows: list[dict], args, seconds: float) -> None:
                          f"{r['labelled s']:.0f} / {r['label-free s']:.0f} s |")
         lines += ["", _met(by["labelfree"], "label-free within 0.5 points of labelled, finite"), ""]
     if by["regression"]:
-        lines += ["### Regression: the rotation angle (units of 45°), test MSE", "",
+        lines += ["### Regression: the rotation angle (units of 45°), test MSE, 3 epochs", "",
                   "| model | seed | original | after swap | recovered | recovered / original | gate | time |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in by["regression"]:
@@ -302,15 +321,18 @@ def write_doc(rows: list[dict], args, seconds: float) -> None:
         lines += ["", _met(by["regression"], "MSE within 10% of the original's, finite"), ""]
     if by["multi"]:
         lines += ["### Two heads in one model (dict): digit (top-1) and angle (MSE)", "",
-                  "| seed | digit: original / after swap / recovered | angle MSE: original / after swap / recovered | gate | time |",
-                  "|---|---|---|---|---|"]
-        for r in by["multi"]:
-            lines.append(f"| {r['seed']} | {r['original digit']:.4f} / {r['converted digit']:.4f} / "
+                  "| seed | epochs | digit: original / after swap / recovered | angle MSE: original / after swap / recovered | gate | time |",
+                  "|---|---|---|---|---|---|"]
+        for r in sorted(by["multi"], key=lambda r: (r["budget"], r["seed"])):
+            lines.append(f"| {r['seed']} | {r['budget']} | {r['original digit']:.4f} / {r['converted digit']:.4f} / "
                          f"{r['recovered digit']:.4f} | {r['original angle']:.4f} / {r['converted angle']:.4g} / "
                          f"{r['recovered angle']:.4f} | {_yn(r['gate'])} | {r['seconds']:.0f} s |")
-        lines += ["", _met(by["multi"], "digit within 0.5 points and angle MSE within 10% of the original's, finite"), ""]
+        for budget in sorted({r["budget"] for r in by["multi"]}):
+            lines.append(_met([r for r in by["multi"] if r["budget"] == budget],
+                              f"{budget} epochs: digit within 0.5 points and angle MSE within 10% of the original's, finite"))
+        lines.append("")
     if by["dense"]:
-        lines += ["### Dense prediction: each digit's pixel mask from a noisy digit, test IoU", "",
+        lines += ["### Dense prediction: each digit's pixel mask from a noisy digit, test IoU, 3 epochs", "",
                   "| seed | original | after swap | recovered | recovered − original | gate | time |", "|---|---|---|---|---|---|---|"]
         for r in by["dense"]:
             lines.append(f"| {r['seed']} | {r['original']:.4f} | {r['converted']:.4f} | {r['recovered']:.4f} | "
