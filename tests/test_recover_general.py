@@ -202,3 +202,24 @@ def test_cli_label_free_and_regression_runs_and_a_starved_one(model, tmp_path):
     r = runner.invoke(app, ["recover", str(path), "--data", str(tmp_path / "targets.npz"), "--no-labels",
                             "--no-distill", "-o", str(out)])
     assert_user_error(r, "--no-distill", "--no-labels")
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+def test_cli_a_starved_multi_output_recovery_exits_1_naming_each_failing_output(model, tmp_path, labelled):
+    """Every kind of output at once (class, regression, multi-label), with labels
+    as y_<output> arrays of an .npz and without: the starved run fails, each
+    failing output is named with its metric, nothing is written."""
+    path = tmp_path / "m.keras"
+    model.save(path)
+    x, y = _task(512, 8)
+    np.savez(tmp_path / "d.npz", x=x, **({f"y_{k}": v for k, v in y.items()} if labelled else {}))
+    out = tmp_path / "starved.keras"
+    r = runner.invoke(app, ["recover", str(path), "--data", str(tmp_path / "d.npz"), "-o", str(out), "--to", "square",
+                            "--epochs", "1", "--lr", "1e-9", "--plain", "--max-error", "0.01", "--max-drop", "0",
+                            "--max-disagreement", "0", "--json"])
+    result = json.loads(r.stdout)
+    assert result["losses"] == {"bits": "binary_kl", "cls": "kl", "reg": "mse"}
+    failed = {o["output"]: o["metric"] for o in result["outputs"] if not o["passed"]}
+    assert "reg" in failed and failed["reg"] == ("MSE against the targets" if labelled else "relative error against the original")
+    assert_user_error(r, *[f"output '{k}'" for k in failed], "nothing written", code=1)
+    assert not out.exists()

@@ -142,7 +142,6 @@ def run(
             )
         result["resumed_from"] = history.resumed_from
         figures = history.check
-        result["losses"] = {h.name: h.loss for h in history.heads}
         result.update(nan_restores=history.nan_restores, explosions=history.explosions)
     except RecoveryFailedError as e:
         failure, model, figures = e, e.model, e.result
@@ -150,6 +149,7 @@ def run(
     result.update(
         original_accuracy=figures.get("original_accuracy"), converted_accuracy=figures.get("converted_accuracy"),
         recovered_accuracy=figures.get("recovered_accuracy"), outputs=figures.get("outputs", []),
+        losses={o["output"]: o["loss"] for o in figures.get("outputs", [])},
         check=figures, epochs=per_epoch, output=None, check_samples=figures.get("samples"),
     )
     if failure is None or force:
