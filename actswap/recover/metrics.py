@@ -93,9 +93,17 @@ def _bits(pred: np.ndarray, head: Head, probs: bool) -> np.ndarray:
     return pred > (0.5 if probs else 0.0)
 
 
-def _bit_hits(a: np.ndarray, b: np.ndarray, finite: np.ndarray) -> dict[str, float]:
-    hits = (a == b).reshape(len(a), -1) & finite[:, None]
-    return {"hits": float(hits.sum()), "n": float(hits.size)}
+def _jaccard(pred: np.ndarray, y: Any, head: Head) -> dict[str, float]:
+    """Units on in both over units on in either (micro IoU; a NaN unit is off):
+    what a mask is judged by, and blind to the empty units that dominate one,
+    where agreement per unit would pass a model that predicts nothing."""
+    p = _bits(pred, head, head.student_probs)
+    t = np.asarray(y).reshape(p.shape) > 0.5
+    return {"hits": float(np.sum(p & t)), "n": float(np.sum(p | t))}
+
+
+def _iou(s: dict[str, float]) -> float:
+    return s["hits"] / s["n"] if s["n"] else 1.0  # no unit on anywhere, and none predicted: perfect
 
 
 def _ratio(s: dict[str, float]) -> float:
@@ -123,12 +131,7 @@ def _relative_value(s: dict[str, float]) -> float:
 METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("top-1 accuracy", True, lambda p, r, y, h: _top1(p, _labels_of(y, p)), _ratio, _drop, True),
     Metric("top-1 agreement", False, lambda p, r, y, h: _top1(p, np.argmax(r, -1)), _ratio, _disagreement, True),
-    Metric("accuracy per unit", True,
-           lambda p, r, y, h: _bit_hits(_bits(p, h, h.student_probs), np.asarray(y).reshape(p.shape) > 0.5,
-                                        _finite_rows(p)), _ratio, _drop, True),
-    Metric("agreement per unit", False,
-           lambda p, r, y, h: _bit_hits(_bits(p, h, h.student_probs), _bits(r, h, h.teacher_probs), _finite_rows(p)),
-           _ratio, _disagreement, True),
+    Metric("IoU against the labels", True, lambda p, r, y, h: _jaccard(p, y, h), _iou, _drop, True),
     Metric("MSE against the targets", True, lambda p, r, y, h: _sq(p, y),
            lambda s: s["sse"] / s["n"] if s["n"] else float("nan"), _increase, False),
     Metric("relative error against the original", False, _relative_sums, _relative_value, _relative, False),

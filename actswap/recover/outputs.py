@@ -13,7 +13,9 @@ Defaults, read from the model:
   (Hinton et al.), cross-entropy with labels; checked by top-1 accuracy
   (labels) or top-1 agreement with the original (none);
 * sigmoid -> ``binary_kl``: per-unit binary KL, binary cross-entropy with
-  labels; checked per unit at 0.5;
+  labels; checked by the IoU of the units on at 0.5 against the labels
+  (multi-label sets, masks), or, without labels, by the relative error of
+  its probabilities against the original's;
 * anything else -> ``mse``: squared error over the original's output
   variance, so heads of any magnitude weigh alike; checked by the MSE against
   targets (relative to the original's) or, without, by the relative error
@@ -144,7 +146,7 @@ LOSSES: dict[str, LossKind] = {k.name: k for k in (
     LossKind("kl", "KL divergence at the temperature (soft targets); cross-entropy with labels",
              _kl, _ce, "top-1 accuracy", "top-1 agreement"),
     LossKind("binary_kl", "per-unit binary KL; binary cross-entropy with labels",
-             _binary_kl, _binary_fit, "accuracy per unit", "agreement per unit"),
+             _binary_kl, _binary_fit, "IoU against the labels", "relative error against the original"),
     LossKind("mse", "squared error over the original's output variance; against targets too when given",
              _mse, _mse_fit, "MSE against the targets", "relative error against the original"),
 )}
