@@ -72,7 +72,7 @@ def recover(
         "below the original's."
     ),
     max_disagreement: float = typer.Option(
-        2.0, "--max-disagreement", help="Without labels: fail if a class output disagrees with the original's on "
+        5.0, "--max-disagreement", help="Without labels: fail if a class output disagrees with the original's on "
         "more than this many points (percent) of the check data."
     ),
     max_error: float = typer.Option(

@@ -17,7 +17,11 @@ import numpy as np
 from .outputs import Head
 
 MAX_DROP = 1.0  # points of accuracy (vs labels) a recovery may lose against the original
-MAX_DISAGREEMENT = 2.0  # points of disagreement with the original allowed without labels
+# Points of disagreement with the original allowed without labels. A recovery
+# the labelled gate passes disagrees more than its accuracy drop says: the
+# committed fixture (94.55%) recovered with labels, 3 epochs, lost 0.70 points
+# and disagreed on 3.15% of 2,000 test images; a starved one on 35%.
+MAX_DISAGREEMENT = 5.0
 MAX_ERROR = 0.25  # non-class outputs: relative error vs the original, or MSE increase vs targets
 
 
