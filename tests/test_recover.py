@@ -245,5 +245,6 @@ def test_cli_recover_defaults_are_the_api_defaults():
     api = inspect.signature(R.recover).parameters
     options = {p.name: p.default.default for p in inspect.signature(cli_recover.recover).parameters.values()
                if hasattr(p.default, "default")}
-    pairs = {"epochs": "epochs", "ramp": "ramp_epochs", "batch_size": "batch_size", "learning_rate": "learning_rate"}
+    pairs = {"epochs": "epochs", "ramp": "ramp_epochs", "batch_size": "batch_size", "learning_rate": "learning_rate",
+             "max_drop": "max_drop", "max_disagreement": "max_disagreement", "max_error": "max_error"}
     assert {k: options[k] for k in pairs} == {k: api[v].default for k, v in pairs.items()}
