@@ -113,6 +113,29 @@ def test_each_loss_equals_a_numpy_computation():
     np.testing.assert_allclose(O.LOSSES["binary_kl"].fit(bits, q, probs), bce.mean(-1), rtol=1e-4)
 
 
+def test_the_distiller_uses_labels_where_given_and_the_teacher_at_t1_without():
+    from actswap.recover.training import Distiller, per_example_loss
+
+    keras.utils.set_random_seed(1)
+    teacher = keras.Sequential([keras.Input((3,)), L.Dense(4, activation="softmax")])
+    student = keras.Sequential([keras.Input((3,)), L.Dense(4, activation="softmax")])
+    distiller = Distiller(student, teacher, temperature=4.0, alpha=0.5)
+    x = np.random.default_rng(3).normal(size=(6, 3)).astype("float32")
+    y = np.array([0, 1, 2, 3, 0, 1])
+    t, s = np.log(teacher.predict(x, verbose=0)), np.log(student.predict(x, verbose=0))
+
+    def kl(temperature):
+        def softmax(z):
+            e = np.exp(z - z.max(-1, keepdims=True))
+            return e / e.sum(-1, keepdims=True)
+        p, q = softmax(t / temperature), softmax(s / temperature)
+        return temperature**2 * np.sum(p * np.log(p / q), -1)
+
+    ce = -s[np.arange(6), y]
+    np.testing.assert_allclose(per_example_loss(distiller, x, y, training=False), 0.5 * kl(4) + 0.5 * ce, rtol=1e-4)
+    np.testing.assert_allclose(per_example_loss(distiller, x, None, training=False), kl(1), rtol=1e-4)
+
+
 def test_a_dict_output_model_recovers_from_a_dataset_of_inputs_only(model, tmp_path):
     x, y = _task(1024, 3)
     xv, yv = _task(256, 4)

@@ -26,7 +26,7 @@ from .blend import blend_model, blends, finalize, fit_squares, polynomials_of, r
 from .check import check_recovery, predict
 from .metrics import MAX_DISAGREEMENT, MAX_DROP, MAX_ERROR
 from .outputs import heads_of
-from .training import BlendSchedule, Distiller, NaNGuard, check_trainable
+from .training import LABEL_FREE_TEMPERATURE, BlendSchedule, Distiller, NaNGuard, check_trainable
 
 
 REESTIMATE_BATCHES = 200
@@ -46,6 +46,7 @@ def recover(
     labels: bool = True,
     losses: str | Mapping[str, str] | None = None,
     temperature: float = 4.0,
+    label_free_temperature: float = LABEL_FREE_TEMPERATURE,
     alpha: float = 0.5,
     learning_rate: float = 2e-3,
     lr_schedule: str = "constant",
@@ -82,7 +83,9 @@ def recover(
     the original's output variance otherwise; ``losses`` overrides, one kind
     or a kind per output name): ``alpha`` parts distillation, ``1 - alpha``
     parts labels where ``train`` has them; distillation alone where it has
-    none, or with ``labels=False`` (labels are then ignored in ``val`` too).
+    none, or with ``labels=False`` (labels are then ignored in ``val`` too),
+    at ``label_free_temperature`` (1: without labels to sharpen them, soft
+    targets at 4 underfit the teacher's decisions; :data:`~.training.LABEL_FREE_TEMPERATURE`).
 
     The result is then checked on ``val`` (else on a held-out tenth of
     ``train`` when it is arrays, which is then not trained on; a Dataset
@@ -149,7 +152,8 @@ def recover(
         # (Measured again on a resume, from the same first inputs.)
         rules.calibrate_layers(student, batches_of(calibration, batch_size))
         optimizer = keras.optimizers.Adam(learning_rate, clipnorm=clipnorm)
-        model = Distiller(student, original, temperature, alpha if distill else 0.0, heads=heads)
+        model = Distiller(student, original, temperature, alpha if distill else 0.0, heads=heads,
+                          label_free_temperature=label_free_temperature)
         model.classifies = model.classifies and (val is None or has_labels(val))
         model.compile(optimizer=optimizer)
     schedule = BlendSchedule(ramp_epochs, progressive)
