@@ -167,14 +167,20 @@ def _drop_the_input_layer(layers):
     del layers["inner"]["config"]["layers"][0]  # 'inner' is no longer built: its call is node 0
 
 
+def _drop_a_tensor_index(layers):
+    layers["head"]["inbound_nodes"] = [[["inner", 0, {}]]]  # the fourth long run's edit: [name, node, kwargs]
+
+
 @pytest.mark.parametrize("edit, why", [
     (_drop_the_calls, "'head' reads node 1 of 'inner'"),
     (_drop_the_input_layer, "'head' reads node 1 of 'inner'"),
+    (_drop_a_tensor_index, "'head' reads its input through a malformed reference [\"inner\", 0, {}]"),
 ])
 def test_a_layer_graph_tf_keras_never_finishes_is_refused(tmp_path, edit, why):
     """The fuzzer's hangs (issue 29): one JSON edit each (a call list emptied; the
     nested model's InputLayer deleted) leaves 'head' reading node 1 of 'inner',
-    which never exists, and tf_keras's load_model re-queues that call forever."""
+    which never exists, and tf_keras's load_model re-queues that call forever;
+    a reference without its tensor index (the fourth long run) hangs it too."""
     path = _keras2_nested_h5(tmp_path, edit)
     r = runner.invoke(app, ["inspect", str(path)])
     assert_user_error(r, path.name, "layer graph is broken", why)

@@ -32,6 +32,8 @@ Invariants: reads the parsed config only; nothing is imported or written.
 
 from __future__ import annotations
 
+import json
+
 from typing import Any
 
 from .report import DAMAGED, ERROR, ScanReport
@@ -110,6 +112,27 @@ def _refs(node: Any) -> list[tuple[Any, Any]]:
     return out
 
 
+def _malformed_ref(calls: Any) -> Any:
+    """The first reference of Keras 2's list form that is not ``[name, node,
+    tensor]`` or ``[name, node, tensor, kwargs]`` (a layer name, two indices
+    >= 0, a dict), in ``calls`` (a layer's ``inbound_nodes``: a list of nodes,
+    each a list of references); None if all are. Nodes of the newer dict form
+    (``keras_history``) are read by :func:`_refs`."""
+    if not isinstance(calls, list):
+        return None
+    for node in calls:
+        if not isinstance(node, list):
+            continue
+        for ref in node:
+            if not (isinstance(ref, list) and ref and isinstance(ref[0], str)) or ref[0] == "_CONSTANT_VALUE":
+                continue  # a constant argument is [_CONSTANT_VALUE, -1, value, kwargs]
+            ok = len(ref) in (3, 4) and all(type(v) is int and v >= 0 for v in ref[1:3]) and \
+                (len(ref) == 3 or isinstance(ref[3], dict))
+            if not ok:
+                return ref
+    return None
+
+
 def _problem(graph: dict[str, Any]) -> str | None:
     layers = [layer for layer in graph["layers"] if isinstance(layer, dict)]
     nodes: dict[str, int] = {}
@@ -124,6 +147,14 @@ def _problem(graph: dict[str, Any]) -> str | None:
     for key in ("input_layers", "output_layers"):
         if not _refs(graph.get(key)):  # tf_keras loads such a model, and then cloning it never ends
             return f"the model has no {key.split('_')[0]}s ({key} is empty)"
+    for layer in layers:
+        bad = _malformed_ref(layer.get("inbound_nodes"))
+        if bad is not None:  # tf_keras's rebuild never finished on ["inner", 0, {}] (the fuzzer, issue 29)
+            return f"'{layer['name']}' reads its input through a malformed reference {json.dumps(bad)[:80]}"
+    for key in ("input_layers", "output_layers"):
+        bad = _malformed_ref([graph.get(key)])
+        if bad is not None:
+            return f"{key} holds a malformed reference {json.dumps(bad)[:80]}"
     reads: dict[str, set[str]] = {name: set() for name in nodes}
     places = [(layer.get("name"), layer.get("inbound_nodes")) for layer in layers]
     places += [(None, graph.get("input_layers")), (None, graph.get("output_layers"))]
