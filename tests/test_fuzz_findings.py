@@ -350,3 +350,30 @@ def test_a_zip_member_flagged_encrypted_is_a_damaged_member(tmp_path):
         zipfile.ZipFile(path).read("config.json")
     for command in (["scan"], ["inspect"], ["convert", "--to", "square"]):
         assert_user_error(runner.invoke(app, [*command, str(path)]), path.name, "zip member 'config.json' is encrypted")
+
+
+def test_a_keras3_model_listing_one_input_twice_is_refused(tmp_path, fixtures_dir):
+    """The fifth long run's finding (issue 29): the fixture with two inputs, its
+    config's input_layers edited to [a, a, b]. Keras 3 loads it; convert's
+    clone then failed ('The name "a" is used 2 times', unexpected failure)."""
+    import zipfile
+
+    import keras
+
+    src = fixtures_dir / "shared_layer.keras"
+    path = tmp_path / "twice.keras"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(path, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename == "config.json":
+                config = json.loads(data)
+                first = config["config"]["input_layers"][0]
+                config["config"]["input_layers"].insert(0, first)
+                data = json.dumps(config).encode()
+            zout.writestr(info, data)
+    # The control: Keras loads it, and cannot rebuild it.
+    model = keras.models.load_model(path, safe_mode=True)
+    with pytest.raises(ValueError, match="is used 2 times"):
+        keras.models.clone_model(model)
+    for command in (["scan"], ["convert", "--to", "square"]):
+        assert_user_error(runner.invoke(app, [*command, str(path)]), path.name, f"input '{first[0]}' is listed 2 times")

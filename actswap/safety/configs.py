@@ -23,7 +23,7 @@ from typing import Any
 
 from ..errors import LoadError, first_line
 from . import allowlists
-from .graphs import check_graphs
+from .graphs import check_graphs, check_inputs
 from .report import (
     CODE, DAMAGED, ERROR, MAX_CONFIG_BYTES, MAX_JSON_DEPTH, NUMERICS, STRUCTURE, WARNING, ScanReport,
 )
@@ -147,6 +147,7 @@ def walk_config(config: dict[str, Any], report: ScanReport, *, legacy: bool) -> 
     """Check every serialized object in ``config``; return how many were checked."""
     ctx = _Walk(report, _CLASSES[bool(legacy)], legacy)
     _walk(config, "", (), True, ctx)
+    check_inputs(config, report, "the model config")
     if legacy:  # tf_keras loops forever on a broken layer graph; Keras 3 stops itself
         check_graphs(config, report, "the model config")
     if ctx.low_precision:

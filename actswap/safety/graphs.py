@@ -76,6 +76,21 @@ def check_graphs(config: Any, report: ScanReport, what: str) -> None:
             return
 
 
+def check_inputs(config: Any, report: ScanReport, what: str) -> None:
+    """Add one finding if a functional config in ``config`` (at any depth, either
+    dialect) lists one input twice in its ``input_layers``: Keras 3 loads such a
+    model, and every rebuild of it (convert's clone) then fails on the repeated
+    name (the fuzzer, issue 29)."""
+    for graph in _functional_configs(config):
+        refs = _refs(graph.get("input_layers"))
+        repeated = sorted({name for name, _ in refs if sum(1 for r in refs if r[0] == name) > 1}, key=str)
+        if repeated:
+            report.add(ERROR, DAMAGED, what, f"{what}: the layer graph is broken: input '{repeated[0]}' is listed "
+                       f"{sum(1 for r in refs if r[0] == repeated[0])} times in input_layers (a model cannot take "
+                       "one input twice)")
+            return
+
+
 def _functional_configs(node: Any) -> list[dict[str, Any]]:
     out = []
     stack = [node]
