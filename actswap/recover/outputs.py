@@ -255,9 +255,13 @@ def parse_losses(text: str | None) -> str | dict[str, str] | None:
                 raise UserError(f"--loss takes KIND or OUTPUT=KIND,...; got '{text}'")
             kinds[name.strip()] = kind.strip()
     for kind in ([kinds] if isinstance(kinds, str) else kinds.values()):
-        if kind not in LOSSES:
-            raise UserError(f"--loss: unknown loss '{kind}'; choose from {', '.join(LOSSES)}")
+        _known(kind)
     return kinds
+
+
+def _known(kind: str) -> None:
+    if kind not in LOSSES:
+        raise UserError(f"--loss: unknown loss '{kind}'; choose from {', '.join(LOSSES)}")
 
 
 def _override(losses: str | Mapping[str, str] | None, names: Sequence[str]) -> dict[str, str]:
@@ -267,9 +271,8 @@ def _override(losses: str | Mapping[str, str] | None, names: Sequence[str]) -> d
     unknown = sorted(set(chosen) - set(names))
     if unknown:
         raise UserError(f"--loss names output(s) {unknown}; the model's outputs are {list(names)}")
-    for name, kind in chosen.items():
-        if kind not in LOSSES:
-            raise UserError(f"--loss {name}={kind}: unknown loss; choose from {', '.join(LOSSES)}")
+    for kind in chosen.values():
+        _known(kind)
     return chosen
 
 
