@@ -56,9 +56,13 @@ def start_and_signal(src: Path, out: Path, sig: int) -> tuple[subprocess.Popen, 
     output into place, send ``sig``."""
     held = out.parent.parent / f"{out.parent.name}.held"  # outside the output's folder
     env = dict(cli_env(), **{HOLD_ENV: str(held)})
+    # SIGINT back to its default in the child: a shell's background job (`cmd &`)
+    # starts with SIGINT ignored, Python then installs no handler, and the test
+    # would wait out the hold instead of seeing Ctrl-C.
     proc = subprocess.Popen(
         cli_command("convert", src, "--to", "square", "-o", out, "--force"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 240
     while not held.exists():
