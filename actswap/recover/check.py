@@ -64,11 +64,12 @@ def check_recovery(original: Any, recovered: Any, data: Any, *, max_drop: float 
                    max_disagreement: float | None = MAX_DISAGREEMENT, max_error: float | None = MAX_ERROR,
                    converted: Any = None) -> dict[str, Any]:
     """Compare ``recovered`` with ``original`` on ``data`` (as :func:`batches`
-    reads it), each output by its metric: with labels, top-1 accuracy (or per
-    unit) within ``max_drop`` points of the original's, or an MSE against the
-    targets at most ``max_error`` (a fraction) above the original's; without,
-    agreement with the original within ``max_disagreement`` points, or a
-    relative error against the original's outputs of at most ``max_error``.
+    reads it), each output by its metric (:mod:`.metrics`): with labels, top-1
+    accuracy or IoU within ``max_drop`` points of the original's, or an MSE
+    against the targets at most ``max_error`` (a fraction) above the
+    original's; without, top-1 agreement with the original within
+    ``max_disagreement`` points, or a relative error against the original's
+    outputs of at most ``max_error``.
     Any NaN/Inf output fails. ``heads`` default: read from ``original`` and the
     first batch. ``converted`` (optional) is measured alongside, for the
     report. Returns the figures; raises
@@ -85,12 +86,11 @@ def check_recovery(original: Any, recovered: Any, data: Any, *, max_drop: float 
         outs = {k: predict(m, xb) for k, m in models.items()}
         if heads is None:
             heads = heads_of(original, recovered, outs["original"], yb)
-        if not metrics:
-            labels0 = labels_per_head(yb, [h.name for h in heads])
-            metrics = [METRICS[LOSSES[h.loss].labelled if y is not None else LOSSES[h.loss].fidelity]
-                       for h, y in zip(heads, labels0)]
-            sums = {k: [{} for _ in heads] for k in models}
         labels = labels_per_head(yb, [h.name for h in heads])
+        if not metrics:  # chosen on the first batch: with its labels, or the original as the reference
+            metrics = [METRICS[LOSSES[h.loss].labelled if y is not None else LOSSES[h.loss].fidelity]
+                       for h, y in zip(heads, labels)]
+            sums = {k: [{} for _ in heads] for k in models}
         ref = keras.tree.flatten(outs["original"])
         for k in models:
             flat = keras.tree.flatten(outs[k])
