@@ -377,3 +377,53 @@ def test_a_keras3_model_listing_one_input_twice_is_refused(tmp_path, fixtures_di
         keras.models.clone_model(model)
     for command in (["scan"], ["convert", "--to", "square"]):
         assert_user_error(runner.invoke(app, [*command, str(path)]), path.name, f"input '{first[0]}' is listed 2 times")
+
+
+def _savedmodel_with_its_signature_map_edited(tmp: Path, edit) -> Path:
+    """A small SavedModel (one ReLU) whose object graph ``edit`` changes."""
+    import tensorflow as tf
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    module = tf.Module()
+    module.w = tf.Variable(tf.ones([3, 2]))
+    module.f = tf.function(lambda x: tf.nn.relu(tf.matmul(x, module.w)),
+                           input_signature=[tf.TensorSpec([None, 3], tf.float32)])
+    path = tmp / "sm"
+    tf.saved_model.save(module, str(path), signatures=module.f.get_concrete_function())
+    proto = saved_model_pb2.SavedModel()
+    pb = path / "saved_model.pb"
+    proto.ParseFromString(pb.read_bytes())
+    nodes = proto.meta_graphs[0].object_graph_def.nodes
+    edit(nodes, next(n for n in nodes if n.user_object.identifier == "signature_map"))
+    pb.write_bytes(proto.SerializeToString())
+    return path
+
+
+def _signature_map_as_a_plain_object(nodes, signature_map):
+    signature_map.user_object.identifier = "_generic_user_object"
+
+
+def _signature_as_a_variable(nodes, signature_map):
+    signature_map.children[0].node_id = next(i for i, n in enumerate(nodes) if n.HasField("variable"))
+
+
+@pytest.mark.parametrize("edit, why", [
+    (None, ""),
+    (_signature_map_as_a_plain_object, "its 'signatures' object is a _UserObject, not a map of signatures"),
+    (_signature_as_a_variable, "its signature 'serving_default' is a"),
+])
+def test_a_savedmodel_whose_signatures_are_not_functions_is_refused(tmp_path, edit, why):
+    """The fuzzer's finding at seed 25 (issue 29): a mutated object graph
+    restored a SavedModel's ``signatures`` as a plain object, and reading it
+    ended in "unexpected failure: TypeError: '_UserObject' object is not
+    iterable". Without the edit, the same file converts."""
+    path = _savedmodel_with_its_signature_map_edited(tmp_path, edit or (lambda nodes, m: None))
+    out = tmp_path / "out_sm"
+    for command in ("inspect", "convert"):
+        args = [command, str(path)] + (["--to", "square", "-o", str(out)] if command == "convert" else [])
+        r = runner.invoke(app, args)
+        if edit is None:
+            assert r.exit_code == 0, r.output
+        else:
+            assert_user_error(r, str(path), "corrupt SavedModel", why)
+    assert out.exists() == (edit is None)

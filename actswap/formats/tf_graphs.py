@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import weakref
 from dataclasses import dataclass, field
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +51,31 @@ def load_signatures(
             loaded = tf.saved_model.load(str(path))
     except Exception as e:  # noqa: BLE001 - any loader failure is the file's
         raise LoadError(f"could not load SavedModel '{path}': {first_line(e)}") from e
-    sigs = dict(getattr(loaded, "signatures", {}) or {})
+    sigs = _signature_map(path, getattr(loaded, "signatures", None))
     if not sigs:
         raise UserError(
             f"SavedModel '{path}' has no signatures, so it has no graph actswap can rewrite; "
             "re-export it with signatures (tf.saved_model.save(obj, dir, signatures=...))"
         )
     return loaded, sigs
+
+
+def _signature_map(path: Path, signatures: Any) -> dict[str, Any]:
+    """The loaded object's signatures, by name. A corrupt object graph can
+    restore its ``signatures`` child as some other object (a fuzzed file gave
+    a ``_UserObject``; issue 29), or a signature as something not a function:
+    those are the file's fault, named as such."""
+    if signatures is None:
+        return {}
+    if not isinstance(signatures, Mapping):
+        raise LoadError(f"corrupt SavedModel '{path}': its 'signatures' object is a "
+                        f"{type(signatures).__name__}, not a map of signatures")
+    sigs = dict(signatures)
+    for name, fn in sigs.items():
+        if not isinstance(fn, tf.types.experimental.ConcreteFunction):
+            raise LoadError(f"corrupt SavedModel '{path}': its signature {str(name)!r} is a "
+                            f"{type(fn).__name__}, not a function")
+    return sigs
 
 
 class _Sites:
