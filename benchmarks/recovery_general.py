@@ -135,8 +135,11 @@ def recover(original, data, seed: int, args, **kw):
         model, history = R.recover(original, converted, data, epochs=args.budget, **kw)
         check, passed = history.check, True
     except RecoveryFailedError as e:
-        model, check, passed = e.model, e.result, False
-    return model, converted, {"gate": passed, "gate_figures": check.get("outputs"), "seconds": time.time() - t}
+        model, check, passed, why = e.model, e.result, False, str(e).split("; largest input growth")[0]
+    else:
+        why = ""
+    return model, converted, {"gate": passed, "gate_figures": check.get("outputs"), "why": why,
+                              "seconds": time.time() - t}
 
 
 def labelfree(arch: str, seed: int, d: dict, args) -> dict:
@@ -147,6 +150,8 @@ def labelfree(arch: str, seed: int, d: dict, args) -> dict:
         model, _, info = recover(relu, data, seed, args)
         row[mode] = R.accuracy(model, d["x_test"], d["y_test"])
         row[f"{mode} gate"] = info["gate"]
+        if info["why"]:
+            row[f"{mode} gate why"] = info["why"]
         row[f"{mode} s"] = info["seconds"]
         row[f"{mode} finite"] = finite(model, d["x_test"][:2000])
         if mode == "label-free":

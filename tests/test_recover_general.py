@@ -113,7 +113,7 @@ def test_each_loss_equals_a_numpy_computation():
     np.testing.assert_allclose(O.LOSSES["binary_kl"].fit(bits, q, probs), bce.mean(-1), rtol=1e-4)
 
 
-def test_the_distiller_uses_labels_where_given_and_the_teacher_at_t1_without():
+def test_the_distiller_uses_labels_where_given_and_the_teachers_top1_classes_without():
     from actswap.recover.training import Distiller, per_example_loss
 
     keras.utils.set_random_seed(1)
@@ -133,7 +133,14 @@ def test_the_distiller_uses_labels_where_given_and_the_teacher_at_t1_without():
 
     ce = -s[np.arange(6), y]
     np.testing.assert_allclose(per_example_loss(distiller, x, y, training=False), 0.5 * kl(4) + 0.5 * ce, rtol=1e-4)
-    np.testing.assert_allclose(per_example_loss(distiller, x, None, training=False), kl(1), rtol=1e-4)
+    # Without labels: the same mix, the teacher's top-1 classes as the labels.
+    top1 = t.argmax(-1)
+    assert len(set(top1)) > 1  # not one class everywhere: the labels matter
+    np.testing.assert_allclose(per_example_loss(distiller, x, None, training=False),
+                               0.5 * kl(4) + 0.5 * -s[np.arange(6), top1], rtol=1e-4)
+    # pseudo_labels=False: distillation alone, at label_free_temperature.
+    alone = Distiller(student, teacher, temperature=4.0, alpha=0.5, pseudo_labels=False, label_free_temperature=2.0)
+    np.testing.assert_allclose(per_example_loss(alone, x, None, training=False), kl(2), rtol=1e-4)
 
 
 def test_a_dict_output_model_recovers_from_a_dataset_of_inputs_only(model, tmp_path):

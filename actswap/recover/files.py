@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-HOLD_OUT = 10  # without --val, 1/HOLD_OUT of the training data is the check data
+from .data import HOLD_OUT  # without --val, 1/HOLD_OUT of the training data is the check data
 
 
 def default_output(original: Path, converted: Path | None, to: str | None) -> Path:

@@ -10,7 +10,8 @@ the policy); the Distiller and the gate only walk the heads.
 Defaults, read from the model:
 
 * softmax, or logits with integer class labels -> ``kl``: KL at a temperature
-  (Hinton et al.), cross-entropy with labels; checked by top-1 accuracy
+  (Hinton et al.), cross-entropy with labels, or without labels with the
+  original's top-1 classes (pseudo-labels); checked by top-1 accuracy
   (labels) or top-1 agreement with the original (none);
 * sigmoid -> ``binary_kl``: per-unit binary KL, binary cross-entropy with
   labels; checked by the IoU of the units on at 0.5 against the labels
@@ -54,7 +55,10 @@ class LossKind:
     """How one kind of output is trained and judged. ``distil(teacher, student,
     head, temperature)`` and ``fit(y, student, head)`` return one loss per
     example (Keras tensors); ``labelled``/``fidelity`` name the check metric
-    with and without labels."""
+    with and without labels. ``pseudo(teacher, head)``, where set, is the
+    label the original's output stands for (a classifier's top-1 class): an
+    output without labels is then trained as if it had that one, distillation
+    and labels mixed; without ``pseudo`` it is distilled alone."""
 
     name: str
     summary: str
@@ -62,6 +66,7 @@ class LossKind:
     fit: Callable[[Any, Any, Head], Any]
     labelled: str
     fidelity: str
+    pseudo: Callable[[Any, Head], Any] | None = None
 
 
 def _per_example(t: Any) -> Any:
@@ -95,6 +100,12 @@ def _ce(y: Any, student: Any, head: Head) -> Any:
     else:
         ce = losses.sparse_categorical_crossentropy(ops.reshape(y, ops.shape(logits)[:-1]), logits, from_logits=True)
     return _per_example(ce) if len(ce.shape) > 1 else ce
+
+
+def _top1(teacher: Any, head: Head) -> Any:
+    from keras import ops
+
+    return ops.argmax(teacher, axis=-1)  # softmax keeps the order: probabilities or logits alike
 
 
 def _binary_logits(values: Any, probs: bool) -> Any:
@@ -143,8 +154,9 @@ def _mse_fit(y: Any, student: Any, head: Head) -> Any:
 
 
 LOSSES: dict[str, LossKind] = {k.name: k for k in (
-    LossKind("kl", "KL divergence at the temperature (soft targets); cross-entropy with labels",
-             _kl, _ce, "top-1 accuracy", "top-1 agreement"),
+    LossKind("kl", "KL divergence at the temperature (soft targets); cross-entropy with labels "
+             "(without labels: with the original's top-1 classes)",
+             _kl, _ce, "top-1 accuracy", "top-1 agreement", pseudo=_top1),
     LossKind("binary_kl", "per-unit binary KL; binary cross-entropy with labels",
              _binary_kl, _binary_fit, "IoU against the labels", "relative error against the original"),
     LossKind("mse", "squared error over the original's output variance; against targets too when given",

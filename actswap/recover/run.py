@@ -46,6 +46,7 @@ def recover(
     labels: bool = True,
     losses: str | Mapping[str, str] | None = None,
     temperature: float = 4.0,
+    pseudo_labels: bool = True,
     label_free_temperature: float = LABEL_FREE_TEMPERATURE,
     alpha: float = 0.5,
     learning_rate: float = 2e-3,
@@ -82,10 +83,12 @@ def recover(
     or logits with class labels, ``binary_kl`` for sigmoid, ``mse`` scaled by
     the original's output variance otherwise; ``losses`` overrides, one kind
     or a kind per output name): ``alpha`` parts distillation, ``1 - alpha``
-    parts labels where ``train`` has them; distillation alone where it has
-    none, or with ``labels=False`` (labels are then ignored in ``val`` too),
-    at ``label_free_temperature`` (1: without labels to sharpen them, soft
-    targets at 4 underfit the teacher's decisions; :data:`~.training.LABEL_FREE_TEMPERATURE`).
+    parts labels where ``train`` has them. Where it has none, or with
+    ``labels=False`` (labels are then ignored in ``val`` too), a classifier's
+    output takes the original's top-1 classes as its labels
+    (``pseudo_labels``, the default), and every other output is distilled
+    alone (``label_free_temperature``: the temperature of a classifier's
+    output distilled alone, with ``pseudo_labels=False``).
 
     The result is then checked on ``val`` (else on a held-out tenth of
     ``train`` when it is arrays, which is then not trained on; a Dataset
@@ -153,7 +156,7 @@ def recover(
         rules.calibrate_layers(student, batches_of(calibration, batch_size))
         optimizer = keras.optimizers.Adam(learning_rate, clipnorm=clipnorm)
         model = Distiller(student, original, temperature, alpha if distill else 0.0, heads=heads,
-                          label_free_temperature=label_free_temperature)
+                          pseudo_labels=pseudo_labels, label_free_temperature=label_free_temperature)
         model.classifies = model.classifies and (val is None or has_labels(val))
         model.compile(optimizer=optimizer)
     schedule = BlendSchedule(ramp_epochs, progressive)

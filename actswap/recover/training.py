@@ -170,9 +170,11 @@ def distillation_loss(y_true: Any, student_logits: Any, teacher_logits: Any,
 def per_example_loss(model: Any, x: Any, y: Any, training: bool = True) -> Any:
     """The loss of each example of ``x`` (with labels ``y``, or None) for a
     :class:`Distiller`: summed over its heads, each ``alpha`` parts distillation
-    from the teacher and ``1 - alpha`` parts its labels when it has labels in
-    ``y``, distillation alone when not (``alpha = 0`` and no labels is refused
-    before training, :func:`check_trainable`)."""
+    from the teacher and ``1 - alpha`` parts its labels. A head without labels
+    in ``y`` takes the teacher's pseudo-labels where its loss has them
+    (``LossKind.pseudo``, with ``pseudo_labels``), else distillation alone at
+    ``label_free_temperature`` (``alpha = 0`` and no labels is refused before
+    training, :func:`check_trainable`)."""
     import keras
 
     from .outputs import LOSSES, labels_per_head
@@ -186,7 +188,9 @@ def per_example_loss(model: Any, x: Any, y: Any, training: bool = True) -> Any:
     for head, label in zip(heads, labels):
         kind = LOSSES[head.loss]
         s = student[head.index]
-        if label is None:  # the teacher alone, at its own temperature (see Distiller)
+        if label is None and model.pseudo_labels and kind.pseudo is not None:
+            label = kind.pseudo(teacher[head.index], head)
+        if label is None:
             term = kind.distil(teacher[head.index], s, head, model.label_free_temperature)
         elif model.alpha == 0:
             term = kind.fit(label, s, head)
@@ -223,18 +227,20 @@ class Distiller(keras.Model):
     (``heads``, :mod:`.outputs`; default: every output a classifier with
     integer labels, :func:`~.outputs.classifier_heads`): ``alpha`` parts
     distillation at ``temperature``, ``1 - alpha`` parts labels where the
-    batch has them, and distillation alone at ``label_free_temperature``
-    where it has none. Batches are ``x``, ``(x,)`` or ``(x, y)``
+    batch has them; where it has none, the same mix with the teacher's
+    pseudo-labels (``pseudo_labels``, for losses that have them), else
+    distillation alone at ``label_free_temperature``. Batches are ``x``, ``(x,)`` or ``(x, y)``
     (``keras.utils.unpack_x_y_sample_weight``)."""
 
     def __init__(self, student: Any, teacher: Any, temperature: float = 4.0, alpha: float = 0.5,
-                 heads: Any = None, label_free_temperature: float = LABEL_FREE_TEMPERATURE, **kwargs: Any):
+                 heads: Any = None, pseudo_labels: bool = True,
+                 label_free_temperature: float = LABEL_FREE_TEMPERATURE, **kwargs: Any):
         super().__init__(**kwargs)
         from .outputs import classifier_heads
 
         self.student, self.teacher = student, teacher
         self.temperature, self.alpha = temperature, alpha
-        self.label_free_temperature = label_free_temperature
+        self.pseudo_labels, self.label_free_temperature = pseudo_labels, label_free_temperature
         # The teacher is not frozen by setting teacher.trainable (that would
         # change the user's model); only the student's variables are updated.
         self.heads = list(heads) if heads is not None else classifier_heads(teacher, student)
