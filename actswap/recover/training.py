@@ -211,14 +211,16 @@ def check_trainable(heads: Any, labelled: bool, alpha: float) -> None:
                         "training data; drop --no-distill (the original then teaches them)")
 
 
-# The temperature of an output distilled without labels. Soft targets at T = 4
-# carry the teacher's "dark knowledge" and the labels' cross-entropy sharpens
-# the decisions; without labels nothing does, and T = 4 underfits them. The
-# committed fixture recovered from its 20,000 training images without labels,
-# 3 epochs (seed 0): 92.95% at T = 4, 93.25% at T = 2, 94.20% at T = 1
-# (with labels: 93.85%; the original 94.55%). Not settled: ResNet-20 (seed 0 of
-# benchmarks/recovery_general.py, original 97.72%) did better at T = 4 (97.34%)
-# than at T = 1 (96.94%); see docs/benchmarks.md and issue 27.
+# Without labels, a classifier's output trains on the teacher's top-1 classes
+# as labels (pseudo-labels), mixed with soft targets at T = 4 as labels are:
+# soft targets alone underfit the decisions, which the labels' cross-entropy
+# sharpens. ResNet-20, seed 0 of benchmarks/recovery_general.py (labelled
+# recovery 97.82%): 97.34% at T = 4 alone, 96.94% at T = 1 alone, 97.54% with
+# pseudo-labels. LABEL_FREE_TEMPERATURE is the temperature of distillation
+# alone (pseudo_labels=False): 1, where the committed fixture did best alone
+# (3 epochs, seed 0: 92.95% at T = 4, 93.25% at T = 2, 94.20% at T = 1; with
+# pseudo-labels 93.25%, with labels 93.85%): a small model, which the deep
+# CNNs the default is chosen for do not follow.
 LABEL_FREE_TEMPERATURE = 1.0
 
 
