@@ -78,10 +78,6 @@ def test_the_loss_follows_each_output(model):
     assert O.heads_of(logits, logits, logits(x), np.array([1]))[0].loss == "kl"
     assert O.heads_of(logits, logits, logits(x), np.zeros((1, 4), "float32"))[0].loss == "mse"
     assert O.heads_of(logits, logits, logits(x))[0].loss == "mse"
-    # The learning-rate schedule: "auto" is cosine when a head is trained by mse, else constant.
-    assert O.lr_schedule_for(heads, "auto") == "cosine"
-    assert O.lr_schedule_for([h for h in heads if h.loss != "mse"], "auto") == "constant"
-    assert O.lr_schedule_for(heads, "constant") == "constant"
     # --loss overrides, for all outputs or by name; unknown names and kinds are refused.
     assert [h.loss for h in O.heads_of(model, model, model(x), losses={"reg": "kl"})] == ["binary_kl", "kl", "kl"]
     assert O.parse_losses("reg=mse,cls=kl") == {"reg": "mse", "cls": "kl"}
@@ -183,9 +179,6 @@ def test_labels_and_targets_are_used_and_checked(model):
     x, y = _task(1024, 5)
     recovered, history = _recover(model, (x, y), max_error=1.0)
     assert [h.labelled for h in history.heads] == [True, True, True]
-    # "auto": an mse head settles down a cosine, set per epoch (3 epochs at 3e-3).
-    assert history.lr_schedule == "cosine"
-    np.testing.assert_allclose(history.history["learning_rate"], [3e-3, 3e-3 * 0.75, 3e-3 * 0.25], rtol=1e-5)
     figures = {o["output"]: o for o in history.check["outputs"]}
     assert [figures[k]["metric"] for k in ("cls", "reg", "bits")] == [
         "top-1 accuracy", "MSE against the targets", "IoU against the labels"]

@@ -53,9 +53,7 @@ def recover(
     batch_size: int = typer.Option(128, "--batch-size"),
     learning_rate: float = typer.Option(2e-3, "--lr", help="Adam learning rate (gradients clipped to norm 1)."),
     lr_schedule: str = typer.Option(
-        "auto", "--lr-schedule",
-        help="auto | constant | cosine: cosine takes the rate down a half cosine over the epochs; auto (default) "
-        "does when an output is trained by mse (regressions settle), else keeps it constant.",
+        "constant", "--lr-schedule", help="constant | cosine: the rate down a half cosine over the epochs."
     ),
     no_distill: bool = typer.Option(False, "--no-distill", help="Train on labels only, without the original as teacher."),
     no_labels: bool = typer.Option(
@@ -135,8 +133,8 @@ def recover(
         losses = parse_losses(loss)
         if no_distill and no_labels:
             raise UserError("--no-distill trains on labels and --no-labels ignores them: nothing to train on; drop one")
-        if lr_schedule not in ("auto", "constant", "cosine"):
-            raise UserError(f"--lr-schedule takes auto, constant or cosine, got '{lr_schedule}'")
+        if lr_schedule not in ("constant", "cosine"):
+            raise UserError(f"--lr-schedule takes constant or cosine, got '{lr_schedule}'")
         from ..recover.data import DataOptions, check_spec, parse_image_size, parse_scale
 
         if distribute not in (None, "mirrored", "multiworker"):

@@ -58,9 +58,7 @@ class LossKind:
     with and without labels. ``pseudo(teacher, head)``, where set, is the
     label the original's output stands for (a classifier's top-1 class): an
     output without labels is then trained as if it had that one, distillation
-    and labels mixed; without ``pseudo`` it is distilled alone.
-    ``schedule`` is the learning-rate schedule its check metric wants when the
-    recovery's is "auto" (:func:`lr_schedule_for`)."""
+    and labels mixed; without ``pseudo`` it is distilled alone."""
 
     name: str
     summary: str
@@ -69,7 +67,6 @@ class LossKind:
     labelled: str
     fidelity: str
     pseudo: Callable[[Any, Head], Any] | None = None
-    schedule: str = "constant"
 
 
 def _per_example(t: Any) -> Any:
@@ -163,23 +160,8 @@ LOSSES: dict[str, LossKind] = {k.name: k for k in (
     LossKind("binary_kl", "per-unit binary KL; binary cross-entropy with labels",
              _binary_kl, _binary_fit, "IoU against the labels", "relative error against the original"),
     LossKind("mse", "squared error over the original's output variance; against targets too when given",
-             _mse, _mse_fit, "MSE against the targets", "relative error against the original",
-             # An MSE measures the errors themselves, and a constant rate leaves
-             # them at the noise of its last steps: the two-head model of
-             # benchmarks/recovery_general.py (10 epochs, 3 seeds) ended its angle
-             # head at 0.83-1.14x the original's MSE at a constant rate, at
-             # 0.91-0.97x down a cosine (docs/benchmarks.md).
-             schedule="cosine"),
+             _mse, _mse_fit, "MSE against the targets", "relative error against the original"),
 )}
-
-
-def lr_schedule_for(heads: Sequence[Head], lr_schedule: str) -> str:
-    """``lr_schedule``, or for "auto" the one the heads' losses want: "cosine"
-    if any wants it, else "constant" (a classifier's top-1 is not hurt by the
-    noise of a constant rate, and its recoveries were measured with it)."""
-    if lr_schedule != "auto":
-        return lr_schedule
-    return "cosine" if any(LOSSES[h.loss].schedule == "cosine" for h in heads) else "constant"
 
 
 def activation_of(layer: Any) -> str:

@@ -25,7 +25,7 @@ from ..errors import UserError
 from .blend import blend_model, blends, finalize, fit_squares, polynomials_of, reestimate_statistics, rule_layers_of
 from .check import check_recovery, predict
 from .metrics import MAX_DISAGREEMENT, MAX_DROP, MAX_ERROR
-from .outputs import heads_of, lr_schedule_for
+from .outputs import heads_of
 from .training import LABEL_FREE_TEMPERATURE, BlendSchedule, Distiller, NaNGuard, check_trainable
 
 
@@ -50,7 +50,7 @@ def recover(
     label_free_temperature: float = LABEL_FREE_TEMPERATURE,
     alpha: float = 0.5,
     learning_rate: float = 2e-3,
-    lr_schedule: str = "auto",
+    lr_schedule: str = "constant",
     clipnorm: float = 1.0,
     batch_size: int = 128,
     callbacks: Iterable[Any] = (),
@@ -107,9 +107,7 @@ def recover(
     building and training. A guard that gives up (more than ``max_restores``
     restores) raises a ConversionError. ``lr_schedule`` "cosine" lowers the
     learning rate along a half cosine over the epochs
-    (:func:`cosine_learning_rate`); "constant" keeps it; "auto" (default) is
-    cosine when an output's loss wants it (``mse``: regressions settle), else
-    constant (:func:`~.outputs.lr_schedule_for`; ``history.lr_schedule``).
+    (:func:`cosine_learning_rate`); "constant" (default) keeps it.
     """
     import contextlib
 
@@ -144,7 +142,6 @@ def recover(
     calibration = _calibration_inputs(train, batch_size)
     heads = heads_of(original, converted, predict(original, calibration), label_sample(train), losses)
     check_trainable(heads, has_labels(train), alpha if distill else 0.0)
-    lr_schedule = lr_schedule_for(heads, lr_schedule)
     with scope():
         polynomials = polynomials_of(converted)
         if state is not None:  # the constants the checkpointed weights were trained with
@@ -196,7 +193,6 @@ def recover(
     history.explosions = guard.explosions
     history.blend_factors = schedule.history
     history.heads = heads
-    history.lr_schedule = lr_schedule
     recovered = finalize(student)
     history.check = check_recovery(original, recovered, check, heads=heads, max_drop=max_drop,
                                    max_disagreement=max_disagreement, max_error=max_error,
@@ -253,7 +249,7 @@ def _take(data: tuple[Any, Any], start: int, stop: int) -> tuple[Any, Any]:
     return keras.tree.map_structure(cut, x), (None if y is None else keras.tree.map_structure(cut, y))
 
 
-LR_SCHEDULES = ("auto", "constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def cosine_learning_rate(learning_rate: float, epochs: int) -> Any:
