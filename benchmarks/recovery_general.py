@@ -301,21 +301,26 @@ def main() -> None:
                 done(globals()[part](seed, d, args))
 
 
-def write_doc(rows: list[dict], seconds: float) -> None:
+def write_doc(rows: list[dict], seconds: float | None) -> None:
+    """The section from ``rows``; ``seconds``: the last run's wall time (None: rebuilt from the rows alone)."""
     from docsection import write_section
 
     commands = sorted({(r["command"], r["commit"], r["train"]) for r in rows})
     lines = [
         "## Recovery for any model, with or without labels (issue 27)", "",
-        "Commands (each replaces its own rows of the table; the last ran "
-        f"{seconds:.0f} s on {os.cpu_count()} cores, Python {sys.version.split()[0]}, Keras {keras.__version__}):", "",
+        "Commands (each replaces its own rows of the table; "
+        + (f"the last ran {seconds:.0f} s " if seconds is not None else "")
+        + f"on {os.cpu_count()} cores, Python {sys.version.split()[0]}, Keras {keras.__version__}):", "",
         *[f"- `{c}` (at commit {commit}, {train:,} training images)" for c, commit, train in commands], "",
         "Originals: ReLU networks trained on the first MNIST training images; each recovery is "
         "`actswap.recover` with its defaults for the budget shown (epochs over the same images; its check data "
         "the last tenth, held out); test figures on the 10,000 test images. `gate`: whether recover's own check "
         "passed with its default limits. Every row also checks that the recovered model's outputs are finite. "
         "The check data are images the original was trained on, which it fits better than unseen ones: a labelled "
-        "gate can fail there while the test accuracies agree (vgg, seed 0).", "",
+        "gate can fail there while the test accuracies agree"
+        + (f" ({sum(not r['labelled gate'] for r in rows if r['part'] == 'labelfree')} of the "
+           f"{sum(r['part'] == 'labelfree' for r in rows)} labelled recoveries below; `--val` with images the "
+           "original was not trained on avoids it)." if any(r["part"] == "labelfree" for r in rows) else "."), "",
     ]
     by = {p: [r for r in rows if r["part"] == p] for p in ("labelfree", "regression", "multi", "dense", "starved")}
     if by["labelfree"]:
