@@ -217,9 +217,10 @@ def check_trainable(heads: Any, labelled: bool, alpha: float) -> None:
 # sharpens. ResNet-20, seed 0 of benchmarks/recovery_general.py (labelled
 # recovery 97.82%): 97.34% at T = 4 alone, 96.94% at T = 1 alone, 97.54% with
 # pseudo-labels; over ResNet-20 and a VGG, 3 seeds each, pseudo-labels landed
-# 0.00-0.28 points below labelled recovery (docs/benchmarks.md). LABEL_FREE_TEMPERATURE is the temperature of distillation
-# alone (pseudo_labels=False): 1, where the committed fixture did best alone
-# (3 epochs, seed 0: 92.95% at T = 4, 93.25% at T = 2, 94.20% at T = 1; with
+# 0.00-0.28 points below labelled recovery (docs/benchmarks.md).
+# LABEL_FREE_TEMPERATURE is the temperature of distillation alone
+# (pseudo_labels=False): 1, where the committed fixture did best alone (3
+# epochs, seed 0: 92.95% at T = 4, 93.25% at T = 2, 94.20% at T = 1; with
 # pseudo-labels 93.25%, with labels 93.85%): a small model, which the deep
 # CNNs the default is chosen for do not follow.
 LABEL_FREE_TEMPERATURE = 1.0
