@@ -176,7 +176,7 @@ def regression(seed: int, d: dict, args) -> dict:
 
 # The two-head model is recovered down a cosine (`--lr-schedule cosine`): at a
 # constant rate its angle head ended 10 epochs at 0.83-1.14x the original's MSE
-# (commit b581ab0), down the cosine at 0.91-0.97x; the single angle head did
+# (commit b581ab0), down the cosine at 0.90-0.97x; the single angle head did
 # better at a constant rate at 3 epochs (see write_doc).
 MULTI_SCHEDULE = "cosine"
 
