@@ -121,8 +121,18 @@ def test_bounded_returns_the_result_and_the_child_leaves_nothing():
 def test_bounded_reports_time_memory_signals_and_errors():
     with pytest.raises(bounded.ReaderFailed, match="did not finish within 0.5 s"):
         bounded.bounded(time.sleep, 30, seconds=0.5)
-    with pytest.raises(bounded.ReaderFailed, match="more than 0.25 GB of memory"):
-        bounded.bounded(lambda: bytearray(2 * 1024**3), memory=256 * 1024**2)
+    # The memory bound from a fresh process, as the CLI calls it: forked from this
+    # test session (after ~600 tests, TensorFlow, JAX and torch loaded), the
+    # child once exited with status 1 and no result (1 full run in 5), not
+    # reproduced alone or after the tests before it; see issue 29's note.
+    import subprocess
+    import sys
+
+    code = ("from actswap.safety import bounded\n"
+            "try:\n    bounded.bounded(lambda: bytearray(2 * 1024**3), memory=256 * 1024**2)\n"
+            "except bounded.ReaderFailed as e:\n    print(e)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "reading it needed more than 0.25 GB of memory" in run.stdout, (run.stdout, run.stderr)
     with pytest.raises(bounded.ReaderFailed, match="signal 9"):  # as a crash in C code would end it
         bounded.bounded(lambda: os.kill(os.getpid(), 9))
     with pytest.raises(bounded.ChildError, match="ZeroDivisionError"):
