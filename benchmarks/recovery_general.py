@@ -135,11 +135,16 @@ def recover(original, data, seed: int, args, **kw):
         model, history = R.recover(original, converted, data, epochs=args.budget, **kw)
         check, passed = history.check, True
     except RecoveryFailedError as e:
-        model, check, passed, why = e.model, e.result, False, str(e).split("; largest input growth")[0]
+        model, check, passed, why = e.model, e.result, False, _gate_message(e)
     else:
         why = ""
     return model, converted, {"gate": passed, "gate_figures": check.get("outputs"), "why": why,
                               "seconds": time.time() - t}
+
+
+def _gate_message(e: RecoveryFailedError) -> str:
+    """The gate's verdict, without the sites' input growth that follows it."""
+    return str(e).split("; largest input growth")[0]
 
 
 def labelfree(arch: str, seed: int, d: dict, args) -> dict:
@@ -248,7 +253,7 @@ def starved(seed: int, d: dict, args) -> list[dict]:
             R.recover(last, converted, data, epochs=1, learning_rate=1e-9, fit=False)
             fired, why = False, ""
         except RecoveryFailedError as e:
-            fired, why = True, str(e).split("; largest input growth")[0]
+            fired, why = True, _gate_message(e)
         rows.append({"part": "starved", "model": name, "seed": seed, "fired": fired, "why": why, "met": fired})
     return rows
 
