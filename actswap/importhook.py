@@ -8,8 +8,10 @@ costs ~30 ms (it pulls in ``importlib.metadata``), 15% of the time
 
 Invariants: the hook runs once, after the module has executed completely (never
 on a partly initialised module); if the module is already imported, it runs
-at once; an import that fails runs nothing; the finder never changes which
-module is found, only wraps its loader's ``exec_module``.
+at once; an import that fails runs nothing; a find_spec() probe that imports
+nothing does not use the hook up (TensorFlow probes for keras as it imports);
+the finder never changes which module is found, only wraps its loader's
+``exec_module``.
 """
 
 from __future__ import annotations
@@ -23,23 +25,34 @@ from typing import Any
 
 class _After(importlib.abc.MetaPathFinder):
     def __init__(self, name: str, hook: Callable[[Any], None]) -> None:
-        self.name, self.hook = name, hook
+        self.name, self.hook, self.done = name, hook, False
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
-        if fullname != self.name:
+        if fullname != self.name or self.done:
             return None
-        # Out of the way first: the real spec is found by the other finders, and an
-        # import that fails does not leave this finder waiting for a second one.
+        # Out of the way while the real spec is found by the other finders (no
+        # recursion), and back afterwards: a find_spec() that only probes (as
+        # TensorFlow's module_util does for "keras" while TF imports) executes
+        # nothing, and the import that follows must still be seen.
         sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            sys.meta_path.insert(0, self)
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
-        loader, hook = spec.loader, self.hook
+        loader, finder = spec.loader, self
         execute = loader.exec_module
 
         def exec_module(module: Any) -> None:
-            execute(module)
-            hook(module)
+            try:
+                execute(module)
+            finally:  # executed or failed: either way this finder's work is over
+                first, finder.done = not finder.done, True
+                if finder in sys.meta_path:
+                    sys.meta_path.remove(finder)
+            if first:
+                finder.hook(module)
 
         loader.exec_module = exec_module  # this spec's loader object only
         return spec

@@ -69,3 +69,29 @@ def test_help_imports_neither_numpy_nor_the_formats() -> None:
             "if m in sys.modules), file=sys.stderr)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stderr.strip().splitlines()[-1] == "[]", out.stderr[-2000:]
+
+
+def test_a_find_spec_probe_before_the_import_does_not_use_the_hook_up(tmp_path: Path) -> None:
+    # TensorFlow's module_util calls importlib.util.find_spec("keras") while TF
+    # imports, before keras is imported: the hook must still run on the import.
+    out = _run(tmp_path, """
+        import importlib.util, sys
+        from actswap.importhook import after_import
+        seen = []
+        after_import("late", lambda m: seen.append(getattr(m, "ready", False)))
+        assert importlib.util.find_spec("late") is not None and seen == []
+        import late
+        print(seen, sum(getattr(f, "name", None) == "late" for f in sys.meta_path))
+    """)
+    assert out == "[True] 0"
+
+
+def test_actswap_layers_are_registered_when_tensorflow_is_imported_before_keras(tmp_path: Path) -> None:
+    # As the CLI imports them: TensorFlow first, which imports keras itself.
+    out = _run(tmp_path, """
+        import actswap, tensorflow, keras
+        from keras.saving import get_registered_object
+        print([get_registered_object(f"actswap>{n}") is not None
+               for n in ("Square", "PolyLayerNormalization", "PolySoftmax", "Blend")])
+    """)
+    assert out.splitlines()[-1] == "[True, True, True, True]"
