@@ -67,6 +67,10 @@ class DiskSpaceError(ActswapError):
     """The output does not fit on its disk; nothing was written (exit 1)."""
 
 
+class OutOfMemoryError(ActswapError):
+    """The work did not fit in memory; nothing was written (exit 1)."""
+
+
 class InvariantError(ActswapError):
     """An invariant actswap promises did not hold; this is a bug (exit 1)."""
 

@@ -6,8 +6,10 @@ Every export proves itself before it is written: the ONNX graph must pass
 its onnxruntime outputs must equal TensorFlow's on the same inputs within a
 tolerance. Otherwise nothing is written.
 
-Invariants: the model is only read; the output file appears (atomically) only
-after every check passed.
+Invariants: the model is only read; the output appears (by renames) only after
+every check passed on the very files renamed, and the .onnx only once its data
+file is in place. The converter never holds the weights (:mod:`actswap.onnx_build`):
+peak memory is about the model's own plus a fixed amount (issue 28).
 """
 
 from __future__ import annotations
@@ -20,8 +22,12 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from .errors import ConversionError, UserError
-from .paths import check_output_onnx, read_arrays, write_atomically
+from .errors import ConversionError, OutOfMemoryError, UserError
+from .paths import (
+    check_output_onnx, disk_full, ensure_space, hold_before_rename, is_disk_full, move_into_place, read_arrays,
+    staging_dir,
+)
+from .onnx_build import refuse_foreign_ops
 from .policy import PARITY_TOL
 
 
@@ -71,10 +77,14 @@ class ExportReport:
     notes: list[str] = field(default_factory=list)
     # "Op 'node'" of every node CKKS cannot evaluate, but an output softmax (the client's).
     non_polynomial: list[str] = field(default_factory=list)
+    weight_bytes: int = 0
+    data: str | None = None  # the external data file beside ``output``, if the weights are there
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "output": self.output,
+            "data": self.data,
+            "weight_bytes": self.weight_bytes,
             "opset": self.opset,
             "op_counts": dict(sorted(self.op_counts.items())),
             "relu_nodes": self.op_counts.get("Relu", 0),
@@ -192,27 +202,6 @@ def compare(tf_out: list[np.ndarray], onnx_out: list[np.ndarray], tol: float, sa
     return Parity(max_abs, max_rel, tol, samples)
 
 
-def non_standard_ops(model: Any) -> list[str]:
-    """Nodes (at any depth) whose op is not a standard ONNX op; tf2onnx leaves TF ops it
-    could not convert in the graph when it continues on errors."""
-    import onnx
-
-    found = []
-
-    def walk(graph: Any) -> None:
-        for node in graph.node:
-            if node.domain not in ("", "ai.onnx") or not onnx.defs.has(node.op_type):
-                found.append(f"{node.op_type} (node '{node.name}', domain '{node.domain or 'ai.onnx'}')")
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    walk(attr.g)
-                for g in attr.graphs:
-                    walk(g)
-
-    walk(model.graph)
-    return found
-
-
 def op_counts(model: Any) -> dict[str, int]:
     counts: dict[str, int] = {}
     for node in model.graph.node:
@@ -247,52 +236,45 @@ def non_polynomial_nodes(proto: Any) -> list[str]:
             and not (n.op_type == "Softmax" and all(reaches_output(o) for o in n.output))]
 
 
-def run_onnx(proto: Any, inputs: list[np.ndarray]) -> list[np.ndarray]:
-    """Outputs of ``proto`` in onnxruntime (CPU) for ``inputs``, in graph order."""
+def run_onnx(model: Any, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    """Outputs of ``model`` (a ModelProto, or the path of an .onnx file, whose
+    external data is read from beside it) in onnxruntime (CPU), in graph order."""
     import onnxruntime as ort
 
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # warnings about the file are the checks' to report
+    source = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
     try:
-        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         feed = {i.name: x for i, x in zip(session.get_inputs(), inputs)}
         return [np.asarray(o) for o in session.run(None, feed)]
+    except MemoryError:
+        raise
     except Exception as e:  # noqa: BLE001
         raise ConversionError(f"onnxruntime cannot run the ONNX graph: {str(e).splitlines()[0]}") from e
 
 
-def check_parity(call: _Callable, proto: Any, sample: Any, tol: float) -> Parity:
-    """Run TF and onnxruntime on the same inputs and compare."""
+def check_parity(call: _Callable, model: Any, sample: Any, tol: float) -> Parity:
+    """Run TF and onnxruntime (``model``: a ModelProto or a path) on the same inputs
+    and compare. onnxruntime runs first and is released before TensorFlow runs."""
     inputs = sample_inputs(call.specs, sample)
-    onnx_out = run_onnx(proto, inputs)
+    onnx_out = run_onnx(model, inputs)
     tf_out = [np.asarray(t) for t in call.function(*[tf.constant(x) for x in inputs])]
     return compare(tf_out, onnx_out, tol, int(inputs[0].shape[0]) if inputs and inputs[0].ndim else 1)
 
 
-def to_onnx(call: _Callable, opset: int | None = None) -> Any:
-    """Convert with tf2onnx (its transpose optimizer fixed), then refuse any
-    non-standard op and anything ``onnx.checker`` (full check) rejects."""
+def check_graph(path: Path) -> Any:
+    """The graph of the .onnx at ``path`` (without its weights), refused (ConversionError)
+    if it keeps a non-standard op or ``onnx.checker`` (full check) rejects it."""
     import onnx
-    import tf2onnx
 
-    from .tf2onnx_fixes import patched
-
-    opset = opset or tf2onnx.constants.PREFERRED_OPSET
+    graph = onnx.load(str(path), load_external_data=False)
+    refuse_foreign_ops(graph)
     try:
-        with patched():
-            proto, _ = tf2onnx.convert.from_function(call.function, input_signature=call.specs, opset=opset)
-    except Exception as e:  # noqa: BLE001 - the converter's failure, reported as ours
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConversionError(f"tf2onnx could not convert the model: {first}") from e
-    foreign = non_standard_ops(proto)
-    if foreign:
-        raise ConversionError(
-            f"the ONNX graph keeps {len(foreign)} op(s) that are not standard ONNX, first {foreign[0]}; "
-            "the model uses a TF op tf2onnx cannot convert"
-        )
-    try:
-        onnx.checker.check_model(proto, full_check=True)
+        onnx.checker.check_model(str(path), full_check=True)  # a path: external data is checked too
     except Exception as e:  # noqa: BLE001
         raise ConversionError(f"the exported ONNX graph is invalid: {str(e).splitlines()[0]}") from e
-    return proto
+    return graph
 
 
 def export_onnx(
@@ -304,24 +286,70 @@ def export_onnx(
     tol: float = DEFAULT_TOL,
     signature: str | None = None,
     overwrite: bool = False,
+    external_data: bool | None = None,
 ) -> ExportReport:
     """Export ``obj`` (Keras model or SavedModel module) to ONNX at ``out``, proven equal.
 
+    The weights go to ``out + '.data'`` beside it (ONNX external data) when
+    ``external_data`` is True, or when None and they are at least
+    :data:`actswap.policy.ONNX_EXTERNAL_DATA_BYTES`; otherwise one file.
+
     Raises ConversionError (exit 1), writing nothing, if the graph has
-    non-standard ops, fails the checker, or differs from TF beyond ``tol``.
+    non-standard ops, fails the checker, or differs from TF beyond ``tol``;
+    DiskSpaceError or OutOfMemoryError (exit 1), writing nothing, when the disk
+    or the memory runs out. The files are checked and run where they were
+    written, in a staging directory beside ``out``, and renamed into place only
+    then, the data file before the .onnx that names it.
     """
+    from .onnx_build import build, data_name
+
     dest = check_output_onnx(out, overwrite=overwrite)
     if not (tol > 0):
         raise UserError(f"--tol must be positive, got {tol}")
+    data_dest = dest.with_name(data_name(dest))
+    if external_data and data_dest.exists() and not overwrite:
+        raise UserError(f"'{data_dest}' exists (the data file of '{dest.name}'); pass --force to overwrite it")
     call, keep = tf_callable(obj, signature)
-    proto = to_onnx(call, opset)
-    opset = proto.opset_import[0].version
-    parity = check_parity(call, proto, sample, tol)
+    ensure_space(dest.parent, 2 * _weight_bytes(call), f"'{dest.name}'")  # the raw and the final weights
+    try:
+        with staging_dir(dest) as work:
+            path, size = build(call, work, dest.name, opset, external_data)
+            graph = check_graph(path)
+            parity = check_parity(call, path, sample, tol)
+            report = ExportReport(None, graph.opset_import[0].version, op_counts(graph), parity,
+                                  non_polynomial=non_polynomial_nodes(graph), weight_bytes=size)
+            if not parity.ok:
+                raise ExportCheckError(
+                    f"ONNX output differs from TensorFlow: {parity.describe()}; nothing written", report
+                )
+            staged = work / data_name(path)
+            moves = [(path, dest)]
+            if staged.exists():
+                if data_dest.exists() and not overwrite:
+                    raise UserError(f"'{data_dest}' exists (the data file of '{dest.name}'); "
+                                    "pass --force to overwrite it")
+                moves.insert(0, (staged, data_dest))
+                report.data = str(data_dest)
+            hold_before_rename(path)
+            move_into_place(moves)
+    except MemoryError as e:
+        raise OutOfMemoryError(
+            f"ran out of memory while exporting '{dest.name}' ({_mb(_weight_bytes(call))} of weights); "
+            "nothing was written; close other programs or export on a machine with more memory"
+        ) from e
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full(dest, e) from e
+        raise
     del keep
-    report = ExportReport(None, opset, op_counts(proto), parity, non_polynomial=non_polynomial_nodes(proto))
-    if not parity.ok:
-        raise ExportCheckError(
-            f"ONNX output differs from TensorFlow: {parity.describe()}; nothing written", report
-        )
-    report.output = str(write_atomically(dest, proto.SerializeToString()))
+    report.output = str(dest)
     return report
+
+
+def _weight_bytes(call: _Callable) -> int:
+    return sum(int(np.prod(v.shape, dtype=np.int64)) * v.dtype.size
+               for v in call.function.get_concrete_function(*call.specs).graph.variables)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"

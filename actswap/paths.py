@@ -15,13 +15,14 @@ left alone.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -235,3 +236,42 @@ def write_atomically(dest: Path, data: bytes, check: Callable[[Path], None] | No
     finally:
         Path(tmp).unlink(missing_ok=True)
     return dest
+
+
+@contextlib.contextmanager
+def staging_dir(dest: Path) -> Iterator[Path]:
+    """A temporary directory beside ``dest`` (the same filesystem, so moving out
+    of it is a rename), removed on exit whatever happened. Named like every
+    temporary sibling, so a killed run's is removed by the next writer."""
+    remove_stale_temps(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(dest), suffix=".tmp", dir=dest.parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def move_into_place(moves: list[tuple[Path, Path]]) -> None:
+    """Rename each ``(staged, dest)`` in order, as one change: the destinations
+    that exist are first moved aside, and if any rename fails, what was moved
+    in is removed and they are put back. Order the file that names the others
+    (an .onnx naming its data file) last: it appears only once they are there."""
+    aside: list[tuple[Path, Path]] = []
+    done: list[Path] = []
+    try:
+        for _, dest in moves:
+            if dest.exists():
+                old = dest.with_name(f"{temp_prefix(dest)}x.old")
+                os.replace(dest, old)
+                aside.append((old, dest))
+        for staged, dest in moves:
+            os.replace(staged, dest)
+            done.append(dest)
+    except BaseException:
+        for dest in done:
+            dest.unlink(missing_ok=True)
+        for old, dest in aside:
+            os.replace(old, dest)
+        raise
+    for old, _ in aside:
+        old.unlink(missing_ok=True)

@@ -183,7 +183,8 @@ def run_convert(
     check = plan.backend.written_check(report, plan.sources, trust)
     report.output = str(plan.backend.save(converted, plan.out, overwrite=plan.force, check=check, trust_code=trust))
     if exported is not None:
-        report.notes.append(f"ONNX: wrote {exported.output}; parity: {exported.parity.describe()}")
+        data = f" and its weights in {exported.data}" if exported.data else ""
+        report.notes.append(f"ONNX: wrote {exported.output}{data}; parity: {exported.parity.describe()}")
         report.export = exported.to_dict()
     return report, False
 

@@ -15,6 +15,12 @@ from .report import Site
 # Deep x² networks amplify it past any bound (see the README's known limits).
 PARITY_TOL = 1e-4
 
+# ONNX export writes the weights to a data file beside the .onnx (ONNX external
+# data) from this size on, unless told otherwise (--external-data/--single-file).
+# Below it, one self-contained file, as before. A single file also costs memory:
+# the whole model is one protobuf when written, checked and loaded.
+ONNX_EXTERNAL_DATA_BYTES = 100 * 1024 * 1024
+
 
 def decide(
     site: Site,

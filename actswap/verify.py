@@ -188,17 +188,18 @@ def verify(
 def _check_onnx(converted: Any, onnx_path: str | os.PathLike[str], sample: Any, tol: float) -> Check:
     import onnx
 
-    from .export import check_parity, non_standard_ops, tf_callable
+    from .export import check_parity, tf_callable
+    from .onnx_build import non_standard_ops
 
-    try:
-        proto = onnx.load(str(onnx_path))
+    try:  # the graph only: onnxruntime reads the weights (an external data file too) itself
+        proto = onnx.load(str(onnx_path), load_external_data=False)
     except Exception as e:  # noqa: BLE001
         raise UserError(f"cannot read ONNX file '{onnx_path}': {e}") from None
     foreign = non_standard_ops(proto)
     if foreign:
         return Check("onnx", False, f"non-standard op {foreign[0]}")
     call, keep = tf_callable(converted, what="verify")
-    parity = check_parity(call, proto, sample, tol)
+    parity = check_parity(call, str(onnx_path), sample, tol)
     del keep
     return Check("onnx", parity.ok, parity.describe())
 

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 
 import actswap
 from actswap.cli import app
-from actswap.export import Parity, compare, export_onnx, non_standard_ops, run_onnx, tf_callable, to_onnx
+from actswap.export import Parity, compare, export_onnx, run_onnx
+from actswap.onnx_build import non_standard_ops
 
 runner = CliRunner()
 
@@ -166,30 +167,44 @@ def resnet50():
 
 
 @pytest.mark.slow
-def test_resnet50_exports_structurally_and_runs(resnet50):
+def test_resnet50_exports_structurally_and_runs(resnet50, tmp_path):
+    from actswap.export import check_graph, tf_callable
+    from actswap.onnx_build import build
+
     converted, report, x = resnet50
     call, keep = tf_callable(converted)
-    proto = to_onnx(call)  # checker (full) and the standard-op check run inside
+    # build + check_graph, not export_onnx: 49 squares deep, onnxruntime and TF
+    # part ways (chaotically, as DESIGN.md records: 0.36 apart at the 16th
+    # square here, NaN at the end where TF is finite), so no parity proof holds.
+    path, size = build(call, tmp_path, "r50.onnx", None, None)
+    proto = check_graph(path)  # checker (full) and the standard-op check
     ops = [n.op_type for n in proto.graph.node]
-    assert report.replaced == 49
+    assert report.replaced == 49 and size < 100 * 2**20 and not (tmp_path / "r50.onnx.data").exists()
     assert ops.count("Relu") == 0 and ops.count("Pow") == 0 and ops.count("Mul") == 49
-    out = run_onnx(proto, [x])[0]  # the workaround: onnxruntime accepts the graph
+    # Batch norms folded into the convolutions, as TF's constant folding did
+    # before the weights left the converter: no Mul but the squares, one
+    # Transpose (the input's), an Add per residual join only.
+    assert ops.count("Conv") == 53 and ops.count("Transpose") == 1 and ops.count("Add") == 16
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r50.onnx"]  # the raw files are gone
+    out = run_onnx(path, [x])[0]  # the workaround: onnxruntime accepts the graph
     assert out.shape == (2, 2048)
 
 
 @pytest.mark.slow
-def test_tf2onnx_workaround_is_still_needed(resnet50):
+def test_tf2onnx_workaround_is_still_needed(resnet50, tmp_path, monkeypatch):
     """When this fails, tf2onnx fixed Mul(t, t) in its transpose optimizer:
     delete actswap/tf2onnx_fixes.py and this test."""
-    import tf2onnx
+    import contextlib
 
+    import actswap.tf2onnx_fixes as fixes
     from actswap.errors import ConversionError
 
     converted, _, x = resnet50
-    call, keep = tf_callable(converted)
-    proto, _ = tf2onnx.convert.from_function(call.function, input_signature=call.specs, opset=15)
-    with pytest.raises(ConversionError, match="onnxruntime cannot run"):
-        run_onnx(proto, [x])
+    monkeypatch.setattr(fixes, "patched", contextlib.nullcontext)
+    with pytest.raises(ConversionError, match="onnxruntime (could not optimise|cannot run)") as e:
+        export_onnx(converted, tmp_path / "unfixed.onnx")
+    assert "channels" in str(e.value) or "NCHWc" in str(e.value), e.value
+    assert list(tmp_path.iterdir()) == []  # not even the staging directory
 
 
 # --- verify ----------------------------------------------------------------------

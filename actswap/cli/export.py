@@ -32,7 +32,12 @@ def export(
     ),
     tol: float = typer.Option(DEFAULT_TOL, "--tol", help="Parity tolerance, relative to the output's largest value."),
     signature: Optional[str] = typer.Option(None, "--signature", help="SavedModel signature to export."),
-    force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUT (and OUT.data) if it exists."),
+    external_data: Optional[bool] = typer.Option(
+        None, "--external-data/--single-file",
+        help="Weights in OUT.data beside OUT (ONNX external data), or all in OUT. "
+             "Default: OUT.data from 100 MB of weights on.",
+    ),
     trust_code: TrustCode = False,
     as_json: AsJson = False,
     debug: Debug = False,
@@ -55,7 +60,8 @@ def export(
 
         obj, _ = backend.load(model, trust_code)
         try:
-            report = export_onnx(obj, out, opset=opset, sample=sample, tol=tol, signature=signature, overwrite=force)
+            report = export_onnx(obj, out, opset=opset, sample=sample, tol=tol, signature=signature,
+                                 overwrite=force, external_data=external_data)
         except ExportCheckError as e:
             if as_json:
                 typer.echo(json.dumps(_export_error_data(e)))
@@ -72,7 +78,8 @@ def export(
         console.print(f"non-polynomial nodes: {len(report.non_polynomial)}{': ' + shown if shown else ''} "
                       "(an output Softmax is the client's and not counted)")
         console.print(f"parity: {report.parity.describe()}")
-        console.print(f"wrote {report.output} (opset {report.opset})")
+        weights = f"; its weights ({report.weight_bytes / 1e6:.1f} MB) in {report.data}" if report.data else ""
+        console.print(f"wrote {report.output} (opset {report.opset}){weights}")
         return 0
 
     _run(debug, body)
