@@ -24,10 +24,10 @@ import tensorflow as tf
 
 from .errors import ConversionError, OutOfMemoryError, UserError
 from .paths import (
-    check_output_onnx, disk_full, ensure_space, hold_before_rename, is_disk_full, move_into_place, read_arrays,
-    staging_dir,
+    check_output_onnx, disk_full, ensure_memory, ensure_space, hold_before_rename, is_disk_full, move_into_place,
+    read_arrays, staging_dir,
 )
-from .onnx_build import refuse_foreign_ops
+from .onnx_build import QUIET, ort_failure, refuse_foreign_ops
 from .policy import PARITY_TOL
 
 
@@ -242,16 +242,14 @@ def run_onnx(model: Any, inputs: list[np.ndarray]) -> list[np.ndarray]:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # warnings about the file are the checks' to report
+    options.log_severity_level = QUIET
     source = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
     try:
         session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         feed = {i.name: x for i, x in zip(session.get_inputs(), inputs)}
         return [np.asarray(o) for o in session.run(None, feed)]
-    except MemoryError:
-        raise
     except Exception as e:  # noqa: BLE001
-        raise ConversionError(f"onnxruntime cannot run the ONNX graph: {str(e).splitlines()[0]}") from e
+        raise ort_failure(e, "onnxruntime cannot run the ONNX graph") from e
 
 
 def check_parity(call: _Callable, model: Any, sample: Any, tol: float) -> Parity:
@@ -301,19 +299,23 @@ def export_onnx(
     written, in a staging directory beside ``out``, and renamed into place only
     then, the data file before the .onnx that names it.
     """
-    from .onnx_build import build, data_name
+    from .onnx_build import build, data_name, memory_needed
+    from .policy import ONNX_EXTERNAL_DATA_BYTES
 
     dest = check_output_onnx(out, overwrite=overwrite)
     if not (tol > 0):
         raise UserError(f"--tol must be positive, got {tol}")
-    data_dest = dest.with_name(data_name(dest))
-    if external_data and data_dest.exists() and not overwrite:
-        raise UserError(f"'{data_dest}' exists (the data file of '{dest.name}'); pass --force to overwrite it")
     call, keep = tf_callable(obj, signature)
-    ensure_space(dest.parent, 2 * _weight_bytes(call), f"'{dest.name}'")  # the raw and the final weights
+    weights = _weight_bytes(call)
+    external = weights >= ONNX_EXTERNAL_DATA_BYTES if external_data is None else external_data
+    data_dest = dest.with_name(data_name(dest))
+    if external and data_dest.exists() and not overwrite:
+        raise UserError(f"'{data_dest}' exists (the data file of '{dest.name}'); pass --force to overwrite it")
+    ensure_space(dest.parent, 2 * weights, f"'{dest.name}'", ELSEWHERE)  # the raw and the final weights
+    ensure_memory(memory_needed(weights, external), f"exporting '{dest.name}' ({_mb(weights)} of weights)")
     try:
         with staging_dir(dest) as work:
-            path, size = build(call, work, dest.name, opset, external_data)
+            path, size = build(call, work, dest.name, opset, external)
             graph = check_graph(path)
             parity = check_parity(call, path, sample, tol)
             report = ExportReport(None, graph.opset_import[0].version, op_counts(graph), parity,
@@ -324,26 +326,26 @@ def export_onnx(
                 )
             staged = work / data_name(path)
             moves = [(path, dest)]
-            if staged.exists():
-                if data_dest.exists() and not overwrite:
-                    raise UserError(f"'{data_dest}' exists (the data file of '{dest.name}'); "
-                                    "pass --force to overwrite it")
+            if staged.exists():  # none if no initializer was large enough to go there
                 moves.insert(0, (staged, data_dest))
                 report.data = str(data_dest)
             hold_before_rename(path)
             move_into_place(moves)
     except MemoryError as e:
         raise OutOfMemoryError(
-            f"ran out of memory while exporting '{dest.name}' ({_mb(_weight_bytes(call))} of weights); "
+            f"ran out of memory while exporting '{dest.name}' ({_mb(weights)} of weights); "
             "nothing was written; close other programs or export on a machine with more memory"
         ) from e
     except OSError as e:
         if is_disk_full(e):
-            raise disk_full(dest, e) from e
+            raise disk_full(dest, e, ELSEWHERE) from e
         raise
     del keep
     report.output = str(dest)
     return report
+
+
+ELSEWHERE = "(another OUT)"  # how to write elsewhere, in a full disk's message
 
 
 def _weight_bytes(call: _Callable) -> int:

@@ -30,7 +30,11 @@ is written; the final graph holds only what onnxruntime's basic level emits.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,7 +147,7 @@ def convert(frozen: Frozen, opset: int) -> Any:
     from .tf2onnx_fixes import patched
 
     try:
-        with patched():
+        with patched(), _tf_logs_quiet():
             proto, _ = tf2onnx.convert.from_graph_def(
                 frozen.graph_def, input_names=frozen.inputs + [w.name + ":0" for w in frozen.weights],
                 output_names=frozen.outputs, opset=opset, tensors_to_rename=frozen.rename,
@@ -186,6 +190,19 @@ def refuse_foreign_ops(proto: Any) -> None:
         )
 
 
+@contextlib.contextmanager
+def _tf_logs_quiet() -> Iterator[None]:
+    # tf2onnx freezes and prunes with TF1 APIs, whose deprecation notices TF logs
+    # as warnings ("Instructions for updating: ..."): noise about tf2onnx's code.
+    logger = tf.get_logger()
+    level = logger.level
+    logger.setLevel("ERROR")
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def write_weights(weights: list[Weight], path: Path) -> dict[str, tuple[int, int]]:
     """Stream each weight's bytes into ``path`` (page-aligned, little-endian as ONNX
     requires); returns ``{name: (offset, length)}``. One tensor in memory at a time."""
@@ -197,7 +214,7 @@ def write_weights(weights: list[Weight], path: Path) -> dict[str, tuple[int, int
             if value.dtype.byteorder == ">":
                 value = value.astype(value.dtype.newbyteorder("<"))
             start = f.tell()
-            value.tofile(f)
+            f.write(memoryview(value).cast("B"))  # not ndarray.tofile: its short write has no errno
             where[w.name] = (start, f.tell() - start)
             del value
         f.flush()
@@ -245,17 +262,17 @@ def optimise(raw: Path, out: Path, external: bool) -> None:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = str(out)
-    options.log_severity_level = 3  # its notes on unused initializers are not the user's
+    options.log_severity_level = QUIET  # its notes on unused initializers are not the user's
     options.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_name(out))
     options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
                                      str(EXTERNAL_MIN_BYTES))
     options.add_session_config_entry("session.disable_prepacking", "1")  # never run: no packed copies
     try:
         session = ort.InferenceSession(str(raw), options, providers=["CPUExecutionProvider"])
-    except MemoryError:
-        raise  # said as such by the caller, not as a failure of the graph
     except Exception as e:  # noqa: BLE001
-        raise ConversionError(f"onnxruntime could not optimise the ONNX graph: {str(e).splitlines()[0]}") from e
+        if "write" in str(e) and _nearly_full(out.parent):  # onnxruntime says which file, not why
+            raise OSError(errno.ENOSPC, f"No space left on device writing '{out.name}'") from e
+        raise ort_failure(e, "onnxruntime could not optimise the ONNX graph") from e
     del session
     if not external:
         import onnx
@@ -266,18 +283,49 @@ def optimise(raw: Path, out: Path, external: bool) -> None:
         (out.parent / data_name(out)).unlink(missing_ok=True)  # none when no initializer is large
 
 
+# onnxruntime's log level for our sessions: fatal only. Its errors come back as
+# exceptions, said in one line; printed too, they would be said twice.
+QUIET = 4
+
+
+def ort_failure(e: Exception, what: str) -> Exception:
+    """The error to raise for onnxruntime's exception ``e``: a MemoryError when an
+    allocation failed (onnxruntime reports std::bad_alloc as a runtime error),
+    else a ConversionError saying ``what`` and onnxruntime's first line."""
+    text = str(e)
+    if isinstance(e, MemoryError) or any(s in text for s in ("bad_alloc", "bad allocation", "Failed to allocate")):
+        return MemoryError(text)
+    return ConversionError(f"{what}: {text.splitlines()[0] if text else type(e).__name__}")
+
+
+def _nearly_full(directory: Path) -> bool:
+    from .paths import SPACE_MARGIN
+
+    try:
+        return shutil.disk_usage(directory).free < SPACE_MARGIN
+    except OSError:
+        return False
+
+
 def data_name(model: Path) -> str:
     """The name of ``model``'s external data file, beside it."""
     return model.name + ".data"
 
 
-def build(call: Any, workdir: Path, name: str, opset: int | None, external: bool | None) -> tuple[Path, int]:
-    """Write the ONNX model of ``call`` as ``workdir/name`` (and its data file when
-    external); returns the path and the weights' size in bytes. ``external=None``
-    chooses by size (:data:`actswap.policy.ONNX_EXTERNAL_DATA_BYTES`)."""
-    import tf2onnx
+def memory_needed(weight_bytes: int, external: bool) -> int:
+    """About what :func:`build` and the parity run add to the process's memory at
+    their peak, from issue 28's measurements (peak minus RSS after loading):
+    ResNet50 0.40 GB, ResNet152 0.90 GB, ConvNeXt-Base 0.95 GB with external
+    data (2.5x the weights + 0.3 GB bounds them); ResNet50 as one file 0.58 GB
+    (the whole model is then one protobuf when written, checked and loaded)."""
+    return int((2.5 if external else 4.5) * weight_bytes) + 300 * 2**20
 
-    from .policy import ONNX_EXTERNAL_DATA_BYTES
+
+def build(call: Any, workdir: Path, name: str, opset: int | None, external: bool) -> tuple[Path, int]:
+    """Write the ONNX model of ``call`` as ``workdir/name`` (and its data file when
+    ``external``); returns the path and the size of the weights left out of the
+    converter, in bytes."""
+    import tf2onnx
 
     frozen = freeze(call)
     size = frozen.weight_bytes
@@ -288,7 +336,7 @@ def build(call: Any, workdir: Path, name: str, opset: int | None, external: bool
     raw_model.write_bytes(proto.SerializeToString())
     del proto
     out = workdir / name
-    optimise(raw_model, out, size >= ONNX_EXTERNAL_DATA_BYTES if external is None else external)
+    optimise(raw_model, out, external)
     raw_model.unlink()
     raw_data.unlink()
     return out, size

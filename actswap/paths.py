@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import DiskSpaceError, UserError, first_line
+from .errors import DiskSpaceError, OutOfMemoryError, UserError, first_line
 
 TEMP_TAG = "actswap"
 # Headroom above the estimated output size: archive headers, metadata, and
@@ -151,7 +151,7 @@ def remove_stale_temps(dest: Path) -> list[Path]:
     return removed
 
 
-def ensure_space(directory: Path, needed: int, what: str) -> None:
+def ensure_space(directory: Path, needed: int, what: str, elsewhere: str = "(-o)") -> None:
     """Raise DiskSpaceError (exit 1) if ``directory``'s filesystem has less than
     ``needed`` bytes (plus a margin) free; nothing has been written yet."""
     try:
@@ -161,8 +161,33 @@ def ensure_space(directory: Path, needed: int, what: str) -> None:
     if free < needed + SPACE_MARGIN:
         raise DiskSpaceError(
             f"not enough free space in '{directory}' for {what}: it needs about "
-            f"{_mb(needed + SPACE_MARGIN)}, {_mb(free)} is free; free some space or write elsewhere (-o); "
+            f"{_mb(needed + SPACE_MARGIN)}, {_mb(free)} is free; free some space or write elsewhere {elsewhere}; "
             "nothing was written"
+        )
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the kernel says can be had without swapping (MemAvailable);
+    None where that cannot be read (not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def ensure_memory(needed: int, what: str) -> None:
+    """Raise OutOfMemoryError (exit 1) if less than ``needed`` more bytes of memory
+    are available: said before the work starts, where running out later would
+    end in the kernel's OOM killer, which lets nothing be said or cleaned up."""
+    free = available_memory()
+    if free is not None and free < needed:
+        raise OutOfMemoryError(
+            f"{what} needs about {_mb(needed)} more memory, {_mb(free)} is available; nothing was written; "
+            "close other programs or run it on a machine with more memory"
         )
 
 
@@ -183,11 +208,11 @@ def is_disk_full(e: BaseException | None) -> bool:
     return False
 
 
-def disk_full(dest: Path, e: BaseException) -> DiskSpaceError:
+def disk_full(dest: Path, e: BaseException, elsewhere: str = "(-o)") -> DiskSpaceError:
     """The error to raise after a write ran out of space (its temporary file removed)."""
     err = DiskSpaceError(
         f"ran out of disk space while writing '{dest}'; the partial temporary file was removed and "
-        "nothing was written; free some space or write elsewhere (-o)"
+        f"nothing was written; free some space or write elsewhere {elsewhere}"
     )
     err.__cause__ = e
     return err
