@@ -130,6 +130,71 @@ def onnx_export(model_path: str, out: str, actswap_export: bool) -> dict[str, An
     return {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu}
 
 
+# --- ONNX export memory (issue 28) --------------------------------------------------------
+
+# The models of the ONNX-memory rows: keras.applications, weights=None, ReLUs as
+# x² (ConvNeXt has none: its GELUs and LayerNorms become fitted polynomials).
+ONNX_MEMORY_MODELS = {
+    "ResNet50": {"to": "square", "sources": ("relu",)},
+    "ResNet152": {"to": "square", "sources": ("relu",)},
+    "ConvNeXtBase": {"to": "approx", "sources": "all"},
+}
+
+
+def setup_onnx_memory(workdir: str, quick: bool) -> dict[str, Any]:
+    """Write ``onnx-NAME.keras`` (converted) for each model; return their sizes."""
+    import keras
+    import numpy as np
+
+    import actswap
+
+    work, info = Path(workdir), {}
+    names = ["tiny CNN"] if quick else list(ONNX_MEMORY_MODELS)
+    for name in names:
+        keras.utils.set_random_seed(0)
+        model = _tiny_cnn(keras) if quick else getattr(keras.applications, name)(weights=None)
+        how = {"to": "square", "sources": ("relu",)} if quick else ONNX_MEMORY_MODELS[name]
+        converted, report = actswap.convert(model, **how)
+        path = work / f"onnx-{name.replace(' ', '-')}.keras"
+        actswap.save(converted, path, overwrite=True)
+        info[name] = {
+            "path": str(path), "params": int(model.count_params()), "replaced": report.replaced,
+            "weight_bytes": int(sum(np.prod(v.shape) * np.dtype(v.dtype).itemsize for v in model.weights)),
+            "file_mb": path.stat().st_size / 1e6, "to": how["to"],
+        }
+        del model, converted
+        gc.collect()
+    return info
+
+
+def floor_onnx_before(src: str, dst: str) -> None:
+    """actswap's ONNX export before issue 28, as a whole process: tf2onnx's
+    ``from_function`` on the model (the transpose-optimizer fix applied), the
+    full checker, onnxruntime-vs-TF parity on seeded random inputs, the write."""
+    import keras
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import tensorflow as tf
+    import tf2onnx
+
+    import actswap  # noqa: F401  (registers actswap's layers for loading)
+    from actswap.tf2onnx_fixes import patched
+
+    model = keras.models.load_model(src)
+    fn, specs = _flat_function(model)
+    with patched():
+        proto, _ = tf2onnx.convert.from_function(fn, input_signature=specs, opset=tf2onnx.constants.PREFERRED_OPSET)
+    onnx.checker.check_model(proto, full_check=True)
+    x = np.random.default_rng(0).uniform(0, 1, [2] + list(specs[0].shape[1:])).astype("float32")
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    ref = np.asarray(fn(tf.constant(x))[0])
+    if not np.allclose(got, ref, rtol=0, atol=1e-4 * max(float(np.abs(ref).max()), 1e-30)):
+        raise SystemExit("parity failed")
+    Path(dst).write_bytes(proto.SerializeToString())
+
+
 # --- conversion time vs model size ------------------------------------------------------
 
 
@@ -318,6 +383,7 @@ def inference(keras_path: str, onnx_path: str, rounds: int, batch: int) -> dict[
 
 TASKS = {
     "setup": setup,
+    "setup-onnx-memory": setup_onnx_memory,
     "onnx": onnx_export,
     "chains": chains,
     "train": train_steps,
@@ -332,6 +398,9 @@ def main(argv: list[str]) -> int:
         return 0
     if task == "floor-savedmodel":
         floor_savedmodel(argv[1], argv[2])
+        return 0
+    if task == "floor-onnx-before":
+        floor_onnx_before(argv[1], argv[2])
         return 0
     result = TASKS[task](**json.loads(argv[1]))
     sys.stdout.write("\n" + json.dumps(result) + "\n")

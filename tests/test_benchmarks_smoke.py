@@ -26,6 +26,7 @@ def test_quick_benchmark_runs_and_prints_the_table(tmp_path):
     for measure in (
         "`actswap --help` wall time", "`actswap convert`", "peak RSS", "conversion time per layer",
         "SavedModel rewrite", "ONNX export", "training step", "inference of the exported ONNX",
+        "`actswap export` tiny CNN", "peak RSS (budget 3× weights + 1.5 GB",
     ):
         assert measure in out, measure
     assert "TensorFlow imported by --help: no" in out

@@ -176,7 +176,7 @@ def test_resnet50_exports_structurally_and_runs(resnet50, tmp_path):
     # build + check_graph, not export_onnx: 49 squares deep, onnxruntime and TF
     # part ways (chaotically, as DESIGN.md records: 0.36 apart at the 16th
     # square here, NaN at the end where TF is finite), so no parity proof holds.
-    path, size = build(call, tmp_path, "r50.onnx", None, None)
+    path, size = build(call, tmp_path, "r50.onnx", None, False)
     proto = check_graph(path)  # checker (full) and the standard-op check
     ops = [n.op_type for n in proto.graph.node]
     assert report.replaced == 49 and size < 100 * 2**20 and not (tmp_path / "r50.onnx.data").exists()

@@ -267,3 +267,18 @@ def test_private_tf_api_still_works():
         return out.outputs[0]
 
     np.testing.assert_array_equal(h().numpy(), [0.0, 3.0])
+
+    # freeze: the variables chosen become Placeholders (never read), the rest constants.
+    w, b = tf.Variable(tf.ones([3, 4])), tf.Variable(tf.fill([4], 0.5))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 3])])
+    def lin(x):
+        return tf.matmul(x, w) + b
+
+    graph_def, left = tf_private.freeze(lin.get_concrete_function(), lambda v: len(v.shape) == 2)
+    nodes = {n.name: n for n in graph_def.node}
+    (name, var), = left.items()
+    assert var is w and nodes[name].op == "Placeholder"
+    assert [d.size for d in nodes[name].attr["shape"].shape.dim] == [3, 4]
+    consts = [n for n in graph_def.node if n.op == "Const" and n.attr["value"].tensor.dtype == tf.float32.as_datatype_enum]
+    assert [tf.make_ndarray(n.attr["value"].tensor).tolist() for n in consts] == [[0.5] * 4]
