@@ -329,8 +329,13 @@ def export_onnx(
             if staged.exists():  # none if no initializer was large enough to go there
                 moves.insert(0, (staged, data_dest))
                 report.data = str(data_dest)
+            # The data file of the OUT being replaced, when this export has none: it goes too.
+            orphan = report.data is None and overwrite and data_dest.name in _data_files(dest)
             hold_before_rename(path)
             move_into_place(moves)
+            if orphan:
+                data_dest.unlink(missing_ok=True)
+                report.notes.append(f"removed '{data_dest.name}', the weights of the '{dest.name}' replaced")
     except MemoryError as e:
         raise OutOfMemoryError(
             f"ran out of memory while exporting '{dest.name}' ({_mb(weights)} of weights); "
@@ -346,6 +351,19 @@ def export_onnx(
 
 
 ELSEWHERE = "(another OUT)"  # how to write elsewhere, in a full disk's message
+
+
+def _data_files(path: Path) -> set[str]:
+    """The external data files an existing .onnx names (none if it is not one)."""
+    import onnx
+
+    if not path.is_file():
+        return set()
+    try:
+        graph = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not an ONNX file: it names nothing
+        return set()
+    return {e.value for t in graph.graph.initializer for e in t.external_data if e.key == "location"}
 
 
 def _weight_bytes(call: _Callable) -> int:

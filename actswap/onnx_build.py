@@ -268,7 +268,8 @@ def optimise(raw: Path, out: Path, external: bool) -> None:
                                      str(EXTERNAL_MIN_BYTES))
     options.add_session_config_entry("session.disable_prepacking", "1")  # never run: no packed copies
     try:
-        session = ort.InferenceSession(str(raw), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(raw), options, providers=["CPUExecutionProvider"],
+                                       disabled_optimizers=KEEP_AS_CONVERTED)
     except Exception as e:  # noqa: BLE001
         if "write" in str(e) and _nearly_full(out.parent):  # onnxruntime says which file, not why
             raise OSError(errno.ENOSPC, f"No space left on device writing '{out.name}'") from e
@@ -282,6 +283,10 @@ def optimise(raw: Path, out: Path, external: bool) -> None:
         del model
         (out.parent / data_name(out)).unlink(missing_ok=True)  # none when no initializer is large
 
+
+# onnxruntime's basic rewrites left out: the graph keeps what tf2onnx wrote
+# where no weight needs folding (a Dense stays MatMul + Add, not Gemm).
+KEEP_AS_CONVERTED = ["MatMulAddFusion"]
 
 # onnxruntime's log level for our sessions: fatal only. Its errors come back as
 # exceptions, said in one line; printed too, they would be said twice.

@@ -59,7 +59,8 @@ def test_an_external_data_export_is_the_single_file_export_with_its_weights_besi
     graph_one, graph_two = onnx.load(str(tmp_path / "one.onnx")), onnx.load(str(tmp_path / "two.onnx"),
                                                                           load_external_data=False)
     assert [n.op_type for n in graph_one.graph.node] == [n.op_type for n in graph_two.graph.node]
-    assert [n.op_type for n in graph_two.graph.node].count("Mul") == 2  # the two squares
+    ops = [n.op_type for n in graph_two.graph.node]
+    assert ops.count("Mul") == 2 and ops.count("MatMul") == 3 and "Gemm" not in ops  # as tf2onnx wrote it
     stored = {i.name: {e.key: e.value for e in i.external_data} for i in graph_two.graph.initializer
               if i.data_location == onnx.TensorProto.EXTERNAL}
     assert len(stored) >= 2 and {s["location"] for s in stored.values()} == {"two.onnx.data"}
@@ -114,6 +115,10 @@ def test_an_existing_pair_is_replaced_only_with_force(tmp_path):
     assert data["data"] == str(tmp_path / "p.onnx.data") and data["parity"]["ok"] and data["weight_bytes"] > 1e6
     assert (out.read_bytes(), (tmp_path / "p.onnx.data").read_bytes())[1] == before[1]  # same weights
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    # Replaced by a single file, the pair's data file goes with the .onnx that named it.
+    r = runner.invoke(app, ["export", str(src), str(out), "--single-file", "--force", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["data"] is None, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.keras", "p.onnx"]
 
 
 def test_move_into_place_puts_back_what_it_replaced_when_a_rename_fails(tmp_path, monkeypatch):

@@ -78,6 +78,8 @@ def export(
         console.print(f"non-polynomial nodes: {len(report.non_polynomial)}{': ' + shown if shown else ''} "
                       "(an output Softmax is the client's and not counted)")
         console.print(f"parity: {report.parity.describe()}")
+        for note in report.notes:
+            console.print(f"note: {note}")
         weights = f"; its weights ({report.weight_bytes / 1e6:.1f} MB) in {report.data}" if report.data else ""
         console.print(f"wrote {report.output} (opset {report.opset}){weights}")
         return 0
