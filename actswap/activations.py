@@ -147,7 +147,10 @@ def _poly_grad(coeffs: tuple[float, ...], grad: Grad) -> GradFn:
     slope_coeffs = derivative(coeffs)
 
     def backward(x: Any, dy: Any) -> Any:
-        slope = horner(x, slope_coeffs) if slope_coeffs[1] != 0.0 else ops.zeros_like(x) + slope_coeffs[0]
+        # A constant slope (p linear) needs no Horner pass; only then. A zero
+        # linear term alone (x³, or the odd fits of tanh: c1·x + c3·x³) is not it.
+        constant = all(s == 0.0 for s in slope_coeffs[1:])
+        slope = ops.zeros_like(x) + slope_coeffs[0] if constant else horner(x, slope_coeffs)
         if bound is not None:
             slope = ops.clip(slope, -bound, bound)
         return ops.multiply(dy, slope)

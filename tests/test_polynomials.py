@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -27,6 +27,9 @@ coefficients = st.lists(st.floats(-3, 3, allow_nan=False), min_size=2, max_size=
 
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(coefficients, st.lists(st.floats(-2, 2), min_size=1, max_size=8))
+@example([0.0, 0.0, 0.0, 1.0], [1.0, -0.5])  # p' has no linear term: its slope is not constant
+@example([0.0, 0.5, 0.0, -0.1], [1.5, 0.2])  # an odd fit, as tanh's
+@example([0.2, 0.7], [-1.0, 2.0])  # linear: the constant slope
 def test_poly_op_values_and_gradients_match_numpy(coeffs, xs):
     x = tf.constant(np.array(xs, "float32"))
     with tf.GradientTape() as tape:
