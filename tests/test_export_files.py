@@ -75,7 +75,11 @@ def test_an_external_data_export_is_the_single_file_export_with_its_weights_besi
     for path in (tmp_path / "one.onnx", moved / "two.onnx"):
         got = run_onnx(path, [X])[0]
         np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "m.keras", "one.onnx"]
+    # verify reads the pair the same way.
+    actswap.save(converted, tmp_path / "c.keras")
+    r = runner.invoke(app, ["verify", str(src), str(tmp_path / "c.keras"), "--onnx", str(moved / "two.onnx")])
+    assert r.exit_code == 0 and "onnx" in r.stdout, (r.stdout, r.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.keras", "elsewhere", "m.keras", "one.onnx"]
 
 
 def test_the_pair_is_checked_and_run_where_it_was_written_before_the_rename(tmp_path, monkeypatch):

@@ -36,7 +36,7 @@ def export(
     external_data: Optional[bool] = typer.Option(
         None, "--external-data/--single-file",
         help="Weights in OUT.data beside OUT (ONNX external data), or all in OUT. "
-             "Default: OUT.data from 100 MB of weights on.",
+             "Default: OUT.data from 100 MiB of weights on.",
     ),
     trust_code: TrustCode = False,
     as_json: AsJson = False,
