@@ -24,8 +24,8 @@ import tensorflow as tf
 
 from .errors import ConversionError, OutOfMemoryError, UserError
 from .paths import (
-    check_output_onnx, disk_full, ensure_memory, ensure_space, hold_before_rename, is_disk_full, move_into_place,
-    read_arrays, staging_dir,
+    check_output_onnx, disk_full, ensure_memory, ensure_space, hold_before_rename, is_disk_full, megabytes,
+    move_into_place, read_arrays, staging_dir,
 )
 from .onnx_build import QUIET, ort_failure, refuse_foreign_ops
 from .policy import PARITY_TOL
@@ -312,7 +312,7 @@ def export_onnx(
     if external and data_dest.exists() and not overwrite:
         raise UserError(f"'{data_dest}' exists (the data file of '{dest.name}'); pass --force to overwrite it")
     ensure_space(dest.parent, 2 * weights, f"'{dest.name}'", ELSEWHERE)  # the raw and the final weights
-    ensure_memory(memory_needed(weights, external), f"exporting '{dest.name}' ({_mb(weights)} of weights)")
+    ensure_memory(memory_needed(weights, external), f"exporting '{dest.name}' ({megabytes(weights)} of weights)")
     try:
         with staging_dir(dest) as work:
             path, size = build(call, work, dest.name, opset, external)
@@ -338,7 +338,7 @@ def export_onnx(
                 report.notes.append(f"removed '{data_dest.name}', the weights of the '{dest.name}' replaced")
     except MemoryError as e:
         raise OutOfMemoryError(
-            f"ran out of memory while exporting '{dest.name}' ({_mb(weights)} of weights); "
+            f"ran out of memory while exporting '{dest.name}' ({megabytes(weights)} of weights); "
             "nothing was written; close other programs or export on a machine with more memory"
         ) from e
     except OSError as e:
@@ -369,7 +369,3 @@ def _data_files(path: Path) -> set[str]:
 def _weight_bytes(call: _Callable) -> int:
     return sum(int(np.prod(v.shape, dtype=np.int64)) * v.dtype.size
                for v in call.function.get_concrete_function(*call.specs).graph.variables)
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"

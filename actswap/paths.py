@@ -161,7 +161,7 @@ def ensure_space(directory: Path, needed: int, what: str, elsewhere: str = "(-o)
     if free < needed + SPACE_MARGIN:
         raise DiskSpaceError(
             f"not enough free space in '{directory}' for {what}: it needs about "
-            f"{_mb(needed + SPACE_MARGIN)}, {_mb(free)} is free; free some space or write elsewhere {elsewhere}; "
+            f"{megabytes(needed + SPACE_MARGIN)}, {megabytes(free)} is free; free some space or write elsewhere {elsewhere}; "
             "nothing was written"
         )
 
@@ -186,12 +186,13 @@ def ensure_memory(needed: int, what: str) -> None:
     free = available_memory()
     if free is not None and free < needed:
         raise OutOfMemoryError(
-            f"{what} needs about {_mb(needed)} more memory, {_mb(free)} is available; nothing was written; "
+            f"{what} needs about {megabytes(needed)} more memory, {megabytes(free)} is available; nothing was written; "
             "close other programs or run it on a machine with more memory"
         )
 
 
-def _mb(n: int) -> str:
+def megabytes(n: int) -> str:
+    """``n`` bytes as the messages say it: "12.3 MB"."""
     return f"{n / 1e6:.1f} MB"
 
 
