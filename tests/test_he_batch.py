@@ -118,6 +118,41 @@ def test_more_samples_than_slots_go_into_further_ciphertexts():
     assert report.throughput > 0 and set(report.batch_latency) == {"encrypt", "evaluate", "decrypt"}
 
 
+@pytest.mark.parametrize("mode", ["batch", "latency"])
+def test_secret_key_encryption_matches_the_model_and_sends_half_the_bytes(mode):
+    """``encryption="secret-key"``: SEAL's symmetric encryption by the data owner. The
+    decrypted logits are the model's (its own layers, independent of the evaluator),
+    and a ciphertext as sent is seeded: its second polynomial goes as a seed, so it
+    takes about half the bytes of the public-key ciphertext of the same values
+    (which only a secret-key encryption can do: a public-key one's second
+    polynomial is a product with the public key, not seed-generated)."""
+    model = tiny_model()
+    x = rand((9, 3, 3, 1), seed=13)
+    secret = he_encrypted.run(model, x, mode=mode, workers=1 if mode == "batch" else None, encryption="secret-key")
+    public = he_encrypted.run(model, x, mode=mode, workers=1 if mode == "batch" else None)
+    assert (secret.mode, secret.encryption, public.encryption) == (mode, "secret-key", "public-key")
+    close(secret.encrypted_logits, logits_of(model, x))
+    assert secret.agreement == 1.0 and secret.to_dict()["encryption"] == "secret-key"
+    if mode == "batch":  # sizes measured in the encrypted run's own process
+        ratio = secret.sizes["input_ciphertext"] / public.sizes["input_ciphertext"]
+        assert 0.45 < ratio < 0.55, (secret.sizes, public.sizes)
+        assert secret.sizes["input"] == secret.sizes["input_ciphertext"] * 9  # one per input element (3x3x1)
+    else:  # this process loaded TensorFlow before TenSEAL: no sizes, and the report says why
+        assert not secret.sizes and any("not measured" in n for n in secret.notes)
+
+
+def test_cli_secret_key_encryption_and_an_unknown_one(tmp_path):
+    from conftest import assert_user_error
+
+    model, data = saved(tmp_path)
+    result = runner.invoke(app, ["he-run", model, "--data", data, "--limit", "9", "--mode", "batch",
+                                 "--encryption", "secret-key"])
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    assert re.search(r"encryption\s+.\s+secret-key", result.stdout), result.stdout
+    result = runner.invoke(app, ["he-run", model, "--data", data, "--encryption", "symmetric"])
+    assert_user_error(result, "--encryption must be one of public-key, secret-key, got 'symmetric'")
+
+
 def test_drift_is_the_one_tenseal_leaves():
     """The factor each rescale leaves, computed from the primes, equals the one
     TenSEAL's own vectors show (tenseal_mm.measure_drift, an independent measurement)."""

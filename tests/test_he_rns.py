@@ -88,20 +88,34 @@ def test_modular_matrix_equals_integer_arithmetic(q):
     assert np.array_equal(part, out[cols])
 
 
-@pytest.mark.parametrize("q", [134176769, 1099511480321])
-def test_row_sums_over_chunks_equal_integer_arithmetic(q):
+def test_row_sums_over_chunks_equal_integer_arithmetic():
+    # Two primes at once (a 27-bit one taken whole, a 40-bit one cut into digits), so
+    # each prime's residues are a strided slice of the chunk, as in a real level.
+    primes = [134176769, 1099511480321]
     rng = np.random.default_rng(1)
     k, n, D = 30, 4, 21
     m = rng.normal(size=(k, n)) * 3
-    x = rng.integers(0, q, (k, 3, 1, D), dtype=np.uint64)
-    sums = rns.RowSums(m, 2.0**27, [q], (3, D))
+    x = np.stack([rng.integers(0, q, (k, 3, D), dtype=np.uint64) for q in primes], axis=2)
+    sums = rns.RowSums(m, 2.0**27, primes, (3, D))
     for lo in range(0, k, 7):  # rows arriving in chunks
         sums.add(x[lo:lo + 7], lo)
-    out = np.empty((n, 3, 1, D), np.uint64)
+    out = np.empty((n, 3, 2, D), np.uint64)
     sums.result(out)
     ints = rns.encode(m, 2.0**27)
-    for p in range(3):
-        assert (out[:, p, 0, :].astype(object) == reference_matmul(x[:, p, 0, :], ints, q)).all()
+    for l, q in enumerate(primes):
+        for p in range(3):
+            assert (out[:, p, l, :].astype(object) == reference_matmul(x[:, p, l, :], ints, q)).all()
+
+
+def test_accumulate_adds_into_its_output_or_refuses():
+    rng = np.random.default_rng(2)
+    a, b = rng.integers(-9, 9, (4, 6)).astype(float), rng.integers(-9, 9, (6, 5)).astype(float)
+    out = rng.integers(-9, 9, (4, 5)).astype(float)
+    expected = out + a.astype(int) @ b.astype(int)
+    rns.accumulate(out, a, b)
+    assert np.array_equal(out, expected)
+    with pytest.raises(AssertionError, match="C-contiguous"):
+        rns.accumulate(np.zeros((5, 4)).T, a, b)  # a view the binding would copy
 
 
 # --- against SEAL: the affine stages bit for bit ------------------------------------

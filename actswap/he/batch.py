@@ -151,12 +151,14 @@ class BatchResult:
 def run_batches(
     program: Program, context: Any, params: Any, x: np.ndarray, *, batch_size: int | None = None,
     workers: int | None = None, progress: Callable[[int, int], None] | None = None,
+    encryption: str | None = None,
 ) -> BatchResult:
     """Encrypt ``x`` (samples, ...) in batches of ``batch_size`` (default: all the
     slots), evaluate ``program`` on each and decrypt, one batch after another,
     each operation's elements shared out among ``workers`` processes [default:
-    one per core]. The output leaves the evaluation relinearised
-    (``backend.finish``), as a server would send it back."""
+    one per core]. ``encryption`` names how the samples are encrypted
+    (:data:`~.encryption.ENCRYPTIONS`; default public-key). The output leaves the
+    evaluation relinearised (``backend.finish``), as a server would send it back."""
     from .batch_rns import RnsBatchBackend
     from .forks import children_peak_rss, own_peak_rss
     from .batch_seal import SealBatchBackend
@@ -168,7 +170,8 @@ def run_batches(
     batches = [flat[i:i + size] for i in range(0, len(flat), size)]
     workers = max(1, workers or os.cpu_count() or 1)
     fast = layout_ok(context)
-    backend: Any = RnsBatchBackend(context, workers) if fast else SealBatchBackend(context, workers)
+    backend: Any = (RnsBatchBackend(context, workers, encryption) if fast
+                    else SealBatchBackend(context, workers, encryption))
     stage_seconds = [0.0] * len(program.stages)
 
     def on_stage(i: int, seconds: float) -> None:
@@ -180,8 +183,8 @@ def run_batches(
         t0 = time.perf_counter()
         held = [backend.encrypt(xb)]
         t1 = time.perf_counter()
-        if index == 0:
-            n_in, one_in = len(held[0]), len(Seal.serialize(backend.ciphertext(held[0][0])))
+        if index == 0:  # what the data owner sends: one input ciphertext, as its encryption makes it
+            n_in, one_in = len(held[0]), backend.sent_bytes(xb[:, 0])
         # The only reference goes to the evaluator, which frees the input after its last reader.
         out = _evaluate_from(program, backend, held.pop(), on_stage=on_stage)
         settling = time.perf_counter()

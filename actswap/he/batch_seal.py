@@ -41,8 +41,8 @@ class SealBatchBackend(Seal):
 
     poly_chunk = 32  # a polynomial runs on this many ciphertexts at a time (memory; see _poly_stage)
 
-    def __init__(self, context: Any, split: int = 1) -> None:
-        super().__init__(context)
+    def __init__(self, context: Any, split: int = 1, encryption: str | None = None) -> None:
+        super().__init__(context, encryption)
         self.split = split  # processes sharing a wide matrix's columns (see matmul)
 
     def note(self, level: int, value: Any) -> None:

@@ -100,8 +100,8 @@ class LatencyBackend(Seal):
 
     packing = PACKING
 
-    def __init__(self, context: Any) -> None:
-        super().__init__(context)
+    def __init__(self, context: Any, encryption: str | None = None) -> None:
+        super().__init__(context, encryption)
         self.plans: dict[bytes, _Plan] = {}
         self.boost_bits = BOOST_BITS
         self.stats: dict[str, int] = {"key_switches": 0, "products": 0}

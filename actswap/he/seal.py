@@ -24,12 +24,16 @@ from typing import Any
 
 import numpy as np
 
+from .encryption import encryption_named
+
 
 class Seal:
     """Evaluator, encoder, encryptor, decryptor (a private context only) and keys of
     a TenSEAL CKKS ``context`` with a global scale."""
 
-    def __init__(self, context: Any) -> None:
+    def __init__(self, context: Any, encryption: str | None = None) -> None:
+        """``encryption``: how samples are encrypted, a name in
+        :data:`~.encryption.ENCRYPTIONS` (None: the default, public-key)."""
         from tenseal import sealapi as sa
 
         self.sa, self.context = sa, context
@@ -40,7 +44,13 @@ class Seal:
         self.scale = float(context.global_scale)
         self.relin = context.relin_keys().data
         self.galois = context.galois_keys().data if context.has_galois_keys() else None
+        # The evaluating side's fresh encryptions of zero: the public key, whatever
+        # encrypts the samples (see .encryption).
         self.encryptor = sa.Encryptor(self.seal, context.public_key().data)
+        self.encryption = encryption_named(encryption)
+        self._client = sa.Encryptor(self.seal, getattr(context, self.encryption.key)().data)
+        # encrypt_into(plaintext, ciphertext): the samples' encryption.
+        self.encrypt_into = getattr(self._client, self.encryption.method)
         self.decryptor = sa.Decryptor(self.seal, context.secret_key().data) if context.is_private() else None
         self.parms, primes = [], []  # per level (rescales so far): its parms_id, its last prime
         data = self.seal.first_context_data()
@@ -73,9 +83,18 @@ class Seal:
         return pt
 
     def encrypt(self, values: Any) -> Any:
+        """``values`` encrypted as a sample is (:attr:`encryption`), at the first level."""
         ct = self.new()
-        self.encryptor.encrypt(self.plain(values, self.parms[0]), ct)
+        self.encrypt_into(self.plain(values, self.parms[0]), ct)
         return ct
+
+    def sent_bytes(self, values: Any) -> int:
+        """The bytes of ``values`` encrypted as the data owner sends them: SEAL's
+        save, with its default compression; seeded (the random polynomial as its
+        seed) for secret-key encryption."""
+        if self.encryption.seeded:  # SEAL's Serializable: only its save() writes the seed
+            return len(self.serialize(getattr(self._client, self.encryption.method)(self.plain(values, self.parms[0]))))
+        return len(self.serialize(Seal.encrypt(self, values)))  # not a backend's encrypt (a batch)
 
     def decrypt(self, ct: Any) -> list[float]:
         pt = self.sa.Plaintext()
@@ -113,7 +132,8 @@ class Seal:
 
     @staticmethod
     def serialize(ct: Any) -> bytes:
-        """``ct`` as SEAL saves it (its default compression)."""
+        """``ct`` (a ciphertext, or SEAL's Serializable of one) as SEAL saves it (its
+        default compression)."""
         fd, path = tempfile.mkstemp(suffix=".ct")
         os.close(fd)
         try:

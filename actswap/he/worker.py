@@ -9,7 +9,7 @@ evaluates, decrypts, and measures the public context.
 
 Protocol: JOB is a pickle this module wrote into a private temporary folder
 (never a user's file): the program, the parameters, the samples, the batch
-size and the number of processes. The worker prints ``progress DONE TOTAL``
+size, the number of processes and the encryption. The worker prints ``progress DONE TOTAL``
 lines on stdout and pickles its :class:`~.batch.BatchResult` to JOB + ".out".
 """
 
@@ -29,7 +29,7 @@ import numpy as np
 
 
 def run_in_worker(program: Any, params: Any, x: np.ndarray, *, batch_size: int | None, workers: int | None,
-                  progress: Callable[[int, int], None] | None = None) -> Any:
+                  progress: Callable[[int, int], None] | None = None, encryption: str | None = None) -> Any:
     """:func:`~.batch.run_batches` in a fresh process (see the module docstring);
     its keys are made there. Raises ``RuntimeError`` with the worker's last error
     line if it fails."""
@@ -37,7 +37,7 @@ def run_in_worker(program: Any, params: Any, x: np.ndarray, *, batch_size: int |
         job = Path(folder) / "job.pkl"
         with open(job, "wb") as f:
             pickle.dump({"program": program, "params": params, "x": np.asarray(x, "float32"),
-                         "batch_size": batch_size, "workers": workers}, f)
+                         "batch_size": batch_size, "workers": workers, "encryption": encryption}, f)
         root = str(Path(__file__).resolve().parents[2])  # where the actswap package is
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
         err = Path(folder) / "stderr"
@@ -80,7 +80,7 @@ def main(path: str) -> None:
         print(f"progress {done} {total}", flush=True)
 
     out = run_batches(job["program"], ctx, params, job["x"], batch_size=job["batch_size"],
-                      workers=job["workers"], progress=progress)
+                      workers=job["workers"], progress=progress, encryption=job["encryption"])
     out.setup_seconds = setup
     out.sizes["public_context"] = len(ctx.serialize(save_public_key=True, save_secret_key=False,
                                                     save_galois_keys=False, save_relin_keys=True))
