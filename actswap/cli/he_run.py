@@ -61,9 +61,8 @@ def he_run(
         try:
             # Before TensorFlow: loaded after it, TenSEAL's serialize() crashes (protobuf clash).
             import tenseal  # noqa: F401
-            import scipy.linalg.blas  # noqa: F401  - batch mode's products
-        except ImportError as e:
-            raise UserError(f"he-run needs TenSEAL and SciPy ({e.name} is missing): pip install 'actswap[he]'") from None
+        except ImportError:
+            raise UserError("he-run needs TenSEAL: pip install 'actswap[he]'") from None
         _import_tensorflow_quietly(debug or _state["debug"])
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

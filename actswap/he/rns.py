@@ -26,10 +26,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-# SciPy's BLAS binding: dgemm with beta (numpy's matmul cannot add into its output).
-# Imported here, before any thread limit: threadpoolctl limits only the BLAS
-# libraries already loaded (:class:`~.forks.single_threaded_blas`).
-from scipy.linalg.blas import dgemm as _dgemm
 
 
 EXACT = 2.0**52  # partial sums stay below this: float64 holds them exactly, and a
@@ -274,19 +270,6 @@ class ModularMatrix:
                     out[order, p, l, n0:n1] = _combine(sums, q, d)
 
 
-def accumulate(out: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
-    """``out += a @ b`` in place for C-contiguous float64 ``out`` (m, n), ``a`` (m, k),
-    ``b`` (k, n): BLAS ``dgemm`` with beta = 1 on the transposed (Fortran-order)
-    views, ``outᵀ += bᵀ aᵀ``. Raises ``AssertionError`` if the binding did not write
-    into ``out`` (it copies an argument of the wrong layout instead of failing)."""
-    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
-    if not out.flags.c_contiguous:
-        raise AssertionError("accumulate needs a C-contiguous output")
-    got = _dgemm(1.0, b.T, a.T, beta=1.0, c=out.T, overwrite_c=True)
-    if not np.shares_memory(got, out):
-        raise AssertionError("dgemm did not accumulate in place")
-
-
 def _folded_digits(ints: np.ndarray, q: int, d: Digits) -> list[np.ndarray]:
     """Integer weights ``ints`` (rows, cols) modulo ``q`` with each data digit's shift
     folded in (``W 2^(a bx) mod q``, a < nx), each cut into ``nw`` centred digits:
@@ -394,18 +377,21 @@ class RowSums:
         return [(plan(q, m.shape[0]).nw, m.shape[1], parts * n) for q in primes]
 
     def add(self, x: np.ndarray, start: int) -> None:
-        """Add rows ``start .. start + len(x)`` of the product: ``x`` (rows, parts, L, N).
-        Per prime and weight digit, one BLAS ``dgemm`` over all the parts'
-        coefficients adds into the sums in place (beta = 1: no temporary, no
-        second pass over the sums); exact, as every partial sum is (see the class)."""
+        """Add rows ``start .. start + len(x)`` of the product: ``x`` (rows, parts, L, N)."""
         rows, parts, L, N = x.shape
         n_out = self.sums[0].shape[1]
+        step = int(min(N, max(256, 1 << int(np.log2(max(1, PIECE // max(rows, n_out)))))))
+        tmp = np.empty((n_out, step))
         for l in range(L):
             q, d = self.primes[l], self.plans[l]
             w = self._weights[l][:, :, :, start:start + rows].reshape(d.nw, n_out, d.nx * rows)
-            xd = _data_digits(x[:, :, l, :], q, d).reshape(d.nx * rows, parts * N)
-            for c in range(d.nw):
-                accumulate(self.sums[l][c], w[c], xd)
+            for p in range(parts):
+                for n0 in range(0, N, step):
+                    n1 = min(N, n0 + step)
+                    xd = _data_digits(x[:, p, l, n0:n1], q, d).reshape(d.nx * rows, n1 - n0)
+                    for c in range(d.nw):
+                        t = np.matmul(w[c], xd, out=tmp[:, :n1 - n0])
+                        self.sums[l][c, :, p * N + n0:p * N + n1] += t
 
     def result(self, out: np.ndarray) -> None:
         """The sums modulo each prime into ``out`` (n_out, parts, L, N) uint64."""
