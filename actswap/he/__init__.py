@@ -8,7 +8,8 @@ Keras layers; activations come from :mod:`actswap.catalog`), :mod:`.program`
 parameters and context), :mod:`.evaluate` (the level/factor bookkeeping all
 backends share, and the plaintext backend), :mod:`.seal` (SEAL on a TenSEAL
 context's keys, what the encrypted backends share, and a ciphertext's data as
-an array), :mod:`.latency` with :mod:`.diagonals` (latency mode: one sample
+an array), :mod:`.encryption` (how samples are encrypted: SEAL's public-key or
+secret-key encryption), :mod:`.latency` with :mod:`.diagonals` (latency mode: one sample
 per ciphertext), :mod:`.batch` (batch mode: one sample per slot; its backends
 :mod:`.batch_rns` with :mod:`.rns` and :mod:`.forks`, and :mod:`.batch_seal`,
 run by :mod:`.worker`), :mod:`.tenseal_mm` (TenSEAL's

@@ -151,14 +151,17 @@ class BatchResult:
 def run_batches(
     program: Program, context: Any, params: Any, x: np.ndarray, *, batch_size: int | None = None,
     workers: int | None = None, progress: Callable[[int, int], None] | None = None,
-    encryption: str | None = None,
+    encryption: str | None = None, backend_name: str | None = None,
 ) -> BatchResult:
     """Encrypt ``x`` (samples, ...) in batches of ``batch_size`` (default: all the
     slots), evaluate ``program`` on each and decrypt, one batch after another,
     each operation's elements shared out among ``workers`` processes [default:
     one per core]. ``encryption`` names how the samples are encrypted
-    (:data:`~.encryption.ENCRYPTIONS`; default public-key). The output leaves the
-    evaluation relinearised (``backend.finish``), as a server would send it back."""
+    (:data:`~.encryption.ENCRYPTIONS`; default public-key). ``backend_name``
+    "seal" runs issue 18's backend (one SEAL call per product: the benchmark's
+    same-run reference); None, the products on ciphertext data where this
+    TenSEAL's layout allows. The output leaves the evaluation relinearised
+    (``backend.finish``), as a server would send it back."""
     from .batch_rns import RnsBatchBackend
     from .forks import children_peak_rss, own_peak_rss
     from .batch_seal import SealBatchBackend
@@ -169,7 +172,7 @@ def run_batches(
     size = min(batch_size or slots, slots)
     batches = [flat[i:i + size] for i in range(0, len(flat), size)]
     workers = max(1, workers or os.cpu_count() or 1)
-    fast = layout_ok(context)
+    fast = backend_name != "seal" and layout_ok(context)
     backend: Any = (RnsBatchBackend(context, workers, encryption) if fast
                     else SealBatchBackend(context, workers, encryption))
     stage_seconds = [0.0] * len(program.stages)

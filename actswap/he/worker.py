@@ -9,7 +9,7 @@ evaluates, decrypts, and measures the public context.
 
 Protocol: JOB is a pickle this module wrote into a private temporary folder
 (never a user's file): the program, the parameters, the samples, the batch
-size, the number of processes and the encryption. The worker prints ``progress DONE TOTAL``
+size, the number of processes, the encryption and the backend. The worker prints ``progress DONE TOTAL``
 lines on stdout and pickles its :class:`~.batch.BatchResult` to JOB + ".out".
 """
 
@@ -29,7 +29,8 @@ import numpy as np
 
 
 def run_in_worker(program: Any, params: Any, x: np.ndarray, *, batch_size: int | None, workers: int | None,
-                  progress: Callable[[int, int], None] | None = None, encryption: str | None = None) -> Any:
+                  progress: Callable[[int, int], None] | None = None, encryption: str | None = None,
+                  backend_name: str | None = None) -> Any:
     """:func:`~.batch.run_batches` in a fresh process (see the module docstring);
     its keys are made there. Raises ``RuntimeError`` with the worker's last error
     line if it fails."""
@@ -37,7 +38,8 @@ def run_in_worker(program: Any, params: Any, x: np.ndarray, *, batch_size: int |
         job = Path(folder) / "job.pkl"
         with open(job, "wb") as f:
             pickle.dump({"program": program, "params": params, "x": np.asarray(x, "float32"),
-                         "batch_size": batch_size, "workers": workers, "encryption": encryption}, f)
+                         "batch_size": batch_size, "workers": workers, "encryption": encryption,
+                         "backend_name": backend_name}, f)
         root = str(Path(__file__).resolve().parents[2])  # where the actswap package is
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
         err = Path(folder) / "stderr"
@@ -80,7 +82,8 @@ def main(path: str) -> None:
         print(f"progress {done} {total}", flush=True)
 
     out = run_batches(job["program"], ctx, params, job["x"], batch_size=job["batch_size"],
-                      workers=job["workers"], progress=progress, encryption=job["encryption"])
+                      workers=job["workers"], progress=progress, encryption=job["encryption"],
+                      backend_name=job["backend_name"])
     out.setup_seconds = setup
     out.sizes["public_context"] = len(ctx.serialize(save_public_key=True, save_secret_key=False,
                                                     save_galois_keys=False, save_relin_keys=True))
