@@ -343,13 +343,19 @@ end (encrypt, evaluate, decrypt) on 2 shared cores. Accuracy is on the MNIST tes
             acc_target = ("top-1 agreement 100%" if key == "batch:5" else "encrypted accuracy >= 99.0%")
             process_rss = max(v for k, v in r["peak_rss_bytes"].items() if k != "shared")
             full = r["samples"] >= 10000 and r["wall_seconds"] <= limit
+            runs = r.get("wall_runs", [r["wall_seconds"]])
+            over = sum(w > limit for w in runs)
+            how = (f"by the median of {len(runs)} runs, {r['wall_seconds']:.1f} s; {over} of {len(runs)} over"
+                   if len(runs) > 1 else f"{r['wall_seconds']:.1f} s")
+            before = results.get("before25:" + key)  # issue 18's recorded run: what the target asked beyond it
+            meant = f"{before['wall_seconds'] / limit:.1f}x" if before else "its factor"
             trained = (" (trained by this script if missing: `recovery_mnist.train_cryptonets`, seed 0, 30 "
                        "epochs, ~5 min)") if key == "batch:8" else ""
             parts.append(f"### {title}\n\nModel `{r['model']}`{trained}.\n\n{batch_table(r)}\n\n"
                          f"Targets (issue 25): all 10,000 images in <= {limit} s end to end: "
-                         f"{'met' if full else 'not met'} ({r['wall_seconds']:.1f} s"
+                         f"{'met' if full else 'not met'} ({how}"
                          + (f"; {r['reference']['wall_seconds'] / r['wall_seconds']:.2f}x issue 18's evaluator "
-                            "timed in the same run, where the target meant about 6x" if r.get("reference") else "")
+                            f"timed in the same run, where the target asked {meant}" if r.get("reference") else "")
                          + f"); {acc_target}: "
                          f"{'met' if acc_ok else 'not met'}; peak RSS <= 2 GB per process: "
                          f"{'met' if process_rss <= 2e9 else 'not met'} ({process_rss / 1e9:.2f} GB).\n")
