@@ -19,10 +19,12 @@ from cases import CASES, sample_inputs
 CHILD = Path(__file__).with_name("roundtrip_child.py")
 
 
-def run_child(model_path: Path, data_path: Path, *extra: str) -> dict:
+def run_child(pairs: list[tuple[Path, Path]], *extra: str) -> dict[str, dict]:
+    """roundtrip_child.py on every (model, data) pair, in one fresh process: the
+    result per model path."""
     out = subprocess.run(
-        [sys.executable, str(CHILD), str(model_path), str(data_path), *extra],
-        capture_output=True, text=True, timeout=300, cwd=model_path.parent,
+        [sys.executable, str(CHILD), *(str(p) for pair in pairs for p in pair), *extra],
+        capture_output=True, text=True, timeout=600, cwd=pairs[0][0].parent,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -44,20 +46,35 @@ def dump_expectations(model, x, path: Path, **extra) -> np.ndarray:
     return pred
 
 
+@pytest.fixture(scope="module")
+def reloaded(tmp_path_factory):
+    """Every case converted (clipped gradient), saved with actswap.save, its
+    expectations dumped, then all of them reloaded in one fresh process."""
+    made, pairs = {}, []
+    for name in sorted(CASES):
+        folder = tmp_path_factory.mktemp(name)
+        model, _ = CASES[name]()
+        converted, _ = actswap.convert(model, to="square", grad="clip:0.5")
+        out = actswap.save(converted, folder / f"{name}.square.keras")
+        left = [p.name for p in folder.iterdir()]  # before the expectations are written beside it
+        pred = dump_expectations(converted, sample_inputs(model), folder / "data.npz")
+        made[name] = (out, left, pred, len(converted.trainable_weights))
+        pairs.append((out, folder / "data.npz"))
+    return made, run_child(pairs)
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_saved_model_reloads_in_fresh_process_and_trains(tmp_path, name):
-    model, expected = CASES[name]()
-    converted, report = actswap.convert(model, to="square", grad="clip:0.5")
-    out = actswap.save(converted, tmp_path / f"{name}.square.keras")
+def test_saved_model_reloads_in_fresh_process_and_trains(reloaded, name):
+    made, results = reloaded
+    out, left, pred, n_trainable = made[name]
     assert out.is_file()
-    assert [p.name for p in tmp_path.iterdir()] == [out.name], "temporary files left behind"
-    x = sample_inputs(model)
-    pred = dump_expectations(converted, x, tmp_path / "data.npz")
-    r = run_child(out, tmp_path / "data.npz")
+    assert left == [out.name], "temporary files left behind"
+    r = results[str(out)]
+    assert "error" not in r, r.get("error")
     assert r["pred_err"] <= 1e-6 * max(1.0, float(np.abs(pred).max()))
     assert r["grad_err"] <= 1e-5
     assert r["changed"] and r["finite"]
-    assert r["n_trainable"] == len(converted.trainable_weights)
+    assert r["n_trainable"] == n_trainable
 
 
 mnist = pytest.importorskip("mnist")
@@ -78,5 +95,5 @@ def test_cli_converts_the_mnist_fixture_and_it_trains_elsewhere(tmp_path, fixtur
     x, y = data["x_test"][:256], data["y_test"][:256]
     converted = actswap.load(out)
     dump_expectations(converted, x, tmp_path / "data.npz", y=y)
-    r = run_child(out, tmp_path / "data.npz", "--keep-compile")  # its own loss/optimizer
+    r = run_child([(out, tmp_path / "data.npz")], "--keep-compile")[str(out)]  # its own loss/optimizer
     assert r["changed"] and r["finite"] and r["pred_err"] <= 1e-6
