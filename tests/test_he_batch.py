@@ -150,7 +150,7 @@ def test_cli_secret_key_encryption_and_an_unknown_one(tmp_path):
     assert result.exit_code == 0, (result.stdout, result.stderr)
     assert re.search(r"encryption\s+.\s+secret-key", result.stdout), result.stdout
     result = runner.invoke(app, ["he-run", model, "--data", data, "--encryption", "symmetric"])
-    assert_user_error(result, "--encryption must be one of public-key, secret-key, got 'symmetric'")
+    assert_user_error(result, "--encryption) must be one of public-key, secret-key, got 'symmetric'")
 
 
 def test_drift_is_the_one_tenseal_leaves():

@@ -67,5 +67,5 @@ def encryption_named(name: str | None) -> Encryption:
     if name is None:
         return ENCRYPTIONS[DEFAULT_ENCRYPTION]
     if name not in ENCRYPTIONS:
-        raise UserError(f"--encryption must be one of {', '.join(ENCRYPTIONS)}, got {name!r}")
+        raise UserError(f"encryption (he-run --encryption) must be one of {', '.join(ENCRYPTIONS)}, got {name!r}")
     return ENCRYPTIONS[name]
