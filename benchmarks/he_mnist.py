@@ -227,6 +227,8 @@ def batch_table(r: dict) -> str:
     if len(r.get("wall_runs", [])) > 1:
         rows.append(("end to end, every run of this configuration (the one shown: the median)",
                      ", ".join(f"{w:.1f} s" for w in r["wall_runs"])))
+    if len(r.get("agreement_runs", [])) > 1:
+        rows.append(("top-1 agreement, every run", ", ".join(f"{a:.4f}" for a in r["agreement_runs"])))
     rows += [
         ("top-1 agreement, encrypted vs plaintext", f"{r['top1_agreement']:.4f} ({len(r['disagreements'])} differ)"),
         ("max abs logit error (max relative)", f"{r['max_abs_logit_error']:.3g} ({r['max_rel_logit_error']:.2g})"),
@@ -379,7 +381,8 @@ one of SEAL's two, as chosen (`he-run --encryption`, `actswap/he/encryption.py`)
 default and the only one before; or secret-key (`encrypt_symmetric`) by the data owner, who holds the
 secret key to decrypt the results anyway: no weaker (a public key is itself a secret-key encryption
 of zero; both rest on the same RLWE problem at the same parameters), about half the encryption time,
-and half the bytes sent (the random polynomial goes as its seed). What became actswap's own code are public linear maps applied to ciphertexts, which need no key: products
+and half the bytes sent (the random polynomial goes as its seed). What became actswap's own code are
+public linear maps applied to ciphertexts, which need no key: products
 by public plain weights, sums, additions of public constants, negation, dropping a prime's residues
 (a modulus switch). Anyone holding the ciphertexts and the model can compute them; they cannot reveal
 more than the ciphertexts themselves, and an error in them shows as a wrong decryption, which every
@@ -420,8 +423,8 @@ def main() -> None:
     parser.add_argument("--latency-limit", type=int, default=100, help="latency mode: first N test images")
     parser.add_argument("--model8", default=MODEL8, help="the 8-filter network (trained here if missing)")
     parser.add_argument("--workers", type=int, default=None)
-    parser.add_argument("--encryptions", nargs="+", default=["public-key", "secret-key"],
-                        choices=["public-key", "secret-key"], help="batch mode: how the samples are encrypted")
+    parser.add_argument("--encryptions", nargs="+", default=list(ENCRYPTIONS), choices=ENCRYPTIONS,
+                        help="batch mode: how the samples are encrypted")
     parser.add_argument("--runs", type=int, default=1, help="batch mode: runs per network and encryption (median kept)")
     parser.add_argument("--reference", action="store_true",
                         help="batch mode: also time issue 18's evaluator (one SEAL call per product) in this run")
@@ -451,8 +454,9 @@ def main() -> None:
                     runs[enc].append(r)
             for enc, rs in runs.items():
                 key = batch_key(net, enc)
-                r = sorted(rs, key=lambda r: r["wall_seconds"])[len(rs) // 2]
-                r["wall_runs"] = [round(r["wall_seconds"], 2) for r in rs]
+                r = sorted(rs, key=lambda run: run["wall_seconds"])[len(rs) // 2]
+                r["wall_runs"] = [round(run["wall_seconds"], 2) for run in rs]
+                r["agreement_runs"] = [run["top1_agreement"] for run in rs]
                 floor = floor or floor_seconds(path, x, r["workers"])
                 r["floor"] = floor
                 if reference:
