@@ -1,6 +1,9 @@
-"""Batch mode's shared memory and forked processes (actswap.he.forks)."""
+"""Batch mode's shared memory and the processes that share its operations (actswap.he.forks)."""
 
 from __future__ import annotations
+
+import os
+import threading
 
 import numpy as np
 import pytest
@@ -14,15 +17,15 @@ def test_arena_never_hands_out_memory_an_array_or_view_still_uses():
     a[...] = 7
     view = a[10:20]
     del a
-    b = arena.empty((1000,))  # the first mapping is still used by the view
+    b = arena.empty((1000,))  # the first chunk is still used by the view
     b[...] = 9
     assert np.all(view == 7)
     del view, b
-    arena.empty((500,))  # now free: reused, no new mapping
-    assert len(arena._maps) == 2 and arena.nbytes == 2 * 8192
+    arena.empty((500,))  # now free: reused, no new chunk
+    assert len(arena._chunks) == 2 and arena.nbytes == 2 * 8192
 
 
-def test_arena_reuses_free_mappings_across_batches_without_growing():
+def test_arena_reuses_free_chunks_across_batches_without_growing():
     arena = forks.Arena()
     sizes = [(784, 64), (980, 64), (100, 64)]
     for _ in range(3):  # three "batches" allocating the same sizes in the same order
@@ -31,26 +34,140 @@ def test_arena_reuses_free_mappings_across_batches_without_growing():
             h[...] = 1
         del held, h
     assert arena.nbytes <= sum(int(np.prod(s)) * 8 for s in sizes) + len(sizes) * forks.PAGE
+    assert arena.regions == 1
 
 
-def test_parallel_shares_the_work_and_children_write_into_the_arena():
+def test_arena_grows_into_a_new_region_when_the_last_is_full():
+    arena = forks.Arena(reserve=4 * forks.PAGE)
+    a = arena.empty((3 * forks.PAGE // 8,))
+    b = arena.empty((2 * forks.PAGE // 8,))  # does not fit in the first region's last page
+    a[...], b[...] = 1, 2
+    assert arena.regions == 2
+    assert arena.locate(a)[0] == 0 and arena.locate(b)[0] == 1
+    assert arena.locate(np.zeros(3)) is None
+
+
+class Owner:
+    """What operations belong to: unpicklable (a lock), so it must go as the child's copy."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.tag = 5
+
+
+def _expected(n: int, processes: int, f) -> np.ndarray:
+    bounds = forks.shares(n, processes)
+    return np.concatenate([f(np.arange(bounds[k], bounds[k + 1]), k) for k in range(processes)])
+
+
+def test_children_take_their_shares_stay_across_operations_and_see_later_arrays():
+    arena, owner = forks.Arena(), Owner()
+    workers = forks.Workers(3, arena, owner)
+    try:
+        pids = arena.empty((3,), np.int64)
+        for round_ in range(2):
+            out = arena.empty((10,))  # made after the children were forked (second round)
+            view = out[::-1]  # a view goes by its place and strides
+
+            def work(lo: int, hi: int, slot: int) -> None:
+                assert owner.tag == 5  # the child's own copy of the owner, lock and all
+                view[lo:hi] = np.arange(lo, hi) * 10 + slot + round_
+                pids[slot] = os.getpid()
+
+            workers.parallel(10, work)
+            assert np.array_equal(out[::-1], _expected(10, 3, lambda i, k: i * 10 + k + round_))
+            if round_ == 0:
+                first = pids.copy()
+        assert len(set(pids.tolist())) == 3 and pids[0] == os.getpid()
+        assert np.array_equal(first, pids)  # the same children both times
+        assert workers.peak_rss() > 0
+    finally:
+        workers.close()
+    for pid in pids[1:]:
+        with pytest.raises(ChildProcessError):  # waited for: gone
+            os.waitpid(int(pid), os.WNOHANG)
+
+
+def test_fewer_shares_than_processes_and_one_process_run_here():
     arena = forks.Arena()
-    out = arena.empty((10,))
-    out[...] = 0
+    workers = forks.Workers(2, arena, None)
+    out = arena.empty((1,), np.int64)
 
     def work(lo: int, hi: int, slot: int) -> None:
-        out[lo:hi] = np.arange(lo, hi) * 10 + slot
+        out[lo:hi] = os.getpid()
 
-    forks.parallel(10, work, 3)
-    bounds = forks.shares(10, 3)
-    expected = np.concatenate([np.arange(bounds[k], bounds[k + 1]) * 10 + k for k in range(3)])
-    assert np.array_equal(out, expected)
+    workers.parallel(1, work)  # one element: one share, here, no child forked
+    assert out[0] == os.getpid() and not workers._children
+    workers.close()
 
 
-def test_a_failing_child_fails_the_operation():
-    def work(lo: int, hi: int, slot: int) -> None:
+def test_children_are_replaced_when_the_arena_gets_a_region_they_cannot_see():
+    arena = forks.Arena(reserve=4 * forks.PAGE)
+    workers = forks.Workers(2, arena, None)
+    try:
+        pid = arena.empty((2,), np.int64)
+
+        def work(lo: int, hi: int, slot: int) -> None:
+            pid[slot] = os.getpid()
+
+        workers.parallel(2, work)
+        before = int(pid[1])
+        late = arena.empty((4 * forks.PAGE // 8,))  # a second region
+        assert arena.regions == 2
+
+        def fill(lo: int, hi: int, slot: int) -> None:
+            late[lo:hi] = slot + 1
+            pid[slot] = os.getpid()
+
+        workers.parallel(len(late), fill)
+        assert int(pid[1]) != before
+        assert np.array_equal(late, _expected(len(late), 2, lambda i, k: np.full(len(i), k + 1.0)))
+    finally:
+        workers.close()
+
+
+def test_a_failing_child_fails_the_operation_and_the_next_one_runs():
+    arena = forks.Arena()
+    workers = forks.Workers(2, arena, None)
+    out = arena.empty((4,))
+
+    def fail(lo: int, hi: int, slot: int) -> None:
         if slot == 1:
             raise ValueError("child failed")
 
-    with pytest.raises(RuntimeError, match="1 of the 2 processes"):
-        forks.parallel(4, work, 2)
+    with pytest.raises(RuntimeError, match="1 of the 2 processes.*ValueError: child failed"):
+        workers.parallel(4, fail)
+
+    def work(lo: int, hi: int, slot: int) -> None:
+        out[lo:hi] = slot
+
+    workers.parallel(4, work)
+    assert np.array_equal(out, [0, 0, 1, 1])
+    workers.close()
+
+
+def test_a_child_that_dies_fails_the_operation():
+    workers = forks.Workers(2, forks.Arena(), None)
+
+    def die(lo: int, hi: int, slot: int) -> None:
+        if slot == 1:
+            os._exit(3)
+
+    with pytest.raises(RuntimeError, match="ended without answering"):
+        workers.parallel(2, die)
+    workers.close()
+
+
+def test_a_child_cannot_allocate_from_the_arena():
+    owner = Owner()
+    owner.arena = forks.Arena()
+    owner.arena.empty((10,))
+    workers = forks.Workers(2, owner.arena, owner)
+
+    def allocate(lo: int, hi: int, slot: int) -> None:
+        if slot == 1:
+            owner.arena.empty((10,))  # the child's copy of the arena's bookkeeping
+
+    with pytest.raises(RuntimeError, match="allocated from its copy of the arena"):
+        workers.parallel(2, allocate)
+    workers.close()

@@ -163,7 +163,7 @@ def run_batches(
     TenSEAL's layout allows. The output leaves the evaluation relinearised
     (``backend.finish``), as a server would send it back."""
     from .batch_rns import RnsBatchBackend
-    from .forks import children_peak_rss, own_peak_rss
+    from .forks import own_peak_rss
     from .batch_seal import SealBatchBackend
     from .seal import layout_ok
 
@@ -182,32 +182,35 @@ def run_batches(
 
     logits, times, sizes, finish = [], [], {}, 0.0
     start = time.perf_counter()
-    for index, xb in enumerate(batches):
-        t0 = time.perf_counter()
-        held = [backend.encrypt(xb)]
-        t1 = time.perf_counter()
-        if index == 0:  # what the data owner sends: one input ciphertext, as its encryption makes it
-            n_in, one_in = len(held[0]), backend.sent_bytes(xb[:, 0])
-        # The only reference goes to the evaluator, which frees the input after its last reader.
-        out = _evaluate_from(program, backend, held.pop(), on_stage=on_stage)
-        settling = time.perf_counter()
-        data = backend.finish(out.data)
-        t2 = time.perf_counter()
-        finish += t2 - settling
-        logits.append(backend.decrypt(data, len(xb)) / out.factor)
-        t3 = time.perf_counter()
-        if index == 0:
-            one_out = len(Seal.serialize(backend.ciphertext(data[0])))
-            sizes = {"input": one_in * n_in, "output": one_out * len(data),
-                     "input_ciphertext": one_in, "output_ciphertext": one_out}
-        times.append({"encrypt": t1 - t0, "evaluate": t2 - t1, "decrypt": t3 - t2})
-        del out, data
-        if progress is not None:
-            progress(sum(len(b) for b in batches[:index + 1]), len(flat))
-    wall = time.perf_counter() - start
+    try:
+        for index, xb in enumerate(batches):
+            t0 = time.perf_counter()
+            held = [backend.encrypt(xb)]
+            t1 = time.perf_counter()
+            if index == 0:  # what the data owner sends: one input ciphertext, as its encryption makes it
+                n_in, one_in = len(held[0]), backend.sent_bytes(xb[:, 0])
+            # The only reference goes to the evaluator, which frees the input after its last reader.
+            out = _evaluate_from(program, backend, held.pop(), on_stage=on_stage)
+            settling = time.perf_counter()
+            data = backend.finish(out.data)
+            t2 = time.perf_counter()
+            finish += t2 - settling
+            logits.append(backend.decrypt(data, len(xb)) / out.factor)
+            t3 = time.perf_counter()
+            if index == 0:
+                one_out = len(Seal.serialize(backend.ciphertext(data[0])))
+                sizes = {"input": one_in * n_in, "output": one_out * len(data),
+                         "input_ciphertext": one_in, "output_ciphertext": one_out}
+            times.append({"encrypt": t1 - t0, "evaluate": t2 - t1, "decrypt": t3 - t2})
+            del out, data
+            if progress is not None:
+                progress(sum(len(b) for b in batches[:index + 1]), len(flat))
+        wall = time.perf_counter() - start
+    finally:
+        backend.close()
     rss = {"main": own_peak_rss()}
-    if children_peak_rss():
-        rss["worker"] = children_peak_rss()
+    if backend.helpers_peak_rss():
+        rss["worker"] = backend.helpers_peak_rss()
     if fast:
         rss["shared"] = backend.arena.nbytes  # not RSS of one process: the arena all of them map
     return BatchResult(

@@ -24,8 +24,9 @@ has scale 2^s; a rescale into level l multiplies it by ``drift(l)``; an
 element whose weights all encode to zero is a fresh encryption of zero.
 
 Cores: SEAL's binding holds the GIL, so each operation's elements are shared
-out among forked processes (:func:`parallel`) that write their share of the
-result into shared memory; BLAS runs single-threaded inside them.
+out among processes (:class:`~.forks.Workers`: this one and children forked once
+per run) that write their share of the result into shared memory; BLAS runs
+single-threaded inside them.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import numpy as np
 
 from . import rns
 from .deferred import DENSE, DeferredProducts, Pending, Product
-from .forks import Arena, parallel, single_threaded_blas
+from .forks import Arena, Workers, single_threaded_blas
 from .seal import Seal, ciphertext_data
 
 
@@ -54,6 +55,7 @@ class RnsBatchBackend(DeferredProducts, Seal):
         super().__init__(context, encryption)
         self.processes = processes
         self.arena = Arena()  # every array, reused batch after batch (see forks)
+        self.workers = Workers(processes, self.arena, self)  # forked at the first shared operation
         self._scratch: dict[tuple[str, int, int], Any] = {}
         self._kept: dict[tuple[Any, ...], Any] = {}
 
@@ -69,6 +71,14 @@ class RnsBatchBackend(DeferredProducts, Seal):
         """One scratch array per process slot, from the arena (so a forked process
         writes into pages already there)."""
         return [self.arena.empty(shape, dtype) for _ in range(self.processes)]
+
+    def close(self) -> None:
+        """The forked processes told to leave and waited for (the arena stays until
+        this object goes)."""
+        self.workers.close()
+
+    def helpers_peak_rss(self) -> int:
+        return self.workers.peak_rss()
 
     def note(self, level: int, value: Any) -> None:
         pass
@@ -124,7 +134,8 @@ class RnsBatchBackend(DeferredProducts, Seal):
     # --- client side -----------------------------------------------------------
     def encrypt(self, x: np.ndarray) -> np.ndarray:
         """``x`` (samples, n) -> data (n, 2, primes, N): element i encrypts column i."""
-        columns = np.ascontiguousarray(np.asarray(x, "float64").T)
+        columns = self.arena.empty(np.shape(x)[::-1], "float64")  # shared: children read it in place
+        columns[...] = np.asarray(x, "float64").T
         out = self.arena.empty((len(columns), 2, len(self.primes[0]), self.slots * 2))
 
         def work(lo: int, hi: int, slot: int) -> None:
@@ -137,7 +148,7 @@ class RnsBatchBackend(DeferredProducts, Seal):
                 self.encrypt_into(pt, ct)
                 out[i] = ciphertext_data(ct)
 
-        parallel(len(columns), work, self.processes)
+        self.workers.parallel(len(columns), work)
         return out
 
     def finish(self, data: Any) -> np.ndarray:
@@ -207,7 +218,7 @@ class RnsBatchBackend(DeferredProducts, Seal):
                         add_bias(j, out[j])
 
         with single_threaded_blas(self.processes > 1):
-            parallel(m.shape[1], work, self.processes)
+            self.workers.parallel(m.shape[1], work)
         return out
 
     def mul_vector(self, x: Any, v: np.ndarray, key: Any, level: int) -> np.ndarray:
@@ -234,7 +245,7 @@ class RnsBatchBackend(DeferredProducts, Seal):
                               for l, q in enumerate(primes)], axis=1)
                 self._finish(self._load(y, scale=self.scale**(3 if deferred else 2)), level, out[i])
 
-        parallel(len(x), work, self.processes)
+        self.workers.parallel(len(x), work)
         return out
 
     def mul_scalar(self, x: Any, c: float, level: int) -> np.ndarray:
@@ -267,7 +278,7 @@ class RnsBatchBackend(DeferredProducts, Seal):
                     self.evaluator.add_inplace(acc, tmp)
                 out[k] = ciphertext_data(acc)
 
-        parallel(len(pairs), work, self.processes)
+        self.workers.parallel(len(pairs), work)
         return Pending(out, level)
 
     def join(self, parts: list[Any]) -> np.ndarray:

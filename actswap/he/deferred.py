@@ -17,8 +17,8 @@ so the parameters chosen for the program (its levels and magnitudes) hold.
 
 :class:`DeferredProducts` is a part of :class:`~.batch_rns.RnsBatchBackend`;
 it uses the backend's ``_load``, ``_ct``, ``_finish``, ``_zero``,
-``_buffers``, ``_level``, ``_prepared``, ``arena``, ``primes``, ``scale`` and
-``processes``.
+``_buffers``, ``_level``, ``_prepared``, ``arena``, ``workers``, ``primes``,
+``scale`` and ``processes``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from . import rns
-from .forks import parallel, shares, single_threaded_blas
+from .forks import shares, single_threaded_blas
 from .seal import ciphertext_data
 
 
@@ -96,7 +96,7 @@ class DeferredProducts:
                 ct.scale = self.scale**2
                 self._finish(ct, x.level, out[i])
 
-        parallel(len(x), work, self.processes)
+        self.workers.parallel(len(x), work)
         return out
 
     def _pending(self, p: Product) -> Pending:
@@ -107,7 +107,7 @@ class DeferredProducts:
             for i in range(lo, hi):
                 out[i] = ciphertext_data(self._product(p, i))
 
-        parallel(len(p), work, self.processes)
+        self.workers.parallel(len(p), work)
         return Pending(out, p.level)
 
     def _matmul_rows(self, p: Product, m: np.ndarray, level: int, add_bias: Any) -> np.ndarray:
@@ -137,7 +137,7 @@ class DeferredProducts:
             acc.result(partial[slot])
 
         with single_threaded_blas(self.processes > 1):
-            parallel(len(p), rows, slots)
+            self.workers.parallel(len(p), rows, slots)
         zero = set(np.flatnonzero(~(rns.encode(m, self.scale) != 0).any(axis=0)).tolist())
         out = self.arena.empty((n_out, 2, len(self.primes[level]), p.a.shape[3]))
 
@@ -153,5 +153,5 @@ class DeferredProducts:
                 if add_bias is not None:
                     add_bias(j, out[j])
 
-        parallel(n_out, finish, self.processes)
+        self.workers.parallel(n_out, finish)
         return out

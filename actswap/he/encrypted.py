@@ -199,9 +199,10 @@ def run(
     # is float32, which would lose the matrices' precision).
     require_tensorflow("the encrypted run")
     try:
+        import cloudpickle  # noqa: F401  - batch mode's operations travel to its forked processes
         import tenseal  # noqa: F401
-    except ImportError:
-        raise UserError("the encrypted run needs TenSEAL: pip install 'actswap[he]'") from None
+    except ImportError as e:
+        raise UserError(f"the encrypted run needs {({'tenseal': 'TenSEAL'}).get(e.name, e.name)}: pip install 'actswap[he]'") from None
     if mode is not None and mode not in MODES:
         raise UserError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     encryption = encryption_named(encryption).name

@@ -96,6 +96,15 @@ class Seal:
             return len(self.serialize(getattr(self._client, self.encryption.method)(self.plain(values, self.parms[0]))))
         return len(self.serialize(Seal.encrypt(self, values)))  # not a backend's encrypt (a batch)
 
+    def close(self) -> None:
+        """Release what a backend holds besides memory (forked processes); here, nothing."""
+
+    def helpers_peak_rss(self) -> int:
+        """The largest peak RSS (bytes) of the processes this backend forked (0: none)."""
+        from .forks import children_peak_rss
+
+        return children_peak_rss()
+
     def decrypt(self, ct: Any) -> list[float]:
         pt = self.sa.Plaintext()
         self.decryptor.decrypt(ct, pt)
