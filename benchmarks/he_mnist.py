@@ -376,7 +376,8 @@ decryption, the squares, relinearisation and rescaling; each element goes in and
 SEAL ciphertext in place. A square is not relinearised or rescaled by itself: the dense layer that
 reads it adds it, unrescaled and 3-part, into its sums, and relinearises and rescales each of its
 outputs (980 squares cost 100 key switches). The batches run one after another, each operation's
-elements shared between two forked processes writing into reused shared memory.
+elements shared between two processes (the second forked once per run, not once per operation)
+writing into reused shared memory.
 
 Security: keys, parameters (the same 128-bit-secure sets) and encryption are SEAL's. Encryption is
 one of SEAL's two, as chosen (`he-run --encryption`, `actswap/he/encryption.py`): public-key, the

@@ -48,8 +48,8 @@ Three steps, each with one job:
      and rescaled once per output; no rotations, so no Galois keys. The
      products run as exact integer matrix products on the ciphertexts' RNS
      data (:mod:`.rns`, :mod:`.batch_rns`), in a process without TensorFlow
-     (:mod:`.worker`) whose operations are shared among forked processes
-     (:mod:`.forks`); ~2 ms per MNIST image amortised on the CryptoNets
+     (:mod:`.worker`) whose operations are shared among processes forked
+     once per run (:mod:`.forks`); ~2 ms per MNIST image amortised on the CryptoNets
      fixture.
    * *latency* (:mod:`.latency`): one sample per ciphertext; a matrix is its
      non-zero generalized diagonals (one plain product each), rotated with

@@ -18,8 +18,8 @@ compensation hold for both:
 
 * :mod:`.batch_rns` (the default): the linear maps as exact integer matrix
   products on the ciphertexts' RNS data, SEAL for everything that needs a key,
-  randomness or an NTT; each operation's elements shared out among forked
-  processes, batches one after another.
+  randomness or an NTT; each operation's elements shared out among processes
+  forked once per run (:class:`~.forks.Workers`), batches one after another.
 * :mod:`.batch_seal`: one ``multiply_plain`` call per product (issue 18), the
   reference the first is tested against bit for bit, and the fallback where
   :func:`~.seal.layout_ok` finds a ciphertext's data out of reach.
