@@ -126,23 +126,29 @@ def test_children_are_replaced_when_the_arena_gets_a_region_they_cannot_see():
         workers.close()
 
 
-def test_a_failing_child_fails_the_operation_and_the_next_one_runs():
+def test_a_failing_child_fails_the_operation_and_the_next_one_runs_in_a_new_child():
     arena = forks.Arena()
     workers = forks.Workers(2, arena, None)
     out = arena.empty((4,))
+    pid = arena.empty((1,), np.int64)
 
     def fail(lo: int, hi: int, slot: int) -> None:
         if slot == 1:
+            pid[0] = os.getpid()
             raise ValueError("child failed")
 
     with pytest.raises(RuntimeError, match="1 of the 2 processes.*ValueError: child failed"):
         workers.parallel(4, fail)
+    failed = int(pid[0])
 
     def work(lo: int, hi: int, slot: int) -> None:
         out[lo:hi] = slot
+        if slot == 1:
+            pid[0] = os.getpid()
 
     workers.parallel(4, work)
     assert np.array_equal(out, [0, 0, 1, 1])
+    assert int(pid[0]) != failed  # the failed child was not trusted again
     workers.close()
 
 
@@ -171,3 +177,25 @@ def test_a_child_cannot_allocate_from_the_arena():
     with pytest.raises(RuntimeError, match="allocated from its copy of the arena"):
         workers.parallel(2, allocate)
     workers.close()
+
+
+def test_a_child_runs_blas_on_one_thread_and_shares_out_nothing_itself():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    owner = Owner()
+    owner.workers = forks.Workers(2, forks.Arena(), owner)
+    threads = owner.workers.arena.empty((2,), np.int64)
+
+    def blas(lo: int, hi: int, slot: int) -> None:
+        info = [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+        threads[slot] = max(info, default=1)
+
+    owner.workers.parallel(2, blas)
+    assert threads[1] == 1
+
+    def nested(lo: int, hi: int, slot: int) -> None:
+        if slot == 1:
+            owner.workers.parallel(2, blas)  # the child's copy of the workers
+
+    with pytest.raises(RuntimeError, match="share out an operation of its own"):
+        owner.workers.parallel(2, nested)
+    owner.workers.close()

@@ -155,8 +155,9 @@ class Workers:
     :meth:`close` (see the module docstring). ``owner`` is the object operations
     belong to (the backend): it goes to a child as the child's own copy.
 
-    Invariants: a child runs one share at a time and only what it is sent; it
-    writes only into arena arrays it is given; a child forked before the arena's
+    Invariants: a child runs one share at a time and only what it is sent, on one
+    BLAS thread, and never shares out work of its own; it writes only into arena
+    arrays it is given; a child forked before the arena's
     last region was made is replaced before the next operation; a child that
     failed is not sent another operation (all are replaced)."""
 
@@ -172,6 +173,8 @@ class Workers:
         shares (:func:`shares`): slot 0 here, slot k in child k, which must write its
         results into arena arrays. Raises ``RuntimeError`` with the first failure's
         last line if a child failed (its traceback goes to stderr)."""
+        if os.getpid() != self._pid:
+            raise AssertionError("a forked process tried to share out an operation of its own")
         count = max(1, min(processes or self.processes, self.processes, n))
         bounds = shares(n, count)
         if count == 1:
@@ -233,24 +236,20 @@ class Workers:
         """A child's loop: operations until this process closes the pipe. Never returns."""
         code = 0
         try:
-            try:  # one BLAS thread: a child always shares the cores with the others
-                from threadpoolctl import threadpool_limits
-                threadpool_limits(1, user_api="blas")
-            except ImportError:
-                pass
-            while True:
-                try:
-                    payload = conn.recv_bytes()
-                    lo, hi, slot = struct.unpack("3q", conn.recv_bytes())
-                except EOFError:
-                    break
-                try:
-                    _Unpickler(io.BytesIO(payload), self.arena, self.owner).load()(lo, hi, slot)
-                    reply = b""
-                except BaseException as e:
-                    traceback.print_exc()
-                    reply = (traceback.format_exception_only(e)[-1].strip() or type(e).__name__).encode()
-                conn.send_bytes(reply)
+            with single_threaded_blas(True):  # a child always shares the cores with the others
+                while True:
+                    try:
+                        payload = conn.recv_bytes()
+                        lo, hi, slot = struct.unpack("3q", conn.recv_bytes())
+                    except EOFError:
+                        break
+                    try:
+                        _Unpickler(io.BytesIO(payload), self.arena, self.owner).load()(lo, hi, slot)
+                        reply = b""
+                    except BaseException as e:
+                        traceback.print_exc()
+                        reply = (traceback.format_exception_only(e)[-1].strip() or type(e).__name__).encode()
+                    conn.send_bytes(reply)
         except BaseException:
             traceback.print_exc()
             code = 1
