@@ -141,6 +141,27 @@ def test_secret_key_encryption_matches_the_model_and_sends_half_the_bytes(mode):
         assert not secret.sizes and any("not measured" in n for n in secret.notes)
 
 
+@pytest.mark.parametrize("encryption", ["public-key", "secret-key"])
+def test_processes_sharing_the_encryption_draw_their_own_randomness(encryption):
+    """The forked process that encrypts half the columns is a copy of this one, SEAL
+    objects and all: were its randomness a copy too, two ciphertexts of the same
+    values would share their random polynomials (and their difference would be the
+    difference of the plaintexts). Equal columns, one encrypted here and one there,
+    in two batches: every ciphertext part differs from every other."""
+    from actswap.he.batch_rns import RnsBatchBackend
+
+    _, _, ctx = setup(small_model(), rand((4, 4), seed=5))
+    backend = RnsBatchBackend(ctx, 2, encryption)
+    try:
+        data = [backend.encrypt(np.zeros((8, 2))).copy() for _ in range(2)]  # column 0 here, 1 in the child
+    finally:
+        backend.close()
+    parts = [d[i, j] for d in data for i in range(2) for j in range(2)]
+    assert all(not np.array_equal(a, b) for k, a in enumerate(parts) for b in parts[k + 1:])
+    decrypted = backend.decrypt(data[0], 8)
+    assert np.abs(decrypted).max() < 1e-3  # and they are encryptions of zero
+
+
 def test_cli_secret_key_encryption_and_an_unknown_one(tmp_path):
     from conftest import assert_user_error
 
