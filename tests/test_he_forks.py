@@ -199,3 +199,20 @@ def test_a_child_runs_blas_on_one_thread_and_shares_out_nothing_itself():
     with pytest.raises(RuntimeError, match="share out an operation of its own"):
         owner.workers.parallel(2, nested)
     owner.workers.close()
+
+
+def test_workers_do_not_keep_their_owner_alive():
+    """The backend holds its workers; were they to hold it back, its arena (gigabytes
+    in a real run) would wait for the garbage collector."""
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        owner = Owner()
+        owner.workers = forks.Workers(2, forks.Arena(), owner)
+        gone = weakref.ref(owner)
+        del owner
+        assert gone() is None
+    finally:
+        gc.enable()

@@ -38,6 +38,7 @@ import resource
 import struct
 import sys
 import traceback
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -162,7 +163,10 @@ class Workers:
     failed is not sent another operation (all are replaced)."""
 
     def __init__(self, processes: int, arena: Arena, owner: Any) -> None:
-        self.processes, self.arena, self.owner = max(1, processes), arena, owner
+        self.processes, self.arena = max(1, processes), arena
+        # Weak: the owner holds these workers, and a cycle would keep the arena's
+        # memory until the garbage collector found it.
+        self._owner = weakref.ref(owner) if owner is not None else lambda: None
         self._pid = os.getpid()
         self._children: list[tuple[int, Any]] = []  # (pid, this end of its pipe)
         self._regions = 0  # the arena's regions when the children were forked
@@ -209,6 +213,10 @@ class Workers:
             self.close()
             raise RuntimeError(f"{len(failed)} of the {count} processes sharing a batch operation "
                                f"failed: {failed[0]}")
+
+    @property
+    def owner(self) -> Any:
+        return self._owner()
 
     def _dumps(self, work: Any) -> bytes:
         f = io.BytesIO()
