@@ -14,8 +14,9 @@ Why children that stay, not one fork per operation: a page of shared memory
 enters a process's page tables on first touch, and a fresh child touches every
 page again. Measured on the fixture (10,000 MNIST images, 2 processes): a fork
 per operation took 1.1 M page faults and 2.6 s of system time in the children per
-run, and whole runs took 23.2 and 21.3 s against 20.9 and 19.5 s with children
-that stay (interleaved).
+run, children that stay 0.5 M, nearly all in the first batch; whole runs,
+interleaved on a shared machine whose speed drifts, took 23.0, 27.2 and 25.4 s
+against 21.6, 22.5 and 24.9 s.
 
 Memory is reused, not reallocated (:class:`Arena`): on this kind of machine a
 fresh page costs more than the arithmetic done on it (measured: writing 616 MB
